@@ -1,0 +1,32 @@
+"""Shared fixtures: seeding, tolerances by dtype, and a small thread count (CI has 2 cores)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("DETBALANCE_TEST_THREADS", "1")))
+
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tol():
+    """Tolerance table keyed by dtype, for ``torch.testing.assert_close(**tol[dtype])``."""
+    return TOLERANCES
