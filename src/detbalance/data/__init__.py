@@ -1,0 +1,36 @@
+"""Datasets (COCO files and the built-in imbalanced benchmark), transforms and collation.
+
+Every dataset yields ``(image Tensor[3, H, W] float32 in [0, 1], DetectionTarget)`` and answers
+``target(i)``, ``image_size(i)``, ``num_classes``, ``label_names``, ``categories_per_image()`` and
+``to_coco_dict()`` without decoding images (see :class:`DetectionDataset`).
+"""
+
+from detbalance.data.base import DatasetError, DetectionDataset, Transform, collate_detection
+from detbalance.data.benchmark import (
+    PRESETS,
+    BenchmarkDataset,
+    BenchmarkSpec,
+    class_probabilities,
+    make_benchmark,
+)
+from detbalance.data.coco import CocoDetection, open_dataset, write_coco
+from detbalance.data.transforms import DetectionTransform, eval_transform, train_basic, train_ssd
+
+__all__ = [
+    "PRESETS",
+    "BenchmarkDataset",
+    "BenchmarkSpec",
+    "CocoDetection",
+    "DatasetError",
+    "DetectionDataset",
+    "DetectionTransform",
+    "Transform",
+    "class_probabilities",
+    "collate_detection",
+    "eval_transform",
+    "make_benchmark",
+    "open_dataset",
+    "train_basic",
+    "train_ssd",
+    "write_coco",
+]

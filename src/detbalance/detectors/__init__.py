@@ -1,5 +1,49 @@
-"""Adapters that put the imbalance remedies into torchvision detectors, small backbones, a recorder."""
+"""torchvision detectors with imbalance remedies injected, small CPU backbones, and a balance recorder.
 
+* :func:`build_detector` builds an unmodified torchvision ``RetinaNet`` / ``FasterRCNN`` / ``SSD`` sized
+  for small images (:mod:`~detbalance.detectors.build`, backbones in :mod:`~detbalance.detectors.backbones`);
+* :func:`balance_retinanet`, :func:`balance_faster_rcnn`, :func:`balance_ssd` inject losses and samplers
+  through subclasses of torchvision's heads (configured like torchvision, they give its losses exactly);
+* :class:`BalanceRecorder` collects what the remedies did per step, without host synchronisation;
+* :func:`set_training_progress` feeds the training fraction to scheduled parts (S-OHEM).
+"""
+
+from detbalance.detectors.backbones import BACKBONES, FPNBackbone, build_backbone
+from detbalance.detectors.build import ARCHS, build_detector, default_anchor_sizes, set_training_progress
+from detbalance.detectors.faster_rcnn import (
+    FixedRatioRoISampler,
+    OHEMRoISampler,
+    StratifiedOHEMRoISampler,
+    balance_faster_rcnn,
+)
 from detbalance.detectors.recorder import BalanceRecorder
+from detbalance.detectors.retinanet import (
+    AnchorOutputs,
+    BalancedRetinaNetHead,
+    anchor_outputs,
+    balance_retinanet,
+    check_detection_targets,
+)
+from detbalance.detectors.ssd import BalancedSSD, balance_ssd
 
-__all__ = ["BalanceRecorder"]
+__all__ = [
+    "ARCHS",
+    "BACKBONES",
+    "AnchorOutputs",
+    "BalanceRecorder",
+    "BalancedRetinaNetHead",
+    "BalancedSSD",
+    "FPNBackbone",
+    "FixedRatioRoISampler",
+    "OHEMRoISampler",
+    "StratifiedOHEMRoISampler",
+    "anchor_outputs",
+    "balance_faster_rcnn",
+    "balance_retinanet",
+    "balance_ssd",
+    "build_backbone",
+    "build_detector",
+    "check_detection_targets",
+    "default_anchor_sizes",
+    "set_training_progress",
+]

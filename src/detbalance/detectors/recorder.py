@@ -149,20 +149,30 @@ class BalanceRecorder:
             old["ignored"] = old["ignored"] + ign
 
     @torch.no_grad()
-    def record_losses(self, name: str, losses: Tensor) -> None:
+    def record_losses(self, name: str, losses: Tensor, *, mask: Tensor | None = None) -> None:
         """Fold the losses of the selected examples into a fixed-bin histogram under ``name``.
 
         Args:
-            name: Key, e.g. ``"retinanet/cls"``.
+            name: Key, e.g. ``"retinanet/cls_positive"``.
             losses: ``Tensor[N]`` non-negative per-example losses (any float dtype; kept on its device).
+            mask: Optional ``Tensor[N]`` (bool): only these examples are recorded. Selecting with a mask
+                here instead of ``losses[mask]`` avoids a device-to-host synchronisation.
         """
         x = losses.detach().reshape(-1).float()
         low, high = self.loss_range
         logx = torch.log10(x.clamp(min=low, max=high))
         width = (math.log10(high) - math.log10(low)) / self.loss_bins
         idx = ((logx - math.log10(low)) / width).floor().to(torch.int64).clamp_(0, self.loss_bins - 1)
-        hist = torch.bincount(idx, minlength=self.loss_bins)
-        count = torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
+        if mask is not None:
+            keep = mask.detach().reshape(-1).to(device=x.device, dtype=torch.bool)
+            if keep.shape != x.shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} != losses shape {tuple(losses.shape)}")
+            idx = torch.where(keep, idx, torch.full_like(idx, self.loss_bins))  # extra slot, dropped below
+            x = torch.where(keep, x, torch.zeros_like(x))
+            count = keep.sum()
+        else:
+            count = torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
+        hist = torch.bincount(idx, minlength=self.loss_bins + 1)[: self.loss_bins]
         total = x.sum(dtype=torch.float64)
         peak = x.max() if x.numel() else torch.zeros((), device=x.device)
         store = self._entry()["losses"]

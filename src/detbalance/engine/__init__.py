@@ -1,0 +1,33 @@
+"""Training engine: a readable loop, COCO evaluation, atomic checkpoints, DDP helpers and ``fit(cfg)``.
+
+``fit`` (in :mod:`.run`) is the only function that reads a whole :class:`~detbalance.config.ExperimentConfig`;
+the rest take explicit arguments and can be used from your own script.
+"""
+
+from detbalance.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from detbalance.engine.distributed import DistInfo, dist_info, init_distributed, unwrap
+from detbalance.engine.evaluate import COCO_METRICS, coco_metrics, evaluate, predict
+from detbalance.engine.run import FitResult, fit, resolve_device, seed_everything
+from detbalance.engine.train import NonFiniteLossError, StepMetrics, configure_cpu, train_one_epoch
+
+__all__ = [
+    "COCO_METRICS",
+    "CheckpointError",
+    "DistInfo",
+    "FitResult",
+    "NonFiniteLossError",
+    "StepMetrics",
+    "coco_metrics",
+    "configure_cpu",
+    "dist_info",
+    "evaluate",
+    "fit",
+    "init_distributed",
+    "load_checkpoint",
+    "predict",
+    "resolve_device",
+    "save_checkpoint",
+    "seed_everything",
+    "train_one_epoch",
+    "unwrap",
+]

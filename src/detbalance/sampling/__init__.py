@@ -1,0 +1,37 @@
+"""Which examples count: IoU assignment, fixed-ratio sampling, OHEM, S-OHEM, SSD hard negative mining,
+offline bootstrapping and repeat-factor dataset sampling.
+
+Every per-RoI sampler is a pure function of tensors (labels in the convention of :mod:`detbalance.types`:
+``-1`` ignore, ``0`` background, ``1..K`` foreground) returning :class:`~detbalance.types.SampledIndices`
+or a mask; losses are passed in, models are never called.
+"""
+
+from detbalance.sampling.assign import Assignment, assign_by_iou
+from detbalance.sampling.bootstrap import HardNegativeSet, find_hard_negatives
+from detbalance.sampling.fixed_ratio import sample_fixed_ratio, sample_fixed_ratio_batched
+from detbalance.sampling.hard_negative import mine_hard_negatives
+from detbalance.sampling.ohem import select_hard_examples
+from detbalance.sampling.repeat_factor import RepeatFactorSampler, repeat_factors
+from detbalance.sampling.stratified_ohem import (
+    default_loss_weights,
+    default_stratum_distribution,
+    select_hard_examples_stratified,
+    stratum_quotas,
+)
+
+__all__ = [
+    "Assignment",
+    "HardNegativeSet",
+    "RepeatFactorSampler",
+    "assign_by_iou",
+    "default_loss_weights",
+    "default_stratum_distribution",
+    "find_hard_negatives",
+    "mine_hard_negatives",
+    "repeat_factors",
+    "sample_fixed_ratio",
+    "sample_fixed_ratio_batched",
+    "select_hard_examples",
+    "select_hard_examples_stratified",
+    "stratum_quotas",
+]

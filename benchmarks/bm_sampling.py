@@ -1,0 +1,261 @@
+"""Samplers at the scales detectors use them, side by side with what they replace or accompany.
+
+What is measured (issue 3, point 9):
+
+* ``fixed_ratio``: RPN-style sampling (256 per image at 0.5) for 16 images x 100k anchors; our batched
+  sampler (one ``rand`` + two ``topk`` over the padded batch) against torchvision's per-image
+  ``BalancedPositiveNegativeSampler`` (a Python loop with two ``randperm`` per image). Target: ours at least
+  as fast.
+* ``ohem``: OHEM selection (loss-scored NMS 0.7, top 128 per image) at the paper's scale, 2 images x 2000
+  RoIs, and at 2 x 10000 = 20k RoIs; S-OHEM (4 strata) at the same sizes; next to one forward of a
+  2-layer 1024-wide RoI head (torchvision ``TwoMLPHead`` on 256x7x7 pooled features) over the same RoIs,
+  the read-only pass OHEM needs anyway. Target: selection at 2 x 2000 -> 128 cheaper than that forward.
+* ``repeat_factors``: ``repeat_factors`` over 1M images (Zipf-distributed categories, 0-5 per image) and one
+  epoch of ``RepeatFactorSampler`` (stochastic rounding + shuffle) over them.
+
+Inputs come from ``tests/sampling/inputs.py`` (the tests' builders), generated on CPU with fixed seeds and
+moved to the device. Times are the median and IQR of ``torch.utils.benchmark.Timer.blocked_autorange``
+(which synchronises CUDA). Output: ``benchmarks/results/<version>/sampling--<device>.json`` and a markdown
+table (``.md``) next to it. ``--smoke`` runs every case once at tiny sizes, makes no timing claims and writes
+to a temporary directory unless ``--out`` is given.
+
+Usage::
+
+    python benchmarks/bm_sampling.py --device cuda     # real numbers
+    python benchmarks/bm_sampling.py --smoke           # CI: every case runs once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch.utils import benchmark as tbench
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.sampling.inputs import random_anchor_labels, random_rois  # noqa: E402
+
+import detbalance  # noqa: E402
+from detbalance.sampling import (  # noqa: E402
+    RepeatFactorSampler,
+    repeat_factors,
+    sample_fixed_ratio_batched,
+    select_hard_examples,
+    select_hard_examples_stratified,
+)
+
+try:  # shared helpers, if benchmarks/common.py is there
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import run_metadata as _common_run_metadata  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the checkout
+    _common_run_metadata = None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def measure(fn: Callable[[], object], *, smoke: bool, min_run_time: float) -> dict[str, Any]:
+    """Median/IQR in microseconds (``None`` in smoke mode, where ``fn`` runs once)."""
+    fn()  # warm-up
+    if smoke:
+        return {"median_us": None, "iqr_us": None, "runs": 1}
+    m = tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return {"median_us": m.median * 1e6, "iqr_us": m.iqr * 1e6, "runs": len(m.times)}
+
+
+def run_metadata(device: torch.device) -> dict[str, Any]:
+    if _common_run_metadata is not None:
+        try:
+            return dict(_common_run_metadata(device))
+        except Exception:  # noqa: BLE001 - fall back to the local metadata
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                                cwd=ROOT).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "detbalance": detbalance.__version__,
+        "commit": commit,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# -------------------------------------------------------------------------------------------------- cases
+
+
+def bench_fixed_ratio(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    images, anchors = (2, 1000) if args.smoke else (16, 100_000)
+    labels = random_anchor_labels(images, anchors, pos_fraction=0.01, ignore_fraction=0.1, seed=0).to(device)
+    rows = list(labels.unbind(0))
+    generator = torch.Generator(device=device).manual_seed(0)
+    torch.manual_seed(0)
+    tv_sampler = BalancedPositiveNegativeSampler(256, 0.5)
+    ours = measure(lambda: sample_fixed_ratio_batched(labels, 256, 0.5, generator=generator),
+                   smoke=args.smoke, min_run_time=args.min_run_time)
+    ours_list = measure(lambda: sample_fixed_ratio_batched(rows, 256, 0.5, generator=generator),
+                        smoke=args.smoke, min_run_time=args.min_run_time)
+    tv = measure(lambda: tv_sampler(rows), smoke=args.smoke, min_run_time=args.min_run_time)
+    shape = f"{images}x{anchors} -> 256 @ 0.5"
+    return [
+        {"case": "fixed_ratio", "impl": "detbalance batched (padded tensor)", "shape": shape, **ours,
+         "vs_torchvision": _ratio(ours["median_us"], tv["median_us"])},
+        {"case": "fixed_ratio", "impl": "detbalance batched (list input)", "shape": shape, **ours_list,
+         "vs_torchvision": _ratio(ours_list["median_us"], tv["median_us"])},
+        {"case": "fixed_ratio", "impl": "torchvision BalancedPositiveNegativeSampler", "shape": shape, **tv,
+         "vs_torchvision": 1.0},
+    ]
+
+
+def bench_ohem(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    sizes = [(2, 100)] if args.smoke else [(2, 2000), (2, 10_000)]
+    head = TwoMLPHead(256 * 7 * 7, 1024).to(device).eval()
+    results = []
+    for images, per_image in sizes:
+        batch = random_rois(images, per_image, seed=0)
+        cls, loc, labels, boxes, batch_idx = (t.to(device) for t in batch)
+        losses = cls + loc
+        shape = f"{images}x{per_image} -> 128/image"
+        ohem = measure(lambda: select_hard_examples(losses, labels, boxes, batch_idx, num_samples=128, nms_iou=0.7),  # noqa: B023
+                       smoke=args.smoke, min_run_time=args.min_run_time)
+        sohem = measure(
+            lambda: select_hard_examples_stratified(cls, loc, labels, boxes, batch_idx, num_samples=128,  # noqa: B023
+                                                    progress=0.5, strata=4),
+            smoke=args.smoke, min_run_time=args.min_run_time,
+        )
+        features = torch.randn(images * per_image, 256, 7, 7, generator=torch.Generator().manual_seed(1)).to(device)
+
+        def forward(x: torch.Tensor = features) -> None:
+            with torch.no_grad():
+                head(x)
+
+        fwd = measure(forward, smoke=args.smoke, min_run_time=args.min_run_time)
+        results += [
+            {"case": "ohem", "impl": "select_hard_examples (NMS 0.7)", "shape": shape, **ohem,
+             "vs_head_forward": _ratio(ohem["median_us"], fwd["median_us"])},
+            {"case": "ohem", "impl": "select_hard_examples_stratified (4 strata)", "shape": shape, **sohem,
+             "vs_head_forward": _ratio(sohem["median_us"], fwd["median_us"])},
+            {"case": "ohem", "impl": "TwoMLPHead(256*7*7, 1024) forward, no grad", "shape": f"{images * per_image} RoIs",
+             **fwd, "vs_head_forward": 1.0},
+        ]
+    return results
+
+
+def _categories(num_images: int, num_categories: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    per_image = torch.randint(0, 6, (num_images,), generator=g)
+    zipf = 1.0 / torch.arange(1, num_categories + 1, dtype=torch.float64)
+    flat = torch.multinomial(zipf, int(per_image.sum()), replacement=True, generator=g) + 1
+    return [chunk.tolist() for chunk in flat.split(per_image.tolist())]
+
+
+def bench_repeat_factors(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    num_images = 10_000 if args.smoke else 1_000_000
+    cats = _categories(num_images, 1203, seed=0)  # LVIS v1 has 1203 categories
+    factors = repeat_factors(cats, threshold=0.001)
+    rf = measure(lambda: repeat_factors(cats, threshold=0.001), smoke=args.smoke, min_run_time=args.min_run_time)
+    sampler = RepeatFactorSampler(factors, seed=0)
+    epoch = [0]
+
+    def one_epoch() -> None:
+        epoch[0] += 1
+        sampler.set_epoch(epoch[0])
+        sampler.epoch_indices()
+
+    ep = measure(one_epoch, smoke=args.smoke, min_run_time=args.min_run_time)
+    shape = f"{num_images} images"
+    return [
+        {"case": "repeat_factors", "impl": "repeat_factors (t=0.001)", "shape": shape, **rf,
+         "mean_factor": float(factors.mean()), "max_factor": float(factors.max())},
+        {"case": "repeat_factors", "impl": "RepeatFactorSampler one epoch (round + shuffle)", "shape": shape, **ep,
+         "epoch_length": int(sampler.epoch_indices().numel())},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    results = bench_fixed_ratio(args, device) + bench_ohem(args, device) + bench_repeat_factors(args, device)
+    targets = {}
+    if not args.smoke:
+        ours = next(r for r in results if r["impl"].startswith("detbalance batched (padded"))
+        targets["fixed_ratio_batched_not_slower_than_torchvision"] = bool(ours["vs_torchvision"] <= 1.0)
+        ohem = next(r for r in results if r["case"] == "ohem" and r["shape"].startswith("2x2000 "))
+        targets["ohem_2x2000_cheaper_than_head_forward"] = bool(ohem["vs_head_forward"] < 1.0)
+    return {"suite": "sampling", "smoke": args.smoke, "metadata": run_metadata(device), "results": results,
+            "targets": targets}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def f(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"# sampling ({report['metadata'].get('device')}, torch {report['metadata'].get('torch')})",
+        "",
+        "| case | implementation | shape | median (us) | IQR (us) | ratio |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        ratio = r.get("vs_torchvision", r.get("vs_head_forward"))
+        lines.append(f"| {r['case']} | {r['impl']} | {r['shape']} | {f(r['median_us'], '.1f')} | "
+                     f"{f(r['iqr_us'], '.1f')} | {f(ratio, '.3f')} |")
+    lines += ["", "ratio: to torchvision's sampler (fixed_ratio) or to the RoI head forward (ohem).", ""]
+    for name, ok in report["targets"].items():
+        lines.append(f"- {name}: {'met' if ok else 'NOT met'}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, each case once, no timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per case for the timer")
+    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    report = run(args)
+    root = args.out or (Path(tempfile.mkdtemp()) if args.smoke else Path(__file__).parent / "results")
+    out_dir = root / detbalance.__version__
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"sampling--{device_slug(torch.device(args.device))}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out_dir / stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

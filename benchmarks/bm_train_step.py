@@ -1,0 +1,367 @@
+"""One training step per detector and remedy, side by side with the vanilla torchvision model.
+
+What is measured (issue 4, point 8): forward + backward + SGD step on one synthetic batch (default 8
+images), for every detector built by :func:`detbalance.detectors.build.build_detector` on the same backbone
+and weights, vanilla and adapted:
+
+* Faster R-CNN: vanilla; ``fixed`` (the adapter configured as torchvision: RoI 512 @ 0.25, RPN 256 @ 0.5);
+  ``ohem`` (128 per image, NMS 0.7); ``sohem`` (4 strata); ``focal`` (softmax focal box classifier);
+  ``ohem_naive``: a baseline defined *only here* that runs the box head with gradients over every RoI and
+  zeroes the losses of the RoIs OHEM did not select (what OHEM avoids with its read-only pass);
+* RetinaNet: vanilla; ``focal`` (the adapter with torchvision's focal loss, L1 box loss, per-image
+  normaliser); ``ghm`` (GHM-C + GHM-R);
+* SSD: vanilla; ``mining`` (3:1 hard negative mining through the adapter).
+
+Time per step is the median (and IQR) of ``torch.utils.benchmark.Timer.blocked_autorange`` (which
+synchronises CUDA); peak memory is ``torch.cuda.max_memory_allocated`` during one step, above what was
+allocated before it (CUDA only; ``null`` on CPU). Both are also given as ratios to the vanilla model of the
+same detector. Targets checked (on a real run, never in ``--smoke``): each adapter configured as
+torchvision adds at most 10 % to a vanilla step; OHEM's step is at most 1.3x the fixed-ratio step and
+faster than the naive zeroed-loss OHEM.
+
+Output: ``benchmarks/results/<version>/train_step--<device>.json`` and a markdown table next to it
+(``.md``). ``--smoke`` runs every variant once at a tiny size without timing claims and writes to a
+temporary directory unless ``--out`` is given.
+
+Usage::
+
+    python benchmarks/bm_train_step.py --device cuda            # real numbers
+    python benchmarks/bm_train_step.py --smoke                  # CI: every variant runs once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.utils import benchmark as tbench
+
+import detbalance
+from detbalance.detectors.build import build_detector
+from detbalance.detectors.faster_rcnn import (
+    BalancedRoIHeads,
+    FixedRatioRoISampler,
+    OHEMRoISampler,
+    StratifiedOHEMRoISampler,
+    balance_faster_rcnn,
+    roi_losses,
+)
+from detbalance.sampling import select_hard_examples
+
+NUM_CLASSES = 5  # K object classes
+
+
+# ------------------------------------------------------------------------------------------ baseline
+class NaiveOHEMRoIHeads(BalancedRoIHeads):
+    """OHEM done the expensive way (a baseline for this benchmark only, not part of the library).
+
+    The box head runs *with* gradients over every RoI; the same RoIs as :class:`OHEMRoISampler` are
+    selected from the detached losses, and the others get a zero weight, so the backward pass still goes
+    through all ``R`` RoIs. The loss value equals the library's OHEM; the cost does not.
+    """
+
+    def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[override]
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        prep = self.prepare_training_rois(proposals, image_shapes, targets)
+        box_features = self.box_head(self.box_roi_pool(features, prep.rois, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        cls, loc = roi_losses(class_logits, box_regression, prep.labels, prep.regression_targets)
+        sampler = self.sampler
+        sampled = select_hard_examples(
+            (cls + loc).detach(), prep.labels, prep.boxes, prep.batch_idx, num_samples=sampler.num_samples,
+            nms_iou=sampler.nms_iou, positive_fraction=sampler.positive_fraction,
+        )
+        selected = sampled.all()
+        weight = torch.zeros_like(cls).index_fill_(0, selected, 1.0)
+        num = max(1, selected.numel())
+        return [], {"loss_classifier": (cls * weight).sum() / num, "loss_box_reg": (loc * weight).sum() / num}
+
+
+def naive_ohem(model: nn.Module, sampler: OHEMRoISampler) -> nn.Module:
+    balance_faster_rcnn(model, roi_sampler=sampler)
+    model.roi_heads = NaiveOHEMRoIHeads.from_roi_heads(model.roi_heads, sampler=sampler)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ variants
+def faster_rcnn_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
+    def focal(m: nn.Module) -> nn.Module:
+        from detbalance.losses.focal import SoftmaxFocalLoss
+
+        return balance_faster_rcnn(m, roi_sampler=FixedRatioRoISampler(),
+                                   rpn_sampler=FixedRatioRoISampler(256, 0.5),
+                                   box_cls_loss=SoftmaxFocalLoss(gamma=2.0))
+
+    return {
+        "vanilla": lambda m: m,
+        "fixed": lambda m: balance_faster_rcnn(m, roi_sampler=FixedRatioRoISampler(512, 0.25),
+                                               rpn_sampler=FixedRatioRoISampler(256, 0.5)),
+        "ohem": lambda m: balance_faster_rcnn(m, roi_sampler=OHEMRoISampler(num_samples=128)),
+        "sohem": lambda m: balance_faster_rcnn(m, roi_sampler=StratifiedOHEMRoISampler(num_samples=128)),
+        "ohem_naive": lambda m: naive_ohem(m, OHEMRoISampler(num_samples=128)),
+        "focal": focal,
+    }
+
+
+def retinanet_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
+    def focal(m: nn.Module) -> nn.Module:
+        from detbalance.detectors.retinanet import balance_retinanet
+
+        from detbalance.losses import L1Loss, SigmoidFocalLoss
+
+        return balance_retinanet(m, cls_loss=SigmoidFocalLoss(), box_loss=L1Loss(), normalizer="per_image")
+
+    def ghm(m: nn.Module) -> nn.Module:
+        from detbalance.detectors.retinanet import balance_retinanet
+
+        from detbalance.losses import GHMCLoss, GHMRLoss
+
+        return balance_retinanet(m, cls_loss=GHMCLoss(), box_loss=GHMRLoss(), normalizer="per_batch")
+
+    return {"vanilla": lambda m: m, "focal": focal, "ghm": ghm}
+
+
+def ssd_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
+    def mining(m: nn.Module) -> nn.Module:
+        from detbalance.detectors.ssd import balance_ssd
+
+        return balance_ssd(m, negative_ratio=3.0)
+
+    return {"vanilla": lambda m: m, "mining": mining}
+
+
+VARIANTS = {"faster_rcnn": faster_rcnn_variants, "retinanet": retinanet_variants, "ssd": ssd_variants}
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def make_batch(
+    batch_size: int, image_size: int, device: torch.device, *, seed: int = 0
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """``batch_size`` images ``[3, S, S]`` in ``[0, 1]`` with 1-6 boxes of 6-40 % of the side each."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i in range(batch_size):
+        n = int(torch.randint(1, 7, (1,), generator=g))
+        wh = (0.06 + 0.34 * torch.rand(n, 2, generator=g)) * image_size
+        xy = torch.rand(n, 2, generator=g) * (image_size - wh)
+        boxes = torch.cat([xy, xy + wh], dim=1).clamp(0, image_size)
+        labels = torch.randint(1, NUM_CLASSES + 1, (n,), generator=g)
+        images.append(torch.rand(3, image_size, image_size, generator=g).to(device))
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device), "image_id": i})
+    return images, targets
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def make_step(model: nn.Module, images: list[Tensor], targets: list[dict[str, Any]]) -> Callable[[], None]:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def measure(step: Callable[[], None], device: torch.device, *, smoke: bool, min_run_time: float) -> dict:
+    step()  # warm-up (lazy init, cuDNN autotune, optimizer state)
+    if smoke:
+        return {"median_ms": None, "iqr_ms": None, "peak_mem_mb": peak_memory_mb(step, device)}
+    step()
+    timer = tbench.Timer(stmt="step()", globals={"step": step})
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return {
+        "median_ms": m.median * 1e3,
+        "iqr_ms": m.iqr * 1e3,
+        "runs": len(m.times),
+        "peak_mem_mb": peak_memory_mb(step, device),
+    }
+
+
+def run_metadata(device: torch.device) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "detbalance": detbalance.__version__,
+        "commit": commit,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def build(arch: str, adapt: Callable[[nn.Module], nn.Module], args: argparse.Namespace,
+          device: torch.device) -> nn.Module:
+    """The detector of ``arch`` with the same weights for every variant (seed 0), adapted, on ``device``."""
+    torch.manual_seed(0)
+    model = build_detector(arch, num_classes=NUM_CLASSES, backbone=args.backbone, image_size=args.image_size)
+    if arch == "faster_rcnn" and args.proposals is not None:
+        model.rpn._pre_nms_top_n["training"] = args.proposals
+        model.rpn._post_nms_top_n["training"] = args.proposals
+    return adapt(model).to(device).train()
+
+
+def check_naive_ohem_matches_ohem(images: list[Tensor], targets: list[dict[str, Any]],
+                                  args: argparse.Namespace, device: torch.device) -> None:
+    """The baseline must compute the library's OHEM loss (only its cost differs); raise if not."""
+    variants = faster_rcnn_variants()
+    losses = []
+    for key in ("ohem", "ohem_naive"):
+        model = build("faster_rcnn", variants[key], args, device)
+        torch.manual_seed(1)  # the same RPN sample (torchvision's RPN draws from the global generator)
+        losses.append(model(images, targets))
+    ohem, naive = losses
+    for key in ohem:
+        torch.testing.assert_close(naive[key], ohem[key], rtol=1e-4, atol=1e-6, msg=f"naive OHEM {key}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    images, targets = make_batch(args.batch, args.image_size, device)
+    if "faster_rcnn" in args.detectors:
+        check_naive_ohem_matches_ohem(images, targets, args, device)
+    rows: list[dict[str, Any]] = []
+    for arch in args.detectors:
+        for remedy, adapt in VARIANTS[arch]().items():
+            row: dict[str, Any] = {"detector": arch, "remedy": remedy}
+            try:
+                model = build(arch, adapt, args, device)
+                row.update(measure(make_step(model, images, targets), device, smoke=args.smoke,
+                                   min_run_time=args.min_run_time))
+                row["status"] = "ok"
+            except ImportError as err:  # an optional part (another detector's adapter) is not installed
+                row.update({"status": "unavailable", "error": f"{type(err).__name__}: {err}"})
+            rows.append(row)
+            print(f"{arch:12s} {remedy:11s} {row['status']:11s} median_ms={row.get('median_ms')} "
+                  f"peak_mem_mb={row.get('peak_mem_mb')}", flush=True)
+
+    vanilla = {r["detector"]: r for r in rows if r["remedy"] == "vanilla" and r["status"] == "ok"}
+    for r in rows:
+        v = vanilla.get(r["detector"], {})
+        r["time_vs_vanilla"] = _ratio(r.get("median_ms"), v.get("median_ms"))
+        r["mem_vs_vanilla"] = _ratio(r.get("peak_mem_mb"), v.get("peak_mem_mb"))
+    by = {(r["detector"], r["remedy"]): r for r in rows}
+
+    def t(remedy: str) -> float | None:
+        return by.get(("faster_rcnn", remedy), {}).get("median_ms")
+
+    comparisons = {
+        "ohem_vs_fixed": _ratio(t("ohem"), t("fixed")),
+        "ohem_vs_naive": _ratio(t("ohem"), t("ohem_naive")),
+        "sohem_vs_fixed": _ratio(t("sohem"), t("fixed")),
+    }
+    adapter_overheads = [r["time_vs_vanilla"] for r in rows if r["remedy"] in ("fixed", "focal")
+                         and r["detector"] in ("faster_rcnn", "retinanet") and r["time_vs_vanilla"] is not None]
+    targets_met = None if args.smoke else {
+        "adapter_overhead_le_1.10": all(x <= 1.10 for x in adapter_overheads) if adapter_overheads else None,
+        "ohem_le_1.3x_fixed": None if comparisons["ohem_vs_fixed"] is None else comparisons["ohem_vs_fixed"] <= 1.3,
+        "ohem_lt_naive": None if comparisons["ohem_vs_naive"] is None else comparisons["ohem_vs_naive"] < 1.0,
+    }
+    return {
+        "suite": "train_step",
+        "smoke": args.smoke,
+        "metadata": run_metadata(device),
+        "config": {"batch": args.batch, "image_size": args.image_size, "backbone": args.backbone,
+                   "num_classes": NUM_CLASSES, "proposals": args.proposals, "min_run_time_s": args.min_run_time},
+        "results": rows,
+        "comparisons": comparisons,
+        "targets_met": targets_met,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def f(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    cfg = report["config"]
+    lines = [
+        f"# train_step ({report['metadata']['device']}, batch {cfg['batch']}, {cfg['image_size']} px, "
+        f"backbone {cfg['backbone']}{', SMOKE: no timing claims' if report['smoke'] else ''})",
+        "",
+        "| detector | remedy | ms/step (median) | IQR ms | peak MiB | time / vanilla | memory / vanilla | status |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['detector']} | {r['remedy']} | {f(r.get('median_ms'), '.1f')} | {f(r.get('iqr_ms'), '.1f')} "
+            f"| {f(r.get('peak_mem_mb'), '.0f')} | {f(r.get('time_vs_vanilla'), '.2f')} "
+            f"| {f(r.get('mem_vs_vanilla'), '.2f')} | {r['status']} |"
+        )
+    lines += ["", "| comparison | ratio |", "|---|---:|"]
+    lines += [f"| {k} | {f(v, '.2f')} |" for k, v in report["comparisons"].items()]
+    if report["targets_met"] is not None:
+        lines += ["", "Targets: " + ", ".join(f"{k}: {v}" for k, v in report["targets_met"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, each variant once, no timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--proposals", type=int, default=None,
+                        help="RPN proposals per image in training (OHEM paper: ~2000); default: the builder's")
+    parser.add_argument("--detectors", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per variant for the timer")
+    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.image_size = min(args.batch, 2), min(args.image_size, 64)
+        args.proposals = min(args.proposals or 64, 64)
+    report = run(args)
+    root = args.out or (Path(tempfile.mkdtemp()) if args.smoke else Path(__file__).parent / "results")
+    out_dir = root / detbalance.__version__
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"train_step--{device_slug(torch.device(args.device))}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out_dir / stem}.json")
+    failed = [r for r in report["results"] if r["status"] != "ok" and r["detector"] == "faster_rcnn"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,402 @@
+"""Config -> objects. The only module that maps names in a config to classes (one ``match`` per choice).
+
+Each builder takes one section of :class:`~detbalance.config.ExperimentConfig` (plus what only the data
+can tell, such as the class count) and returns a plain library object, so every object built here can
+also be built by hand in a user's own script.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detbalance.config import (
+    ASL1Config,
+    CEConfig,
+    ClassWeightsConfig,
+    DataConfig,
+    ExperimentConfig,
+    FixedRatioConfig,
+    FocalConfig,
+    GHMCConfig,
+    GHMRConfig,
+    GIoUConfig,
+    L1Config,
+    OHEMConfig,
+    OptimConfig,
+    RemedyConfig,
+    ScheduleConfig,
+    SmoothL1Config,
+    StratifiedOHEMConfig,
+)
+from detbalance.data import DetectionDataset, eval_transform, open_dataset, train_basic, train_ssd
+from detbalance.detectors import BalanceRecorder
+
+__all__ = [
+    "ClassWeightedLoss",
+    "ScaledLoss",
+    "WarmupSchedule",
+    "build_box_loss",
+    "build_class_weights",
+    "build_cls_loss",
+    "build_datasets",
+    "build_model",
+    "build_optimizer",
+    "build_repeat_factors",
+    "build_scheduler",
+    "class_counts",
+    "resolve_image_size",
+]
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
+    """``(train, val)`` datasets with the architecture's transforms.
+
+    Training: horizontal flips (SSD: the SSD augmentation at ``model.image_size``) when ``data.augment``,
+    else none. Validation: no transform (boxes stay in the ground truth's coordinates; the detectors resize
+    internally). ``data.val = None`` opens the ``test`` split of ``data.train``.
+    """
+    d: DataConfig = cfg.data
+    plain = open_dataset(d.train, split="train", seed=seed)
+    size = resolve_image_size(cfg, plain)
+    if not d.augment:
+        train_tf = None
+    elif cfg.model.arch == "ssd":
+        train_tf = train_ssd(size=size)
+    else:
+        train_tf = train_basic(flip=0.5)
+    train = open_dataset(d.train, split="train", transforms=train_tf, seed=seed) if train_tf is not None else plain
+    val = open_dataset(d.val if d.val is not None else d.train, split="test", transforms=eval_transform(), seed=seed)
+    if val.num_classes != train.num_classes:
+        raise ValueError(
+            f"data.val has {val.num_classes} classes but data.train has {train.num_classes}; they must share labels"
+        )
+    return train, val
+
+
+def resolve_image_size(cfg: ExperimentConfig, dataset: DetectionDataset) -> int:
+    """``model.image_size``, or (``None``) the larger side of the first training image."""
+    if cfg.model.image_size is not None:
+        return cfg.model.image_size
+    if len(dataset) == 0:
+        raise ValueError(f"data.train {cfg.data.train!r} has no images")
+    return int(max(dataset.image_size(0)))
+
+
+def class_counts(dataset: DetectionDataset) -> Tensor:
+    """``Tensor[K]`` (int64): annotated instances of each class ``1..K`` (no image is decoded)."""
+    labels = [dataset.target(i)["labels"] for i in range(len(dataset))]
+    flat = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    return torch.bincount(flat, minlength=dataset.num_classes + 1)[1:]
+
+
+def build_repeat_factors(cfg: ExperimentConfig, dataset: DetectionDataset) -> Tensor | None:
+    """Per-image repeat factors ``Tensor[N]`` for ``remedy.repeat_factor``, or ``None`` when it is off."""
+    rf = cfg.remedy.repeat_factor
+    if rf is None:
+        return None
+    from detbalance.sampling import repeat_factors
+
+    return repeat_factors(dataset.categories_per_image(), threshold=rf.threshold, sqrt=rf.sqrt)
+
+
+def build_class_weights(cfg: ClassWeightsConfig | None, counts: Tensor) -> Tensor | None:
+    """``Tensor[K]`` class-frequency weights (normalised to sum to ``K``), or ``None`` when off."""
+    if cfg is None:
+        return None
+    from detbalance.losses import class_frequency_weights
+
+    return class_frequency_weights(counts, method=cfg.method, beta=cfg.beta)
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+class ScaledLoss(nn.Module):
+    """``scale * loss(...)``: a loss weight for adapters that take none (linear, so it commutes with the
+    adapter's normalisation)."""
+
+    def __init__(self, loss: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.loss = loss
+        self.scale = float(scale)
+        self.self_normalizing = bool(getattr(loss, "self_normalizing", False))
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return self.loss(pred, target) * self.scale
+
+
+class ClassWeightedLoss(nn.Module):
+    """A sigmoid classification loss with per-class column weights ``Tensor[K]`` folded into its ``weight``.
+
+    Column ``k`` (class ``k``) of ``logits[N, C]`` is multiplied by ``class_weight[k - 1]``; with
+    ``C = K + 1`` columns (torchvision's RetinaNet, column 0 never positive) column 0 keeps weight 1.
+    Called like the wrapped loss: ``(logits, targets)`` for per-element losses, ``(logits, targets,
+    valid=...)`` for self-normalising ones (GHM-C).
+    """
+
+    def __init__(self, loss: nn.Module, class_weight: Tensor) -> None:
+        super().__init__()
+        self.loss = loss
+        self.self_normalizing = bool(getattr(loss, "self_normalizing", False))
+        self.register_buffer("class_weight", class_weight.detach().to(torch.float32).clone())
+
+    def column_weights(self, logits: Tensor) -> Tensor:
+        """``Tensor[N, C]``: the class weight of every column, broadcast over the rows of ``logits``."""
+        cw = self.class_weight.to(logits.device)
+        if logits.shape[-1] == cw.numel() + 1:
+            cw = torch.cat([cw.new_ones(1), cw])
+        elif logits.shape[-1] != cw.numel():
+            raise ValueError(f"class weights have {cw.numel()} classes but logits have {logits.shape[-1]} columns")
+        return cw.expand_as(logits)
+
+    def forward(self, logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+        weight = self.column_weights(logits)
+        if self.self_normalizing:
+            return self.loss(logits, targets, valid=valid, weight=weight)
+        if valid is not None:
+            raise ValueError("valid= is only passed to self-normalising losses")
+        return self.loss(logits, targets, weight=weight)
+
+
+def build_cls_loss(remedy: RemedyConfig, arch: str, *, class_weight: Tensor | None = None) -> nn.Module | None:
+    """The classification loss module for ``arch`` (``None``: the detector's own cross-entropy).
+
+    Sigmoid forms for RetinaNet (``K + 1`` columns, one-vs-all), softmax forms (``K + 1`` classes, column 0
+    background) for the Faster R-CNN box head and SSD. Class-frequency weights become per-column weights
+    (sigmoid) or a per-class ``alpha`` (softmax, background weight 1). The loss weight is *not* applied
+    here (see :func:`build_model`).
+    """
+    from detbalance.losses import GHMCLoss, SigmoidFocalLoss, SoftmaxFocalLoss
+
+    c = remedy.cls_loss
+    if arch == "retinanet":
+        match c:
+            case None:
+                loss: nn.Module = SigmoidFocalLoss(alpha=0.25, gamma=2.0)
+            case FocalConfig(alpha=alpha, gamma=gamma):
+                loss = SigmoidFocalLoss(alpha=alpha, gamma=gamma)
+            case CEConfig(alpha=alpha):
+                loss = SigmoidFocalLoss(alpha=alpha, gamma=0.0)
+            case GHMCConfig(bins=bins, momentum=momentum, normalization=normalization):
+                loss = GHMCLoss(bins=bins, momentum=momentum, normalization=normalization)
+            case _:
+                raise ValueError(f"remedy.cls_loss: unsupported {c!r} for retinanet")
+        return loss if class_weight is None else ClassWeightedLoss(loss, class_weight)
+    # softmax heads (Faster R-CNN box head, SSD)
+    match c:
+        case None:
+            alpha, gamma = None, 0.0
+        case FocalConfig(alpha=alpha, gamma=gamma):
+            pass
+        case CEConfig(alpha=alpha):
+            gamma = 0.0
+        case _:
+            raise ValueError(f"remedy.cls_loss: {c!r} is not available for {arch}")
+    if c is None and class_weight is None:
+        return None
+    if class_weight is None:
+        return SoftmaxFocalLoss(alpha=alpha, gamma=gamma)
+    k = class_weight.numel()
+    base = torch.ones(k + 1) if alpha is None else torch.tensor([1.0 - alpha] + [alpha] * k)
+    per_class = base * torch.cat([torch.ones(1), class_weight.to(torch.float32)])
+    return SoftmaxFocalLoss(alpha=per_class, gamma=gamma)
+
+
+def build_box_loss(remedy: RemedyConfig, arch: str) -> nn.Module | None:
+    """The box regression loss module (``None``: the detector's default, see :class:`RemedyConfig`)."""
+    from detbalance.losses import ASL1Loss, GHMRLoss, GIoULoss, L1Loss, SmoothL1Loss
+
+    match remedy.box_loss:
+        case None:
+            return SmoothL1Loss(beta=1.0 / 9.0) if arch == "retinanet" else None
+        case SmoothL1Config(beta=beta):
+            return SmoothL1Loss(beta=beta)
+        case L1Config():
+            return L1Loss()
+        case ASL1Config(mu=mu):
+            return ASL1Loss(mu=mu)
+        case GHMRConfig(mu=mu, bins=bins, momentum=momentum):
+            return GHMRLoss(mu=mu, bins=bins, momentum=momentum)
+        case GIoUConfig():
+            return GIoULoss()
+        case other:
+            raise ValueError(f"remedy.box_loss: unsupported {other!r}")
+
+
+def _loss_weight(cfg: object | None) -> float:
+    return 1.0 if cfg is None else float(cfg.loss_weight)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_model(
+    cfg: ExperimentConfig,
+    *,
+    num_classes: int,
+    image_size: int,
+    counts: Tensor | None = None,
+    recorder: BalanceRecorder | None = None,
+) -> nn.Module:
+    """The torchvision detector of ``cfg.model``, adapted to ``cfg.remedy``.
+
+    Args:
+        cfg: The experiment.
+        num_classes: ``K`` (from the training data).
+        image_size: Training side (see :func:`resolve_image_size`).
+        counts: ``Tensor[K]`` instances per class, needed for ``remedy.class_weights``.
+        recorder: Optional recorder handed to the adapter.
+    """
+    from detbalance.detectors.build import build_detector
+    from detbalance.detectors.faster_rcnn import (
+        FixedRatioRoISampler,
+        OHEMRoISampler,
+        StratifiedOHEMRoISampler,
+        balance_faster_rcnn,
+    )
+
+    m, r = cfg.model, cfg.remedy
+    model = build_detector(
+        m.arch, num_classes=num_classes, backbone=m.backbone, image_size=image_size, norm=m.norm, head_convs=m.head_convs
+    )
+    class_weight = None
+    if r.class_weights is not None:
+        if counts is None:
+            raise ValueError("remedy.class_weights needs the training set's class counts")
+        class_weight = build_class_weights(r.class_weights, counts)
+    cls_loss = build_cls_loss(r, m.arch, class_weight=class_weight)
+    box_loss = build_box_loss(r, m.arch)
+    match m.arch:
+        case "retinanet":
+            from detbalance.detectors.retinanet import balance_retinanet
+            from detbalance.losses import PositiveNormalizer
+
+            norm = r.normalizer
+            normalizer = PositiveNormalizer(
+                mode="per_batch" if norm is None else norm.mode, momentum=0.9 if norm is None else norm.momentum
+            )
+            return balance_retinanet(
+                model,
+                cls_loss=cls_loss,
+                box_loss=box_loss,
+                normalizer=normalizer,
+                recorder=recorder,
+                cls_loss_weight=_loss_weight(r.cls_loss),
+                box_loss_weight=_loss_weight(r.box_loss),
+            )
+        case "faster_rcnn":
+            match r.roi_sampler:
+                case None:
+                    roi_sampler = FixedRatioRoISampler(num_samples=512, positive_fraction=0.25)
+                case FixedRatioConfig(num_samples=n, positive_fraction=f):
+                    roi_sampler = FixedRatioRoISampler(num_samples=n, positive_fraction=f)
+                case OHEMConfig(num_samples=n, nms_iou=nms, positive_fraction=f):
+                    roi_sampler = OHEMRoISampler(num_samples=n, nms_iou=nms, positive_fraction=f)
+                case StratifiedOHEMConfig(num_samples=n, strata=s, nms_iou=nms):
+                    roi_sampler = StratifiedOHEMRoISampler(num_samples=n, strata=s, nms_iou=nms)
+                case other:
+                    raise ValueError(f"remedy.roi_sampler: unsupported {other!r}")
+            rpn = r.rpn_sampler
+            rpn_sampler = (
+                None if rpn is None else FixedRatioRoISampler(num_samples=rpn.num_samples, positive_fraction=rpn.positive_fraction)
+            )
+            if cls_loss is not None and _loss_weight(r.cls_loss) != 1.0:
+                cls_loss = ScaledLoss(cls_loss, _loss_weight(r.cls_loss))
+            return balance_faster_rcnn(
+                model, roi_sampler=roi_sampler, rpn_sampler=rpn_sampler, box_cls_loss=cls_loss, recorder=recorder
+            )
+        case "ssd":
+            from detbalance.detectors.ssd import balance_ssd
+
+            mining = r.ssd_mining
+            if cls_loss is not None and _loss_weight(r.cls_loss) != 1.0:
+                cls_loss = ScaledLoss(cls_loss, _loss_weight(r.cls_loss))
+            if box_loss is not None and _loss_weight(r.box_loss) != 1.0:
+                box_loss = ScaledLoss(box_loss, _loss_weight(r.box_loss))
+            extra = {} if mining is None or mining.min_negatives is None else {"min_negatives": mining.min_negatives}
+            return balance_ssd(
+                model,
+                negative_ratio=3.0 if mining is None else mining.negative_ratio,
+                cls_loss=cls_loss,
+                box_loss=box_loss,
+                recorder=recorder,
+                **extra,
+            )
+        case other:
+            raise ValueError(f"model.arch: unknown {other!r}")
+
+
+# ------------------------------------------------------------------------------------------ optimiser
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over the trainable parameters.
+
+    Weight decay applies to weights of rank >= 2 (convolutions, linear layers); biases and normalisation
+    parameters are not decayed (as in the torchvision / timm recipes).
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    match cfg.name:
+        case "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        case "adamw":
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        case other:
+            raise ValueError(f"optim.name: unknown {other!r}")
+
+
+class WarmupSchedule:
+    """Learning-rate factor of step ``s`` (a picklable ``LambdaLR`` callable).
+
+    Linear warmup ``warmup_factor -> 1`` over ``warmup_iters`` steps, then
+
+    * ``cosine``: ``min + (1 - min) * (1 + cos(pi * t)) / 2`` with ``t = (s - warmup) / (total - warmup)``;
+    * ``step``: ``gamma ** (number of milestones <= s)``;
+    * ``constant``: 1.
+    """
+
+    def __init__(self, cfg: ScheduleConfig, total_steps: int) -> None:
+        self.name = cfg.name
+        self.warmup = min(cfg.warmup_iters, total_steps)
+        self.warmup_factor = cfg.warmup_factor
+        self.milestones = list(cfg.milestones)
+        self.gamma = cfg.gamma
+        self.min_lr_factor = cfg.min_lr_factor
+        self.total = total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            alpha = step / self.warmup
+            warm = self.warmup_factor * (1.0 - alpha) + alpha
+        else:
+            warm = 1.0
+        match self.name:
+            case "cosine":
+                span = max(1, self.total - self.warmup)
+                t = min(1.0, max(0.0, (step - self.warmup) / span))
+                factor = self.min_lr_factor + (1.0 - self.min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+            case "step":
+                factor = self.gamma ** sum(1 for m in self.milestones if m <= step)
+            case _:
+                factor = 1.0
+        return warm * factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step ``LambdaLR`` with :class:`WarmupSchedule`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(cfg, total_steps))

@@ -1,0 +1,273 @@
+"""The ``detbalance`` command line: train, eval, make-data, compare, profile, plot.
+
+Errors print one line (``detbalance: error: ...``) and exit with status 1; ``--debug`` shows the traceback.
+Heavy modules are imported inside the subcommands, so ``--help`` and ``--version`` are instant.
+
+Examples::
+
+    detbalance train --data builtin:tiny --set engine.iterations=50 --output runs/tiny
+    detbalance train --config configs/ghm.toml --set remedy.cls_loss.bins=10 --output runs/ghm
+    detbalance train --output runs/ghm --resume
+    torchrun --nproc_per_node=2 -m detbalance train --config configs/focal.toml --output runs/ddp
+    detbalance eval --checkpoint runs/ghm/checkpoint.pt --data builtin:default
+    detbalance make-data --preset default --output data/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from detbalance import __version__
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="detbalance",
+        description="Train and compare object detectors under sample imbalance (focal, GHM, OHEM, S-OHEM, "
+        "SSD mining, repeat-factor sampling) on torchvision detectors.",
+    )
+    parser.add_argument("--version", action="version", version=f"detbalance {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    p = sub.add_parser("train", help="train one experiment", description="Train one experiment (see configs/).")
+    p.add_argument("--config", type=Path, default=None, help="experiment TOML (default: the built-in defaults)")
+    p.add_argument("--data", default=None, help="training data: builtin[:preset], a COCO .json or a folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set engine.iterations=200 (repeatable)")
+    p.add_argument("--output", type=Path, default=None, help="run folder (default: runs/<name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (COCO AP)")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--data", default=None, help="evaluation data (default: the run's validation data)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", type=Path, default=None, help="also write the metrics to this JSON file")
+    common(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("make-data", help="write the built-in benchmark as COCO files")
+    p.add_argument("--preset", default="default", help="default | balanced | noisy | tiny")
+    p.add_argument("--output", type=Path, required=True, help="folder; gets train/ and test/ (COCO json + images)")
+    p.add_argument("--split", choices=("train", "test", "both"), default="both")
+    p.add_argument("--seed", type=int, default=0)
+    common(p)
+    p.set_defaults(func=_cmd_make_data)
+
+    p = sub.add_parser("compare", help="run a comparison suite and write a report")
+    p.add_argument("--suite", default="losses", help="losses | samplers | ssd | classes | noise | all")
+    p.add_argument("--preset", default=None, help="built-in benchmark preset (default: each suite's own)")
+    p.add_argument("--iters", type=int, default=1500, help="iterations per run (the same for every method)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
+    p.add_argument("--output", type=Path, default=Path("compare-out"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    common(p)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("profile", help="imbalance statistics of a dataset and a detector")
+    p.add_argument("--data", required=True, help="builtin[:preset], a COCO .json or a folder")
+    p.add_argument("--config", type=Path, default=None, help="experiment TOML (default: the checkpoint's)")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    common(p)
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("plot", help="plot a training run's metrics and recorder statistics")
+    p.add_argument("run_dir", type=Path)
+    common(p)
+    p.set_defaults(func=_cmd_plot)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------- commands
+
+
+def _fmt_metric(v: Any) -> str:
+    return "nan" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    from detbalance.engine.evaluate import COCO_METRICS
+
+    print("  ".join(f"{k} {_fmt_metric(metrics.get(k))}" for k in COCO_METRICS))
+    per_class = metrics.get("per_class", {})
+    if per_class:
+        print("per class AP: " + ", ".join(f"{k} {_fmt_metric(v)}" for k, v in per_class.items()))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from detbalance.config import apply_overrides, load_config
+    from detbalance.engine import fit
+
+    config = args.config
+    if args.resume:
+        if args.output is None:
+            raise ValueError("--resume needs --output (the run folder to continue)")
+        if config is None:
+            config = args.output / "config.toml"
+    cfg = load_config(config)
+    if args.data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(args.data)))
+    cfg = apply_overrides(cfg, args.overrides)
+    output = args.output
+    if output is None:
+        stem = config.stem if config is not None else "train"
+        output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = fit(cfg, output=output, resume=args.resume, progress=args.progress)
+    try:
+        from detbalance.analysis.plots import plot_run
+    except ImportError:
+        plot_run = None
+    if plot_run is not None and result.metrics_file.is_file():
+        plot_run(output)
+    _print_metrics(result.metrics)
+    print(f"run folder: {output}  ({result.images_per_s:.1f} train images/s)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from detbalance.data import collate_detection, eval_transform, open_dataset
+    from detbalance.engine.evaluate import evaluate
+    from detbalance.engine.run import load_trained_model
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, cfg, info = load_trained_model(args.checkpoint)
+    spec = args.data if args.data is not None else (cfg.data.val if cfg.data.val is not None else cfg.data.train)
+    dataset = open_dataset(spec, split="test", transforms=eval_transform(), seed=cfg.data.seed)
+    if dataset.num_classes != info["num_classes"]:
+        raise ValueError(
+            f"--data {spec!r} has {dataset.num_classes} classes, the checkpoint's model {info['num_classes']}"
+        )
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_detection)
+    device = torch.device("cpu")
+    if cfg.engine.device != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda")
+        model.to(device)
+    metrics = evaluate(model, loader, device=device)
+    _print_metrics(metrics)
+    if args.output is not None:
+        from detbalance.engine.run import _json_safe
+
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _cmd_make_data(args: argparse.Namespace) -> int:
+    from detbalance.data import make_benchmark, write_coco
+
+    splits = ("train", "test") if args.split == "both" else (args.split,)
+    for split in splits:
+        path = write_coco(make_benchmark(args.preset, split=split, seed=args.seed), args.output / split)
+        print(f"{split}: {path}")
+    if len(splits) == 2:
+        print(f"train with: detbalance train --data {args.output / 'train'} --set data.val=\"{args.output / 'test'}\"")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from detbalance.compare import run_compare
+
+    path = run_compare(
+        suite=args.suite,
+        preset=args.preset,
+        iters=args.iters,
+        seeds=args.seeds,
+        output=args.output,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=args.progress,
+        command=args.command_line,
+    )
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from detbalance.analysis.profile import run_profile
+
+    path = run_profile(
+        data=args.data,
+        config=args.config,
+        checkpoint=args.checkpoint,
+        output=args.output,
+        num_images=args.num_images,
+        progress=args.progress,
+    )
+    print(f"profile: {path}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from detbalance.analysis.plots import plot_run
+
+    if not args.run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {str(args.run_dir)!r} not found")
+    for path in plot_run(args.run_dir):
+        print(f"plot: {path}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- entry
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return text or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors (argparse printed the message)
+        return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    args.command_line = "detbalance " + " ".join(argv)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        from detbalance.engine.train import configure_cpu
+
+        configure_cpu(getattr(args, "threads", None))  # before any tensor work: denormals, thread count
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("detbalance: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"detbalance: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

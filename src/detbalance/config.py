@@ -1,0 +1,848 @@
+"""Experiment configuration: frozen dataclasses, TOML in and out, ``--set a.b=value`` overrides.
+
+This is the only place that knows the shape of an experiment; :mod:`detbalance.builders` turns it into
+objects and :func:`detbalance.engine.fit` is the only function that reads the whole of it.
+
+An :class:`ExperimentConfig` has six sections::
+
+    [data]      what to train and evaluate on (``builtin[:preset]`` or a COCO json path)
+    [model]     the torchvision detector (``arch``, ``backbone``, ``image_size``)
+    [remedy]    the imbalance remedy: classification / box loss, normaliser, RoI/RPN sampler, SSD mining,
+                class-frequency weights, repeat-factor sampling, offline bootstrapping
+    [optim]     SGD or AdamW, gradient clipping
+    [schedule]  linear warmup, then cosine / step / constant learning rate
+    [engine]    iteration budget, batch size, gradient accumulation, evaluation / checkpoint intervals,
+                seed, device, AMP
+
+Rules (every violation is a :class:`ConfigError` naming the key):
+
+* unknown keys and wrong types are errors; an ``int`` is accepted where a ``float`` is expected;
+* a field typed ``X | None`` is set to ``None`` by the string ``"none"`` (TOML has no null); the TOML
+  writer writes ``None`` that way, so :func:`dump_toml` / :func:`load_toml` round-trip exactly;
+* a field holding one of several configs (``remedy.cls_loss``, ``remedy.box_loss``, ``remedy.roi_sampler``)
+  picks the class by its ``name`` key; setting ``name`` to a new value starts from that class's defaults;
+* options that do not exist for the chosen detector (OHEM on RetinaNet, GHM-R on SSD, ...) are errors.
+
+Example::
+
+    cfg = load_config("configs/ghm.toml", overrides=["engine.iterations=200", "remedy.cls_loss.bins=10"])
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "ASL1Config",
+    "BootstrapConfig",
+    "CEConfig",
+    "ClassWeightsConfig",
+    "ConfigError",
+    "DataConfig",
+    "EngineConfig",
+    "ExperimentConfig",
+    "FixedRatioConfig",
+    "FocalConfig",
+    "GHMCConfig",
+    "GHMRConfig",
+    "GIoUConfig",
+    "L1Config",
+    "ModelConfig",
+    "NormalizerConfig",
+    "OHEMConfig",
+    "OptimConfig",
+    "RPNSamplerConfig",
+    "RemedyConfig",
+    "RepeatFactorConfig",
+    "SSDMiningConfig",
+    "ScheduleConfig",
+    "SmoothL1Config",
+    "StratifiedOHEMConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_toml",
+    "load_config",
+    "load_toml",
+    "parse_override",
+]
+
+Arch = Literal["retinanet", "faster_rcnn", "ssd"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message starts with the offending key (``remedy.cls_loss.gamma: ...``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+@dataclass(frozen=True)
+class FocalConfig:
+    """Focal loss (Lin et al., 2017, eq. 5): ``FL = -alpha_t (1 - p_t)^gamma log(p_t)``.
+
+    Sigmoid form on RetinaNet, softmax form on the Faster R-CNN box head and SSD. ``gamma = 0`` gives
+    alpha-balanced cross-entropy (the paper's best alpha-CE uses ``alpha = 0.75``, table 1a).
+    """
+
+    name: Literal["focal"] = "focal"
+    alpha: float | None = 0.25
+    gamma: float = 2.0
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.alpha is None or 0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        _require(self.gamma >= 0.0, "gamma", f"must be >= 0, got {self.gamma}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class CEConfig:
+    """Cross-entropy (sigmoid BCE on RetinaNet, softmax CE elsewhere); ``alpha`` weights the foreground."""
+
+    name: Literal["ce"] = "ce"
+    alpha: float | None = None
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.alpha is None or 0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class GHMCConfig:
+    """GHM-C (Li et al., 2019, eq. 9): BCE reweighted by ``beta_i = N / GD(g_i)``; M bins, EMA momentum."""
+
+    name: Literal["ghm_c"] = "ghm_c"
+    bins: int = 30
+    momentum: float = 0.75
+    normalization: Literal["paper", "valid_bins"] = "paper"
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.bins >= 1, "bins", f"must be >= 1, got {self.bins}")
+        _require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class SmoothL1Config:
+    """Smooth L1 (Girshick, 2015) with transition ``beta`` (1/9 as in torchvision's R-CNN heads)."""
+
+    name: Literal["smooth_l1"] = "smooth_l1"
+    beta: float = 1.0 / 9.0
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.beta >= 0.0, "beta", f"must be >= 0, got {self.beta}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class L1Config:
+    """Plain L1 on box deltas (torchvision RetinaNet's default)."""
+
+    name: Literal["l1"] = "l1"
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class ASL1Config:
+    """Authentic smooth L1 (Li et al., 2019, eq. 11): ``sqrt(d^2 + mu^2) - mu``."""
+
+    name: Literal["asl1"] = "asl1"
+    mu: float = 0.02
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.mu > 0.0, "mu", f"must be > 0, got {self.mu}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class GHMRConfig:
+    """GHM-R (Li et al., 2019, eq. 12): ASL1 reweighted by gradient density; the paper's loss weight is 10."""
+
+    name: Literal["ghm_r"] = "ghm_r"
+    mu: float = 0.02
+    bins: int = 10
+    momentum: float = 0.7
+    loss_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(self.mu > 0.0, "mu", f"must be > 0, got {self.mu}")
+        _require(self.bins >= 1, "bins", f"must be >= 1, got {self.bins}")
+        _require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class GIoUConfig:
+    """Generalised IoU loss (Rezatofighi et al., 2019) on decoded boxes."""
+
+    name: Literal["giou"] = "giou"
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+ClsLossConfig = FocalConfig | CEConfig | GHMCConfig
+BoxLossConfig = SmoothL1Config | L1Config | ASL1Config | GHMRConfig | GIoUConfig
+
+
+@dataclass(frozen=True)
+class NormalizerConfig:
+    """How a dense detector divides its summed losses by the number of positives (RetinaNet only).
+
+    ``per_batch``: ``sum / max(1, sum npos)`` (the focal paper); ``per_image``: mean over images of
+    ``loss_b / max(1, npos_b)`` (torchvision); ``ema``: an EMA of the positive count (detectron2).
+    """
+
+    mode: Literal["per_batch", "per_image", "ema"] = "per_batch"
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+
+
+# ------------------------------------------------------------------------------------------- samplers
+
+
+@dataclass(frozen=True)
+class FixedRatioConfig:
+    """Random RoI sampling at a fixed foreground fraction (Fast R-CNN: 512 per image at 0.25)."""
+
+    name: Literal["fixed_ratio"] = "fixed_ratio"
+    num_samples: int = 512
+    positive_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(0.0 <= self.positive_fraction <= 1.0, "positive_fraction", f"must be in [0, 1], got {self.positive_fraction}")
+
+
+@dataclass(frozen=True)
+class OHEMConfig:
+    """Online hard example mining (Shrivastava et al., 2016): the B highest-loss RoIs per image after NMS."""
+
+    name: Literal["ohem"] = "ohem"
+    num_samples: int = 128
+    nms_iou: float | None = 0.7
+    positive_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(self.nms_iou is None or 0.0 < self.nms_iou <= 1.0, "nms_iou", f"must be in (0, 1], got {self.nms_iou}")
+        _require(
+            self.positive_fraction is None or 0.0 <= self.positive_fraction <= 1.0,
+            "positive_fraction",
+            f"must be in [0, 1], got {self.positive_fraction}",
+        )
+
+
+@dataclass(frozen=True)
+class StratifiedOHEMConfig:
+    """Stratified OHEM (Li et al., 2017): loss strata with weights that move from classification to
+    localisation as training progresses (the engine passes the progress each step)."""
+
+    name: Literal["sohem"] = "sohem"
+    num_samples: int = 128
+    strata: int = 4
+    nms_iou: float | None = 0.7
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(self.strata >= 1, "strata", f"must be >= 1, got {self.strata}")
+        _require(self.nms_iou is None or 0.0 < self.nms_iou <= 1.0, "nms_iou", f"must be in (0, 1], got {self.nms_iou}")
+
+
+RoISamplerConfig = FixedRatioConfig | OHEMConfig | StratifiedOHEMConfig
+
+
+@dataclass(frozen=True)
+class RPNSamplerConfig:
+    """The RPN's fixed-ratio anchor sampler (Faster R-CNN: 256 per image at 0.5)."""
+
+    num_samples: int = 256
+    positive_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(0.0 <= self.positive_fraction <= 1.0, "positive_fraction", f"must be in [0, 1], got {self.positive_fraction}")
+
+
+@dataclass(frozen=True)
+class SSDMiningConfig:
+    """SSD hard negative mining (Liu et al., 2016): keep the highest-loss negatives at ``ratio : 1``."""
+
+    negative_ratio: float = 3.0
+    min_negatives: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.negative_ratio > 0.0, "negative_ratio", f"must be > 0, got {self.negative_ratio}")
+        _require(
+            self.min_negatives is None or self.min_negatives >= 0,
+            "min_negatives",
+            f"must be >= 0, got {self.min_negatives}",
+        )
+
+
+@dataclass(frozen=True)
+class ClassWeightsConfig:
+    """Class-frequency weights on the classification loss's ``weight`` (computed from the training set)."""
+
+    method: Literal["inverse", "sqrt_inverse", "effective_number"] = "inverse"
+    beta: float = 0.999
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.beta < 1.0, "beta", f"must be in [0, 1), got {self.beta}")
+
+
+@dataclass(frozen=True)
+class RepeatFactorConfig:
+    """Repeat-factor sampling (Gupta et al., LVIS 2019): ``r(c) = max(1, sqrt(t / f(c)))``."""
+
+    threshold: float = 0.001
+    sqrt: bool = True
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.threshold <= 1.0, "threshold", f"must be in (0, 1], got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """Offline bootstrapping (Sung & Poggio, 1998): ``rounds`` times, train, mine the training set's
+    confident false positives and continue training with them as extra negatives.
+
+    The iteration budget ``engine.iterations`` is split into ``rounds + 1`` equal segments; mining happens
+    at the end of each of the first ``rounds`` segments and every segment ends with an evaluation.
+    """
+
+    rounds: int = 1
+    iou: float = 0.5
+    score_threshold: float = 0.5
+    max_per_image: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        _require(0.0 < self.iou <= 1.0, "iou", f"must be in (0, 1], got {self.iou}")
+        _require(0.0 <= self.score_threshold <= 1.0, "score_threshold", f"must be in [0, 1], got {self.score_threshold}")
+        _require(
+            self.max_per_image is None or self.max_per_image >= 1,
+            "max_per_image",
+            f"must be >= 1, got {self.max_per_image}",
+        )
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Datasets: ``builtin[:preset]`` (the synthetic benchmark) or a COCO json path.
+
+    ``val = None`` evaluates on the ``test`` split of ``train`` (for a COCO file: the same file; for a
+    folder: its ``test.json``); ``augment`` picks the architecture's training transforms (flips / SSD
+    augmentation) or none; ``seed`` is the built-in benchmark's generation seed. ``num_workers > 0``
+    loads in worker processes (deterministic per pass, but a mid-pass resume is bit-exact only with 0).
+    """
+
+    train: str = "builtin:tiny"
+    val: str | None = None
+    augment: bool = True
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.train), "train", "must not be empty")
+        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The torchvision detector, built without pretrained weights by ``detectors.build_detector``.
+
+    ``image_size = None`` takes the larger side of the first training image. ``norm`` is the backbone's
+    normalisation (``"gn"`` for small per-process batches and DDP runs that must match one process).
+    """
+
+    arch: Arch = "retinanet"
+    backbone: str = "tiny"
+    image_size: int | None = None
+    norm: Literal["bn", "gn"] = "bn"
+    head_convs: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.image_size is None or self.image_size >= 32, "image_size", f"must be >= 32, got {self.image_size}")
+        _require(self.head_convs >= 0, "head_convs", f"must be >= 0, got {self.head_convs}")
+
+
+@dataclass(frozen=True)
+class RemedyConfig:
+    """The imbalance remedy. ``None`` everywhere means the detector's standard (torchvision) behaviour:
+
+    * ``cls_loss``: RetinaNet sigmoid focal (alpha 0.25, gamma 2); Faster R-CNN / SSD softmax CE;
+    * ``box_loss``: RetinaNet smooth L1 (beta 1/9); SSD smooth L1 (Faster R-CNN keeps torchvision's);
+    * ``normalizer``: RetinaNet ``per_batch`` (the focal paper);
+    * ``roi_sampler`` / ``rpn_sampler``: Faster R-CNN fixed ratio 512 @ 0.25 / 256 @ 0.5;
+    * ``ssd_mining``: SSD 3:1 hard negatives;
+    * ``class_weights``, ``repeat_factor``, ``bootstrap``: off.
+    """
+
+    cls_loss: ClsLossConfig | None = None
+    box_loss: BoxLossConfig | None = None
+    normalizer: NormalizerConfig | None = None
+    roi_sampler: RoISamplerConfig | None = None
+    rpn_sampler: RPNSamplerConfig | None = None
+    ssd_mining: SSDMiningConfig | None = None
+    class_weights: ClassWeightsConfig | None = None
+    repeat_factor: RepeatFactorConfig | None = None
+    bootstrap: BootstrapConfig | None = None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser. ``momentum`` is SGD's; ``betas`` AdamW's; ``grad_clip`` a max global L2 norm."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0.0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.momentum >= 0.0, "momentum", f"must be >= 0, got {self.momentum}")
+        _require(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"must lie in [0, 1), got {self.betas}")
+        _require(self.weight_decay >= 0.0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule over optimiser steps: linear warmup from ``warmup_factor * lr`` over
+    ``warmup_iters`` steps, then ``cosine`` (down to ``min_lr_factor * lr``), ``step`` (multiply by
+    ``gamma`` at each step in ``milestones``) or ``constant``."""
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_iters: int = 0
+    warmup_factor: float = 0.001
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    min_lr_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_iters >= 0, "warmup_iters", f"must be >= 0, got {self.warmup_iters}")
+        _require(0.0 < self.warmup_factor <= 1.0, "warmup_factor", f"must be in (0, 1], got {self.warmup_factor}")
+        _require(
+            all(m > 0 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+            "milestones",
+            f"must be increasing positive step numbers, got {list(self.milestones)}",
+        )
+        _require(0.0 < self.gamma <= 1.0, "gamma", f"must be in (0, 1], got {self.gamma}")
+        _require(0.0 <= self.min_lr_factor <= 1.0, "min_lr_factor", f"must be in [0, 1], got {self.min_lr_factor}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The training run. The budget is ``iterations`` optimiser steps (an epoch-free loop over the data:
+    each pass is reshuffled from ``(seed, pass)``); one step consumes ``accumulate`` batches of
+    ``batch_size`` images per process. ``eval_interval`` / ``checkpoint_interval`` ``None``: only at the end.
+    ``device = "auto"`` takes CUDA when available. ``amp`` autocasts (fp16 + grad scaler on CUDA,
+    bf16 on CPU). ``record`` attaches a ``BalanceRecorder`` and writes ``recorder.jsonl``."""
+
+    iterations: int = 1000
+    batch_size: int = 8
+    accumulate: int = 1
+    eval_interval: int | None = None
+    checkpoint_interval: int | None = None
+    log_interval: int = 10
+    eval_batch_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    deterministic: bool = True
+    record: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.accumulate >= 1, "accumulate", f"must be >= 1, got {self.accumulate}")
+        for name in ("eval_interval", "checkpoint_interval", "eval_batch_size"):
+            v = getattr(self, name)
+            _require(v is None or v >= 1, name, f"must be >= 1, got {v}")
+        _require(self.log_interval >= 1, "log_interval", f"must be >= 1, got {self.log_interval}")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. Cross-section rules (which remedies exist for which detector) are checked here."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    remedy: RemedyConfig = field(default_factory=RemedyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        _check_combinations(self)
+
+
+def _check_combinations(cfg: ExperimentConfig) -> None:
+    arch = cfg.model.arch
+    r = cfg.remedy
+    only = {
+        "roi_sampler": ("faster_rcnn",),
+        "rpn_sampler": ("faster_rcnn",),
+        "bootstrap": ("faster_rcnn",),
+        "normalizer": ("retinanet",),
+        "ssd_mining": ("ssd",),
+        "box_loss": ("retinanet", "ssd"),
+    }
+    why = {
+        "roi_sampler": "RoI sampling (fixed ratio, OHEM, S-OHEM) exists only in the two-stage Faster R-CNN",
+        "rpn_sampler": "only Faster R-CNN has an RPN",
+        "bootstrap": "offline bootstrapping feeds mined negatives to the RoI head of Faster R-CNN",
+        "normalizer": "the positive-count normaliser is RetinaNet's (SSD divides by its positives itself)",
+        "ssd_mining": "hard negative mining at 3:1 is SSD's sampler",
+        "box_loss": "Faster R-CNN keeps torchvision's box losses",
+    }
+    for key, archs in only.items():
+        value = getattr(r, key)
+        if value is not None and arch not in archs:
+            raise ConfigError(
+                f"remedy.{key}",
+                f"not available with model.arch = {arch!r} ({why[key]}); remove it or set model.arch to "
+                + " or ".join(repr(a) for a in archs),
+            )
+    if isinstance(r.cls_loss, GHMCConfig) and arch != "retinanet":
+        raise ConfigError(
+            "remedy.cls_loss",
+            f"GHM-C is a sigmoid (one-vs-all) loss and needs model.arch = 'retinanet', got {arch!r}",
+        )
+    if isinstance(r.box_loss, GHMRConfig) and arch != "retinanet":
+        raise ConfigError("remedy.box_loss", f"GHM-R is only wired for model.arch = 'retinanet', got {arch!r}")
+    if isinstance(r.box_loss, GIoUConfig) and arch != "retinanet":
+        raise ConfigError("remedy.box_loss", f"GIoU needs decoded boxes; only 'retinanet' provides them, got {arch!r}")
+    e = cfg.engine
+    if cfg.remedy.bootstrap is not None and e.iterations < cfg.remedy.bootstrap.rounds + 1:
+        raise ConfigError(
+            "remedy.bootstrap.rounds",
+            f"{cfg.remedy.bootstrap.rounds} rounds need engine.iterations >= {cfg.remedy.bootstrap.rounds + 1}",
+        )
+
+
+# ------------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "none"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` (from TOML or an override) against the annotation ``tp``; return the typed value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or value == "none"):
+            return None
+        options = [a for a in args if a is not type(None)]
+        classes = [a for a in options if _is_dataclass_type(a)]
+        if classes:
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                if isinstance(value, tuple(classes)):
+                    return value
+                raise ConfigError(key, f"expected one of {[c.__name__ for c in classes]}, got {type(value).__name__}")
+            if not isinstance(value, Mapping):
+                raise ConfigError(key, f"expected a table (or \"none\"), got {value!r}")
+            return _from_dict(_pick_variant(classes, value, key), value, key)
+        errors = []
+        for a in options:
+            try:
+                return _convert(value, a, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ConfigError(key, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"expected an array, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(key, f"expected an array of {len(args)} values, got {list(value)!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a table, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")  # a bug in this module, not user input
+
+
+def _pick_variant(classes: list[type], value: Mapping[str, Any], key: str) -> type:
+    if len(classes) == 1:
+        return classes[0]
+    names = {_hints(c)["name"].__args__[0]: c for c in classes}
+    if "name" not in value:
+        raise ConfigError(f"{key}.name", f"is required, one of {list(names)}")
+    if value["name"] not in names:
+        raise ConfigError(f"{key}.name", f"must be one of {list(names)}, got {value['name']!r}")
+    return names[value["name"]]
+
+
+def _from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = _hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(where, f"unknown key; valid keys here: {sorted(fields)}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if cls is ExperimentConfig or not prefix:
+            raise
+        raise ConfigError(f"{prefix}.{err.key}", str(err).split(": ", 1)[-1]) from None
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from nested dicts (missing keys take defaults)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"a configuration must be a table, got {type(data).__name__}")
+    return _from_dict(ExperimentConfig, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dicts of a config dataclass (tuples become lists, ``None`` stays ``None``)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ TOML
+
+
+def _toml_key(k: str) -> str:
+    if k and all(c.isalnum() or c in "_-" for c in k):
+        return k
+    return _toml_value(k)
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return '"none"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"cannot write the non-finite float {v!r} to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        out = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{out}"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(cfg: ExperimentConfig) -> str:
+    """The whole resolved config as TOML (every key written; ``None`` as ``"none"``).
+
+    ``load_toml(dump_toml(cfg)) == cfg`` for every valid config (floats use ``repr``, which round-trips).
+    """
+    lines: list[str] = []
+
+    def table(prefix: str, d: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, Mapping)}
+        subtables = {k: v for k, v in d.items() if isinstance(v, Mapping)}
+        if prefix:
+            if lines:
+                lines.append("")
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in subtables.items():
+            table(f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k), v)
+
+    table("", config_to_dict(cfg))
+    return "\n".join(lines) + "\n"
+
+
+def load_toml(text: str, *, source: str = "<string>") -> ExperimentConfig:
+    """Parse TOML text into a validated :class:`ExperimentConfig`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("", f"{source}: invalid TOML: {err}") from None
+    return config_from_dict(data)
+
+
+# ------------------------------------------------------------------------------------------ overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], value)``.
+
+    ``value`` is read as a TOML value (``3``, ``0.5``, ``true``, ``[1, 2]``, ``"text"``); anything that
+    is not valid TOML is taken as a bare string (``data.train=builtin:tiny``, ``remedy.cls_loss=none``).
+    """
+    if "=" not in text:
+        raise ConfigError("", f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    path = key.split(".")
+    if not key or any(not p for p in path):
+        raise ConfigError(key, f"--set expects a dotted key like engine.iterations, got {text!r}")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> ExperimentConfig:
+    """Apply ``--set`` overrides in order and re-validate; errors name the key.
+
+    ``a.b=none`` sets an optional field or section to ``None``; ``a.b.name=X`` switches a multi-choice
+    section to class ``X`` with its defaults; ``a.b.c=v`` on a ``None`` section creates it from defaults
+    (for multi-choice sections set ``a.b.name`` first).
+    """
+    data = config_to_dict(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        cls: Any = ExperimentConfig
+        for i, part in enumerate(path[:-1]):
+            where = ".".join(path[: i + 1])
+            if cls is None or not isinstance(node, dict):
+                raise ConfigError(where, "is not a section")
+            hints = _hints(cls)
+            if part not in hints:
+                raise ConfigError(where, f"unknown key; valid keys here: {sorted(hints)}")
+            classes = _dataclass_options(hints[part])
+            if not classes:
+                raise ConfigError(where, "is a value, not a section")
+            if node[part] is None:
+                if len(classes) == 1:
+                    node[part] = config_to_dict(classes[0]())
+                elif path[i + 1 :] != ["name"]:
+                    names = [_hints(c)["name"].__args__[0] for c in classes]
+                    raise ConfigError(where, f"is none; choose it first with --set {where}.name=<one of {names}>")
+                else:
+                    node[part] = {}
+            node = node[part]
+            if len(classes) == 1:
+                cls = classes[0]
+            else:
+                cls = next((c for c in classes if _hints(c)["name"].__args__[0] == node.get("name")), None)
+        leaf = path[-1]
+        if leaf == "name" and cls is None:
+            pass  # a multi-choice section being chosen; validated by config_from_dict below
+        else:
+            hints = _hints(cls)
+            if leaf not in hints:
+                raise ConfigError(".".join(path), f"unknown key; valid keys here: {sorted(hints)}")
+            if isinstance(node.get(leaf), dict) and value != "none":
+                raise ConfigError(".".join(path), f"is a section; set one of its keys ({sorted(node[leaf])}) or none")
+        if leaf == "name" and node.get("name") != value:
+            node.clear()
+        node[leaf] = value
+        cfg = config_from_dict(data)
+        data = config_to_dict(cfg)
+    return cfg
+
+
+def _dataclass_options(tp: Any) -> list[type]:
+    if _is_dataclass_type(tp):
+        return [tp]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if _is_dataclass_type(a)]
+    return []
+
+
+def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a TOML file (or start from the defaults when ``path`` is ``None``) and apply ``overrides``."""
+    if path is None:
+        cfg = ExperimentConfig()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} not found")
+        cfg = load_toml(p.read_text(encoding="utf-8"), source=str(p))
+    return apply_overrides(cfg, overrides)

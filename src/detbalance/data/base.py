@@ -1,0 +1,165 @@
+"""The interface every detbalance dataset implements, the error type for bad data, and the collate function.
+
+A detbalance dataset is a ``torch.utils.data.Dataset`` of ``(image, target)`` pairs where ``image`` is a
+``Tensor[3, H, W]`` float32 in ``[0, 1]`` and ``target`` a :class:`~detbalance.types.DetectionTarget`
+(``boxes`` ``Tensor[G, 4]`` float32 absolute ``(x1, y1, x2, y2)``, ``labels`` ``Tensor[G]`` int64 in
+``1..K``, ``image_id`` int). Besides ``__len__``/``__getitem__`` it answers the questions the samplers,
+the evaluator and the statistics need *without decoding images*: :meth:`DetectionDataset.target`,
+:meth:`DetectionDataset.image_size`, :meth:`DetectionDataset.categories_per_image` and
+:meth:`DetectionDataset.to_coco_dict`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from detbalance.types import DetectionTarget
+
+__all__ = ["DatasetError", "DetectionDataset", "Transform", "collate_detection"]
+
+Transform = Callable[[Tensor, DetectionTarget], tuple[Tensor, DetectionTarget]]
+"""A joint transform: ``(image Tensor[3, H, W], target) -> (image, target)``, see :mod:`.transforms`."""
+
+_MAX_LISTED_PROBLEMS = 20
+
+
+class DatasetError(ValueError):
+    """Invalid dataset content. ``problems`` lists *every* problem found, each naming its image/annotation.
+
+    The message shows the source, the first 20 problems and the total count, so one run of the loader
+    reports everything that needs fixing instead of crashing on the first bad record.
+    """
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems: list[str] = list(problems)
+        shown = self.problems[:_MAX_LISTED_PROBLEMS]
+        lines = [f"{source}: {len(self.problems)} problem(s) found:"]
+        lines += [f"  - {p}" for p in shown]
+        if len(self.problems) > len(shown):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more (see DatasetError.problems)")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # picklable across DataLoader workers despite the two-argument constructor
+        return type(self), (self.source, self.problems)
+
+
+class DetectionDataset(Dataset, ABC):
+    """Abstract base of detbalance datasets (COCO files and the built-in benchmark).
+
+    Subclasses set ``label_names`` (``list[str]``, index ``k - 1`` names label ``k``) and ``transforms``
+    (a :data:`Transform` or ``None``) and implement :meth:`__len__`, :meth:`load_image`, :meth:`target`
+    and :meth:`image_size`.
+    """
+
+    label_names: list[str]
+    transforms: Transform | None
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def load_image(self, index: int) -> Tensor:
+        """The untransformed image ``index`` as ``Tensor[3, H, W]`` uint8."""
+
+    @abstractmethod
+    def target(self, index: int) -> DetectionTarget:
+        """The untransformed ground truth of image ``index``, without decoding the image."""
+
+    @abstractmethod
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of image ``index`` in pixels, without decoding the image."""
+
+    @property
+    def num_classes(self) -> int:
+        """``K``, the number of object classes (labels run ``1..K``; 0 is background)."""
+        return len(self.label_names)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, DetectionTarget]:
+        """``(image Tensor[3, H, W] float32 in [0, 1], target)``, with ``transforms`` applied if set."""
+        index = self._check_index(index)
+        image = self.load_image(index).to(torch.float32).div_(255.0)
+        target = self.target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def categories_per_image(self) -> list[list[int]]:
+        """Sorted distinct labels (``1..K``) present in each image (the input of repeat-factor sampling)."""
+        return [sorted(set(self.target(i)["labels"].tolist())) for i in range(len(self))]
+
+    def to_coco_dict(self) -> dict[str, Any]:
+        """COCO ground truth (bbox ``[x, y, w, h]``) with category ids equal to the labels ``1..K``.
+
+        Annotation ids run from 1 (pycocotools treats a matched ground-truth id of 0 as "unmatched").
+        """
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
+        for i in range(len(self)):
+            t = self.target(i)
+            h, w = self.image_size(i)
+            images.append(
+                {"id": int(t["image_id"]), "width": int(w), "height": int(h), "file_name": f"{i:06d}.png"}
+            )
+            annotations.extend(
+                _coco_annotations(t["boxes"], t["labels"], int(t["image_id"]), len(annotations) + 1)
+            )
+        return {"images": images, "annotations": annotations, "categories": self._coco_categories()}
+
+    def _coco_categories(self) -> list[dict[str, Any]]:
+        return [
+            {"id": k + 1, "name": name, "supercategory": "object"} for k, name in enumerate(self.label_names)
+        ]
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images")
+        return index % n
+
+
+def _coco_annotations(
+    boxes: Tensor, labels: Tensor, image_id: int, first_id: int, *, iscrowd: int = 0
+) -> list[dict[str, Any]]:
+    """COCO annotation records for ``boxes`` ``Tensor[G, 4]`` xyxy and ``labels`` ``Tensor[G]``.
+
+    Width and height are computed in float64 from the float32 corners, so ``x + w`` reproduces ``x2``
+    exactly when read back and rounded to float32.
+    """
+    b = boxes.to(torch.float64).tolist()
+    out = []
+    for j, ((x1, y1, x2, y2), label) in enumerate(zip(b, labels.tolist())):
+        w, h = x2 - x1, y2 - y1
+        out.append(
+            {
+                "id": first_id + j,
+                "image_id": image_id,
+                "category_id": int(label),
+                "bbox": [x1, y1, w, h],
+                "area": w * h,
+                "iscrowd": iscrowd,
+            }
+        )
+    return out
+
+
+def collate_detection(
+    batch: Sequence[tuple[Tensor, DetectionTarget]],
+) -> tuple[list[Tensor], list[DetectionTarget]]:
+    """``DataLoader`` collate function: images and targets as two lists (torchvision detectors take lists).
+
+    Args:
+        batch: ``(image, target)`` pairs from a detbalance dataset.
+
+    Returns:
+        ``(images, targets)``: ``list[Tensor[3, H_i, W_i]]`` and ``list[DetectionTarget]``, same order.
+    """
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    return images, targets

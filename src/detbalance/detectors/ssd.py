@@ -1,0 +1,247 @@
+"""SSD with configurable hard negative mining or a softmax focal loss over all default boxes.
+
+torchvision's ``SSD.compute_loss`` is a method of the model, so the injection point is a subclass:
+:meth:`BalancedSSD.from_ssd` builds a :class:`BalancedSSD` that shares every module, buffer and setting
+of the given model and overrides only ``compute_loss``. Matching (``SSDMatcher`` at IoU 0.5 plus the
+best default box of every object), box coding (``BoxCoder(10, 10, 5, 5)``), the transform and the
+post-processing stay torchvision's.
+
+The loss of a batch (Liu et al., "SSD: Single Shot MultiBox Detector", ECCV 2016, eq. 1-2), with ``N``
+the number of positive default boxes in the batch (at least 1):
+
+* ``classification = (1/N) sum_{i in selected} CE_i`` where *selected* is every positive plus, per
+  image, the ``negative_ratio * P_b`` background boxes with the highest loss
+  (:func:`detbalance.sampling.mine_hard_negatives`; an image without objects keeps ``min_negatives``);
+  with ``negative_ratio=None`` every non-ignored box is selected (use it with a
+  :class:`~detbalance.losses.SoftmaxFocalLoss`, Lin et al. 2017);
+* ``bbox_regression = (1/N) sum_{i positive} smooth_L1_{beta=1}(deltas_i - targets_i)`` (torchvision's
+  ``F.smooth_l1_loss`` default), or any box loss.
+
+With ``negative_ratio=3.0, min_negatives=0`` and the defaults, the losses equal torchvision's (a test).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.ssd import SSD
+
+from detbalance.detectors.recorder import BalanceRecorder
+from detbalance.detectors.retinanet import (
+    _BOX_FNS,
+    _BOX_TYPES,
+    _SIGMOID_FNS,
+    _SIGMOID_TYPES,
+    _SOFTMAX_FNS,
+    _SOFTMAX_TYPES,
+    _flatten_targets,
+    _takes_decoded_boxes,
+    check_loss,
+    install_target_check,
+    labels_from_matches,
+)
+from detbalance.sampling import mine_hard_negatives
+
+__all__ = ["BalancedSSD", "balance_ssd"]
+
+
+def _smooth_l1_beta1(pred: Tensor, target: Tensor) -> Tensor:
+    """torchvision SSD's box loss per element: ``F.smooth_l1_loss(beta=1.0, reduction="none")``."""
+    return F.smooth_l1_loss(pred, target, reduction="none")
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """torchvision SSD's classification loss per default box: softmax cross-entropy."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+class BalancedSSD(SSD):
+    """torchvision ``SSD`` whose ``compute_loss`` mines hard negatives or uses an injected loss.
+
+    Create it with :meth:`from_ssd` (or :func:`balance_ssd`); the arguments are described there.
+    """
+
+    negative_ratio: float | None
+    min_negatives: int
+
+    @classmethod
+    def from_ssd(
+        cls,
+        model: SSD,
+        *,
+        negative_ratio: float | None = 3.0,
+        min_negatives: int = 3,
+        cls_loss: Callable[..., Tensor] | None = None,
+        box_loss: Callable[..., Tensor] | None = None,
+        recorder: BalanceRecorder | None = None,
+    ) -> BalancedSSD:
+        """A ``BalancedSSD`` sharing every module, parameter, buffer and setting of ``model``."""
+        if not isinstance(model, SSD):
+            raise ValueError(f"model must be a torchvision SSD, got {type(model).__name__}")
+        if negative_ratio is not None and (
+            isinstance(negative_ratio, bool)
+            or not isinstance(negative_ratio, int | float)
+            or not negative_ratio >= 0
+            or math.isinf(negative_ratio)
+        ):
+            raise ValueError(f"negative_ratio must be a finite number >= 0 or None, got {negative_ratio!r}")
+        if isinstance(min_negatives, bool) or not isinstance(min_negatives, int) or min_negatives < 0:
+            raise ValueError(f"min_negatives must be an int >= 0, got {min_negatives!r}")
+        if cls_loss is not None:
+            if check_loss(
+                cls_loss, argument="cls_loss", wrong_types=_SIGMOID_TYPES + _BOX_TYPES,
+                wrong_fns=_SIGMOID_FNS + _BOX_FNS,
+                wrong_kind="not a softmax classification loss over SSD's K + 1 columns",
+            ):
+                raise ValueError(
+                    f"cls_loss={type(cls_loss).__name__} is self-normalising; SSD needs per-box losses to mine"
+                )
+        box_self_normalizing = False
+        if box_loss is not None:
+            box_self_normalizing = check_loss(
+                box_loss, argument="box_loss", wrong_types=_SOFTMAX_TYPES + _SIGMOID_TYPES,
+                wrong_fns=_SOFTMAX_FNS + _SIGMOID_FNS, wrong_kind="a classification loss, not a box loss",
+            )
+        if recorder is not None and not isinstance(recorder, BalanceRecorder):
+            raise ValueError(f"recorder must be a BalanceRecorder or None, got {type(recorder).__name__}")
+
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        # Share the modules and settings; the containers themselves are copied so that registering
+        # something on one model does not register it on the other.
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v for k, v in model.__dict__.items()})
+        new.negative_ratio = None if negative_ratio is None else float(negative_ratio)
+        new.min_negatives = min_negatives
+        new.cls_loss = cls_loss if cls_loss is not None else _cross_entropy
+        new.box_loss = box_loss if box_loss is not None else _smooth_l1_beta1
+        new.box_self_normalizing = box_self_normalizing
+        new.box_decoded = box_loss is not None and _takes_decoded_boxes(box_loss)
+        new.recorder = recorder
+        install_target_check(new, new.num_classes)
+        return new
+
+    @property
+    def num_classes(self) -> int:
+        """Softmax columns ``C = K + 1`` (column 0 the background)."""
+        return int(self.head.classification_head.num_columns)
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """SSD's loss with the configured mining and losses; shapes ``[B, A, C]`` and ``[B, A, 4]``."""
+        cls_logits = head_outputs["cls_logits"]
+        bbox_regression = head_outputs["bbox_regression"]
+        b, a, c = cls_logits.shape
+        device = cls_logits.device
+        gt_boxes, gt_labels, offsets = _flatten_targets(targets, device)
+        labels, flat_idx = labels_from_matches(torch.stack(matched_idxs), gt_labels, offsets)
+        positive = labels > 0
+        num_fg = positive.sum().clamp(min=1).to(torch.float32)
+
+        # Regression on positives.
+        anchors_flat = torch.stack(anchors).reshape(b * a, 4)
+        matched_boxes = gt_boxes[flat_idx.reshape(-1)]
+        deltas = bbox_regression.reshape(b * a, 4)
+        if self.box_decoded:
+            pred, target = self.box_coder.decode_single(deltas, anchors_flat), matched_boxes
+        else:
+            pred, target = deltas, self.box_coder.encode_single(matched_boxes, anchors_flat)
+        per_box_loss = None
+        if self.box_self_normalizing:
+            box_value = self.box_loss(pred, target, valid=positive.reshape(-1))
+        else:
+            elementwise = self.box_loss(pred, target)
+            if elementwise.shape[0] != b * a or elementwise.numel() not in (b * a, b * a * 4):
+                raise ValueError(
+                    f"box_loss returned shape {tuple(elementwise.shape)}, expected per-element [{b * a}, 4] "
+                    f"or [{b * a}] (reduction='none')"
+                )
+            per_box_loss = torch.where(positive.reshape(-1), elementwise.reshape(b * a, -1).sum(-1), 0.0)
+            box_value = per_box_loss.sum() / num_fg
+
+        # Classification over the selected default boxes.
+        per_anchor = self.cls_loss(cls_logits.reshape(b * a, c), labels.clamp(min=0).reshape(-1))
+        if per_anchor.shape != (b * a,):
+            raise ValueError(
+                f"cls_loss returned shape {tuple(per_anchor.shape)}, expected per-box [{b * a}] (reduction='none')"
+            )
+        per_anchor = per_anchor.reshape(b, a)
+        if self.negative_ratio is None:
+            selected = labels >= 0
+        else:
+            selected = mine_hard_negatives(
+                per_anchor, labels, negative_ratio=self.negative_ratio, min_negatives=self.min_negatives
+            )
+        cls_value = torch.where(selected, per_anchor, 0.0).sum() / num_fg
+
+        if self.recorder is not None:
+            self._record(labels, selected, per_anchor, per_box_loss)
+        return {"bbox_regression": box_value, "classification": cls_value}
+
+    def _record(self, labels: Tensor, selected: Tensor, per_anchor: Tensor, per_box_loss: Tensor | None) -> None:
+        rec = self.recorder
+        if rec is None:
+            return
+        with torch.no_grad():
+            pos = labels > 0
+            neg = selected & (labels == 0)
+            rec.record_counts("ssd/default_boxes", pos.sum(), neg.sum(), (~selected).sum())
+            used = torch.where(selected, labels, torch.full_like(labels, -1))
+            rec.record_class_losses("ssd/cls", used.reshape(-1), per_anchor.reshape(-1), self.num_classes - 1)
+            rec.record_losses("ssd/cls_positive", per_anchor, mask=pos)
+            rec.record_losses("ssd/cls_negative", per_anchor, mask=neg)
+            if per_box_loss is not None:
+                rec.record_losses("ssd/box", per_box_loss, mask=pos.reshape(-1))
+            density = getattr(self.box_loss, "last_density", None)
+            if isinstance(density, Tensor):
+                rec.record_ghm_density("ssd/box", density)
+
+
+def balance_ssd(
+    model: SSD,
+    *,
+    negative_ratio: float | None = 3.0,
+    min_negatives: int = 3,
+    cls_loss: Callable[..., Tensor] | None = None,
+    box_loss: Callable[..., Tensor] | None = None,
+    recorder: BalanceRecorder | None = None,
+) -> BalancedSSD:
+    """Return a :class:`BalancedSSD` sharing ``model``'s modules (use the returned model).
+
+    Args:
+        model: A torchvision ``SSD`` (e.g. from :func:`~detbalance.detectors.build.build_detector`).
+        negative_ratio: Hard negatives per positive per image (SSD: 3.0); ``None`` disables mining and
+            puts every default box into the classification loss (for a focal loss).
+        min_negatives: Hardest negatives kept in an image without objects (torchvision and the paper: 0,
+            such an image then teaches nothing; default 3 as in :func:`~detbalance.sampling.mine_hard_negatives`).
+        cls_loss: Softmax loss ``(logits[N, C], labels[N]) -> Tensor[N]`` with ``reduction="none"``, e.g.
+            :class:`~detbalance.losses.SoftmaxFocalLoss`; ``None`` is cross-entropy (torchvision). It also
+            ranks the negatives when mining.
+        box_loss: Box loss on encoded deltas ``Tensor[N, 4]`` (``GIoULoss``: decoded boxes) returning
+            per-element losses, or a self-normalising one (``GHMRLoss``); ``None`` is torchvision's
+            smooth L1 with ``beta = 1``.
+        recorder: Optional sink for positive / selected negative / unused box counts, per-class
+            classification loss sums of the selected boxes and loss histograms.
+
+    Raises:
+        ValueError: for a model that is not an SSD, a sigmoid or box loss as ``cls_loss``, a string, a
+            reducing loss, or a bad ratio.
+    """
+    return BalancedSSD.from_ssd(
+        model,
+        negative_ratio=negative_ratio,
+        min_negatives=min_negatives,
+        cls_loss=cls_loss,
+        box_loss=box_loss,
+        recorder=recorder,
+    )
+

@@ -1,0 +1,193 @@
+"""The training loop: one pass over a loader, readable top to bottom.
+
+Per optimiser step (``accumulate`` batches): tell the model how far training has got
+(:func:`detbalance.detectors.set_training_progress`, used by S-OHEM), forward, sum the loss dict, stop on a
+non-finite loss, backward (through the AMP scaler when given), clip, optimiser step, scheduler step, and
+call ``on_step``. Nothing here knows which imbalance remedy the model carries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detbalance.detectors.build import set_training_progress
+from detbalance.engine.distributed import all_true, unwrap
+
+__all__ = ["NonFiniteLossError", "StepMetrics", "configure_cpu", "move_targets", "train_one_epoch"]
+
+
+def configure_cpu(threads: int | None = None) -> None:
+    """Flush denormals to zero and set the intra-op thread count; call before any tensor work.
+
+    Denormal floats (tiny gradients of saturated sigmoids) make BCE-style training 2-5x slower on CPU.
+
+    Args:
+        threads: ``torch.set_num_threads`` value; ``None`` keeps torch's default.
+    """
+    torch.set_flush_denormal(True)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN / inf loss; ``losses`` holds each term's value at that step."""
+
+    def __init__(self, step: int, losses: dict[str, float], checkpoint: str | None = None) -> None:
+        self.step = step
+        self.losses = losses
+        self.checkpoint = checkpoint
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        where = f"; last good checkpoint: {checkpoint}" if checkpoint else "; no checkpoint was written yet"
+        super().__init__(f"non-finite loss at step {step} ({terms}){where}")
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What ``on_step`` receives after each optimiser step.
+
+    ``step`` counts optimiser steps done (1 after the first); ``batches`` counts the batches of the current
+    pass consumed so far; ``losses`` are this process's loss terms averaged over the accumulated batches;
+    ``lr`` is the learning rate of the first parameter group used by this step; ``seconds`` the wall time
+    since the previous step ended (data loading included).
+    """
+
+    step: int
+    epoch: int
+    batches: int
+    loss: float
+    losses: dict[str, float]
+    lr: float
+    images: int
+    seconds: float
+
+
+def move_targets(targets: Iterable[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    """Targets with every tensor moved to ``device`` (other values kept)."""
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[tuple[list[Tensor], list[dict[str, Any]]]],
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    device: torch.device | str = "cpu",
+    accumulate: int = 1,
+    grad_clip: float | None = None,
+    amp_dtype: torch.dtype | None = None,
+    start_step: int = 0,
+    total_steps: int | None = None,
+    max_steps: int | None = None,
+    epoch: int = 0,
+    start_batch: int = 0,
+    on_step: Callable[[StepMetrics], None] | None = None,
+) -> int:
+    """Train on every batch of ``loader`` (or until ``max_steps`` optimiser steps) and return the step count.
+
+    Args:
+        model: A torchvision detector (possibly DDP-wrapped) returning a loss dict in training mode.
+        optimizer: Its optimiser.
+        loader: Yields ``(images list[Tensor[3, H, W]], targets list[dict])``.
+        scheduler: Stepped once per optimiser step.
+        scaler: AMP ``GradScaler`` (fp16 on CUDA); ``None`` for a plain backward.
+        device: Where images and targets are moved.
+        accumulate: Batches per optimiser step; the loss is divided by it, so the gradient is the mean.
+            A trailing incomplete group is dropped.
+        grad_clip: Max global L2 norm of the gradients; ``None`` disables clipping.
+        amp_dtype: ``torch.float16`` / ``torch.bfloat16`` to autocast the forward; ``None`` disables.
+        start_step: Optimiser steps done before this call.
+        total_steps: The run's total, for the progress ``step / total_steps`` given to the model.
+        max_steps: Stop after this many optimiser steps in this call; ``None``: the whole loader.
+        epoch: The pass number (reported in :class:`StepMetrics`).
+        start_batch: Batches of this pass already consumed before ``loader`` (resume), for reporting.
+        on_step: Called with :class:`StepMetrics` after each optimiser step.
+
+    Returns:
+        The optimiser step count after this call.
+
+    Raises:
+        NonFiniteLossError: A loss term is NaN or infinite (checked before backward, on every rank).
+    """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+    device = torch.device(device)
+    model.train()
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    step = start_step
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, Tensor] = {}
+    images_in_step = 0
+    t0 = time.perf_counter()
+    for i, (images, targets) in enumerate(loader):
+        if max_steps is not None and step - start_step >= max_steps:
+            break
+        micro = i % accumulate
+        if micro == 0:
+            progress = step / total_steps if total_steps else 0.0
+            set_training_progress(unwrap(model), progress)
+            sums, images_in_step = {}, 0
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = move_targets(targets, device)
+        sync = model.no_sync() if is_ddp and micro < accumulate - 1 else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            if not bool(all_true(torch.isfinite(loss.detach()))):
+                raise NonFiniteLossError(step + 1, {k: float(v) for k, v in loss_dict.items()})
+            if scaler is not None:
+                scaler.scale(loss / accumulate).backward()
+            else:
+                (loss / accumulate).backward()
+        for k, v in loss_dict.items():
+            sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+        images_in_step += len(images)
+        if micro < accumulate - 1:
+            continue
+        lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses (reported before the scheduler moves)
+        if grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        step += 1
+        if on_step is not None:
+            losses = {k: float(v) / accumulate for k, v in sums.items()}
+            now = time.perf_counter()
+            on_step(
+                StepMetrics(
+                    step=step,
+                    epoch=epoch,
+                    batches=start_batch + i + 1,
+                    loss=math.fsum(losses.values()),
+                    losses=losses,
+                    lr=lr,
+                    images=images_in_step,
+                    seconds=now - t0,
+                )
+            )
+            t0 = time.perf_counter()
+        if max_steps is not None and step - start_step >= max_steps:
+            break
+    optimizer.zero_grad(set_to_none=True)
+    return step

@@ -1,0 +1,158 @@
+"""Box-regression losses: smooth L1, authentic smooth L1 (ASL1), L1 and GIoU.
+
+All compute in float32 for fp16/bf16 inputs and under autocast (float64 stays float64), and default to
+``reduction="none"``: the detector adapter sums per image and divides by the positive count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
+
+from detbalance.losses._reduction import (
+    check_floating,
+    check_nonnegative,
+    check_positive,
+    check_reduction,
+    check_same_shape,
+    compute_dtype,
+    reduce_loss,
+)
+from detbalance.types import Reduction
+
+__all__ = ["ASL1Loss", "GIoULoss", "L1Loss", "SmoothL1Loss", "asl1_loss", "smooth_l1_loss"]
+
+
+def _check_pair(pred: Tensor, target: Tensor, reduction: str) -> torch.dtype:
+    check_floating("pred", pred)
+    check_same_shape("pred", pred, "target", target)
+    check_reduction(reduction)
+    return compute_dtype(pred, target)
+
+
+def smooth_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0 / 9.0, reduction: Reduction = "none") -> Tensor:
+    """Smooth L1 (Fast R-CNN, Girshick 2015): ``0.5 d^2 / beta`` if ``|d| < beta`` else ``|d| - 0.5 beta``.
+
+    Equals ``F.smooth_l1_loss(pred, target, beta=beta)``; ``beta = 0`` is the L1 loss. The default ``1/9`` is
+    torchvision's detection default.
+
+    Args:
+        pred: ``Tensor[..., 4]`` predicted box deltas.
+        target: ``Tensor[..., 4]`` target deltas (same shape).
+        beta: transition point ``>= 0``.
+        reduction: ``'none'``, ``'mean'`` or ``'sum'``.
+    """
+    dtype = _check_pair(pred, target, reduction)
+    check_nonnegative("beta", beta)
+    with torch.autocast(pred.device.type, enabled=False):
+        loss = F.smooth_l1_loss(pred.to(dtype), target.to(dtype), beta=float(beta), reduction="none")
+    return reduce_loss(loss, reduction)
+
+
+def _asl1(d: Tensor, mu: float) -> Tensor:
+    # sqrt(d^2 + mu^2) - mu, rewritten as d^2 / (sqrt(d^2 + mu^2) + mu) to avoid cancellation for |d| << mu.
+    return d * d / (torch.sqrt(d * d + mu * mu) + mu)
+
+
+def asl1_loss(pred: Tensor, target: Tensor, *, mu: float = 0.02, reduction: Reduction = "none") -> Tensor:
+    """Authentic smooth L1 (GHM paper, eq. 7): ``ASL1(d) = sqrt(d^2 + mu^2) - mu``, ``d = pred - target``.
+
+    Its gradient ``d / sqrt(d^2 + mu^2)`` is smooth everywhere and has norm in ``[0, 1)``, which is what
+    GHM-R bins.
+
+    Args:
+        pred: ``Tensor[..., 4]`` predicted deltas.
+        target: ``Tensor[..., 4]`` target deltas.
+        mu: smoothness ``> 0`` (paper: 0.02).
+        reduction: ``'none'``, ``'mean'`` or ``'sum'``.
+    """
+    dtype = _check_pair(pred, target, reduction)
+    check_positive("mu", mu)
+    with torch.autocast(pred.device.type, enabled=False):
+        loss = _asl1(pred.to(dtype) - target.to(dtype), float(mu))
+    return reduce_loss(loss, reduction)
+
+
+class SmoothL1Loss(nn.Module):
+    """Module form of :func:`smooth_l1_loss`."""
+
+    self_normalizing: bool = False
+
+    def __init__(self, *, beta: float = 1.0 / 9.0, reduction: Reduction = "none") -> None:
+        super().__init__()
+        check_nonnegative("beta", beta)
+        check_reduction(reduction)
+        self.beta, self.reduction = beta, reduction
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return smooth_l1_loss(pred, target, beta=self.beta, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, reduction={self.reduction!r}"
+
+
+class ASL1Loss(nn.Module):
+    """Module form of :func:`asl1_loss`."""
+
+    self_normalizing: bool = False
+
+    def __init__(self, *, mu: float = 0.02, reduction: Reduction = "none") -> None:
+        super().__init__()
+        check_positive("mu", mu)
+        check_reduction(reduction)
+        self.mu, self.reduction = mu, reduction
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return asl1_loss(pred, target, mu=self.mu, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"mu={self.mu}, reduction={self.reduction!r}"
+
+
+class L1Loss(nn.Module):
+    """``|pred - target|`` per element (RetinaNet's box loss in torchvision), computed in float32."""
+
+    self_normalizing: bool = False
+
+    def __init__(self, *, reduction: Reduction = "none") -> None:
+        super().__init__()
+        check_reduction(reduction)
+        self.reduction = reduction
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        dtype = _check_pair(pred, target, self.reduction)
+        with torch.autocast(pred.device.type, enabled=False):
+            loss = (pred.to(dtype) - target.to(dtype)).abs()
+        return reduce_loss(loss, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+
+class GIoULoss(nn.Module):
+    """Generalized IoU loss (Rezatofighi et al., CVPR 2019), ``1 - GIoU``, on *decoded* boxes.
+
+    ``forward(pred_boxes, target_boxes)`` takes ``Tensor[N, 4]`` ``(x1, y1, x2, y2)`` boxes and returns
+    ``Tensor[N]`` (with ``reduction='none'``); it calls ``torchvision.ops.generalized_box_iou_loss`` in float32.
+    """
+
+    self_normalizing: bool = False
+
+    def __init__(self, *, eps: float = 1e-7, reduction: Reduction = "none") -> None:
+        super().__init__()
+        check_positive("eps", eps)
+        check_reduction(reduction)
+        self.eps, self.reduction = eps, reduction
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        dtype = _check_pair(pred, target, self.reduction)
+        if pred.shape[-1] != 4:
+            raise ValueError(f"pred must be boxes Tensor[N, 4], got shape {tuple(pred.shape)}")
+        with torch.autocast(pred.device.type, enabled=False):
+            loss = generalized_box_iou_loss(pred.to(dtype), target.to(dtype), reduction="none", eps=self.eps)
+        return reduce_loss(loss, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, reduction={self.reduction!r}"

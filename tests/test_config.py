@@ -1,0 +1,222 @@
+"""Config: TOML round trip, --set overrides, type checks, impossible combinations, errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from detbalance.config import (
+    BootstrapConfig,
+    CEConfig,
+    ClassWeightsConfig,
+    ConfigError,
+    DataConfig,
+    EngineConfig,
+    ExperimentConfig,
+    FixedRatioConfig,
+    FocalConfig,
+    GHMCConfig,
+    GHMRConfig,
+    ModelConfig,
+    NormalizerConfig,
+    OHEMConfig,
+    OptimConfig,
+    RemedyConfig,
+    RepeatFactorConfig,
+    RPNSamplerConfig,
+    ScheduleConfig,
+    SSDMiningConfig,
+    StratifiedOHEMConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_toml,
+    load_config,
+    load_toml,
+    parse_override,
+)
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+
+
+def _error(fn, *args, **kwargs) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+EXAMPLES = [
+    ExperimentConfig(),
+    ExperimentConfig(
+        data=DataConfig(train="data/x.json", val="data/y.json", augment=False, num_workers=2, seed=3),
+        model=ModelConfig(arch="retinanet", image_size=96, norm="gn", head_convs=2),
+        remedy=RemedyConfig(
+            cls_loss=GHMCConfig(bins=12, momentum=0.5, normalization="valid_bins"),
+            box_loss=GHMRConfig(mu=0.03),
+            normalizer=NormalizerConfig(mode="ema", momentum=0.95),
+            class_weights=ClassWeightsConfig(method="effective_number", beta=0.99),
+            repeat_factor=RepeatFactorConfig(threshold=0.01, sqrt=False),
+        ),
+        optim=OptimConfig(name="adamw", lr=3e-4, betas=(0.8, 0.99), grad_clip=1.0 / 3.0),
+        schedule=ScheduleConfig(name="step", warmup_iters=5, milestones=(10, 20), gamma=0.5),
+        engine=EngineConfig(iterations=30, batch_size=2, accumulate=3, eval_interval=10, device="cpu", amp=True),
+    ),
+    ExperimentConfig(
+        model=ModelConfig(arch="faster_rcnn"),
+        remedy=RemedyConfig(
+            cls_loss=FocalConfig(alpha=None, gamma=1.5, loss_weight=2.0),
+            roi_sampler=StratifiedOHEMConfig(num_samples=64, strata=3, nms_iou=None),
+            rpn_sampler=RPNSamplerConfig(num_samples=128),
+            bootstrap=BootstrapConfig(rounds=2, max_per_image=5),
+        ),
+    ),
+    ExperimentConfig(
+        model=ModelConfig(arch="ssd"),
+        remedy=RemedyConfig(cls_loss=CEConfig(alpha=0.75), ssd_mining=SSDMiningConfig(negative_ratio=2.5, min_negatives=4)),
+    ),
+]
+
+
+@pytest.mark.parametrize("cfg", EXAMPLES, ids=range(len(EXAMPLES)))
+def test_toml_round_trip(cfg: ExperimentConfig) -> None:
+    text = dump_toml(cfg)
+    assert load_toml(text) == cfg
+    assert dump_toml(load_toml(text)) == text  # a fixed point
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_configs_load_and_round_trip(path: Path) -> None:
+    cfg = load_config(path)
+    assert load_toml(dump_toml(cfg)) == cfg
+
+
+def test_example_configs_cover_every_remedy_family() -> None:
+    seen = {type(getattr(load_config(p).remedy, f)).__name__ for p in CONFIGS for f in RemedyConfig.__dataclass_fields__}
+    for name in ("FocalConfig", "CEConfig", "GHMCConfig", "GHMRConfig", "OHEMConfig", "StratifiedOHEMConfig",
+                 "FixedRatioConfig", "SSDMiningConfig", "RepeatFactorConfig", "ClassWeightsConfig", "BootstrapConfig"):
+        assert name in seen, name
+
+
+def test_missing_keys_take_defaults_and_ints_are_floats() -> None:
+    cfg = load_toml("[optim]\nlr = 1\n[remedy.cls_loss]\nname = 'focal'\ngamma = 3\n")
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.remedy.cls_loss == FocalConfig(alpha=0.25, gamma=3.0)
+    assert cfg.engine == EngineConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[remedy.cls_loss]\nname = 'focal'\ngama = 2.0\n", "remedy.cls_loss.gama: unknown key"),
+        ("[engine]\niterations = 'ten'\n", "engine.iterations: expected an integer, got 'ten'"),
+        ("[engine]\niterations = true\n", "engine.iterations: expected an integer, got True"),
+        ("[engine]\niterations = 1.5\n", "engine.iterations: expected an integer, got 1.5"),
+        ("[engine]\namp = 1\n", "engine.amp: expected true or false, got 1"),
+        ("[model]\narch = 'yolo'\n", "model.arch: must be one of ['retinanet', 'faster_rcnn', 'ssd'], got 'yolo'"),
+        ("[remedy.cls_loss]\ngamma = 2.0\n", "remedy.cls_loss.name: is required"),
+        ("[remedy.cls_loss]\nname = 'fcal'\n", "remedy.cls_loss.name: must be one of ['focal', 'ce', 'ghm_c']"),
+        ("[remedy.cls_loss]\nname = 'focal'\ngamma = -1.0\n", "remedy.cls_loss.gamma: must be >= 0, got -1.0"),
+        ("[optim]\nbetas = [0.9]\n", "optim.betas: expected an array of 2 values"),
+        ("[schedule]\nmilestones = [20, 10]\n", "schedule.milestones: must be increasing"),
+        ("[engine]\ndevice = 'tpu'\n", "engine.device: must be 'auto', 'cpu' or 'cuda[:N]'"),
+        ("[foo]\nx = 1\n", "foo: unknown key"),
+        ("[engine\n", "invalid TOML"),
+    ],
+)
+def test_bad_toml_names_the_key(text: str, message: str) -> None:
+    assert message in str(_error(load_toml, text))
+
+
+@pytest.mark.parametrize(
+    ("arch", "remedy", "key"),
+    [
+        ("retinanet", "[remedy.roi_sampler]\nname = 'ohem'\n", "remedy.roi_sampler"),
+        ("ssd", "[remedy.roi_sampler]\nname = 'fixed_ratio'\n", "remedy.roi_sampler"),
+        ("retinanet", "[remedy.rpn_sampler]\n", "remedy.rpn_sampler"),
+        ("retinanet", "[remedy.bootstrap]\n", "remedy.bootstrap"),
+        ("retinanet", "[remedy.ssd_mining]\n", "remedy.ssd_mining"),
+        ("ssd", "[remedy.normalizer]\n", "remedy.normalizer"),
+        ("faster_rcnn", "[remedy.box_loss]\nname = 'smooth_l1'\n", "remedy.box_loss"),
+        ("ssd", "[remedy.box_loss]\nname = 'ghm_r'\n", "remedy.box_loss"),
+        ("faster_rcnn", "[remedy.cls_loss]\nname = 'ghm_c'\n", "remedy.cls_loss"),
+        ("ssd", "[remedy.cls_loss]\nname = 'ghm_c'\n", "remedy.cls_loss"),
+    ],
+)
+def test_impossible_combinations_are_errors(arch: str, remedy: str, key: str) -> None:
+    err = _error(load_toml, f"[model]\narch = '{arch}'\n{remedy}")
+    assert err.key == key
+    assert str(err).startswith(f"{key}: ")
+
+
+def test_bootstrap_needs_enough_iterations() -> None:
+    err = _error(load_toml, "[model]\narch='faster_rcnn'\n[remedy.bootstrap]\nrounds = 3\n[engine]\niterations = 3\n")
+    assert "remedy.bootstrap.rounds" in str(err)
+
+
+def test_parse_override_values() -> None:
+    assert parse_override("engine.iterations=5") == (["engine", "iterations"], 5)
+    assert parse_override("optim.lr=1e-3") == (["optim", "lr"], 1e-3)
+    assert parse_override("data.train=builtin:tiny") == (["data", "train"], "builtin:tiny")
+    assert parse_override('data.train="a b.json"') == (["data", "train"], "a b.json")
+    assert parse_override("optim.betas=[0.8, 0.9]") == (["optim", "betas"], [0.8, 0.9])
+    assert parse_override("engine.amp=true") == (["engine", "amp"], True)
+    assert "KEY=VALUE" in str(_error(parse_override, "engine.iterations"))
+
+
+def test_overrides_apply_in_order_and_type_check() -> None:
+    cfg = apply_overrides(
+        ExperimentConfig(),
+        [
+            "engine.iterations=7",
+            "remedy.cls_loss.name=focal",
+            "remedy.cls_loss.gamma=1",
+            "remedy.cls_loss.name=ghm_c",  # switching class starts from its defaults
+            "remedy.cls_loss.bins=12",
+            "remedy.class_weights.method=sqrt_inverse",  # a None section is created from its defaults
+            "optim.betas=[0.8, 0.9]",
+            "optim.grad_clip=2",
+            "optim.grad_clip=none",
+            "remedy.cls_loss=none",  # each override is validated: GHM-C must go before the arch changes
+            "model.arch=faster_rcnn",
+            "remedy.roi_sampler.name=ohem",
+            "remedy.roi_sampler.positive_fraction=0.25",
+        ],
+    )
+    assert cfg.engine.iterations == 7
+    assert cfg.remedy.cls_loss is None
+    assert cfg.remedy.class_weights == ClassWeightsConfig(method="sqrt_inverse")
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.optim.grad_clip is None
+    assert cfg.remedy.roi_sampler == OHEMConfig(positive_fraction=0.25)
+    ghm = apply_overrides(ExperimentConfig(), ["remedy.cls_loss.name=ghm_c", "remedy.cls_loss.bins=12"])
+    assert ghm.remedy.cls_loss == GHMCConfig(bins=12)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("engine.iterationz=3", "engine.iterationz: unknown key"),
+        ("enigne.iterations=3", "enigne: unknown key"),
+        ("engine.iterations=abc", "engine.iterations: expected an integer, got 'abc'"),
+        ("optim.lr.x=1", "optim.lr: is a value, not a section"),
+        ("remedy.cls_loss.gamma=2", "remedy.cls_loss: is none; choose it first with --set remedy.cls_loss.name="),
+        ("remedy.roi_sampler.name=ohem", "remedy.roi_sampler: not available with model.arch = 'retinanet'"),
+        ("engine=3", "engine: is a section"),
+        ("optim.lr=-1", "optim.lr: must be > 0"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    assert message in str(_error(apply_overrides, ExperimentConfig(), [override]))
+
+
+def test_load_config_file_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[engine]\niterations = 3\n")
+    assert load_config(path, overrides=["engine.batch_size=2"]).engine == EngineConfig(iterations=3, batch_size=2)
+    with pytest.raises(FileNotFoundError, match="missing.toml"):
+        load_config(tmp_path / "missing.toml")
+    assert load_config(None) == ExperimentConfig()
+
+
+def test_config_from_dict_accepts_dataclass_values() -> None:
+    cfg = config_from_dict({"model": {"arch": "faster_rcnn"}, "remedy": {"roi_sampler": FixedRatioConfig(num_samples=64)}})
+    assert cfg.remedy.roi_sampler == FixedRatioConfig(num_samples=64)
