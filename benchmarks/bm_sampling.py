@@ -116,25 +116,30 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def bench_fixed_ratio(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     images, anchors = (2, 1000) if args.smoke else (16, 100_000)
-    labels = random_anchor_labels(images, anchors, pos_fraction=0.01, ignore_fraction=0.1, seed=0).to(device)
-    rows = list(labels.unbind(0))
-    generator = torch.Generator(device=device).manual_seed(0)
-    torch.manual_seed(0)
     tv_sampler = BalancedPositiveNegativeSampler(256, 0.5)
-    ours = measure(lambda: sample_fixed_ratio_batched(labels, 256, 0.5, generator=generator),
-                   smoke=args.smoke, min_run_time=args.min_run_time)
-    ours_list = measure(lambda: sample_fixed_ratio_batched(rows, 256, 0.5, generator=generator),
-                        smoke=args.smoke, min_run_time=args.min_run_time)
-    tv = measure(lambda: tv_sampler(rows), smoke=args.smoke, min_run_time=args.min_run_time)
-    shape = f"{images}x{anchors} -> 256 @ 0.5"
-    return [
-        {"case": "fixed_ratio", "impl": "detbalance batched (padded tensor)", "shape": shape, **ours,
-         "vs_torchvision": _ratio(ours["median_us"], tv["median_us"])},
-        {"case": "fixed_ratio", "impl": "detbalance batched (list input)", "shape": shape, **ours_list,
-         "vs_torchvision": _ratio(ours_list["median_us"], tv["median_us"])},
-        {"case": "fixed_ratio", "impl": "torchvision BalancedPositiveNegativeSampler", "shape": shape, **tv,
-         "vs_torchvision": 1.0},
-    ]
+    results = []
+    # ~100 positives per image (typical RPN, under the cap of 128) and ~1000 (over the cap: our second topk).
+    for regime, pos_fraction in (("~0.1% positive", 0.001), ("~1% positive", 0.01)):
+        labels = random_anchor_labels(images, anchors, pos_fraction=pos_fraction, ignore_fraction=0.1, seed=0)
+        labels = labels.to(device)
+        rows = list(labels.unbind(0))
+        generator = torch.Generator(device=device).manual_seed(0)
+        torch.manual_seed(0)
+        ours = measure(lambda: sample_fixed_ratio_batched(labels, 256, 0.5, generator=generator),  # noqa: B023
+                       smoke=args.smoke, min_run_time=args.min_run_time)
+        ours_list = measure(lambda: sample_fixed_ratio_batched(rows, 256, 0.5, generator=generator),  # noqa: B023
+                            smoke=args.smoke, min_run_time=args.min_run_time)
+        tv = measure(lambda: tv_sampler(rows), smoke=args.smoke, min_run_time=args.min_run_time)  # noqa: B023
+        shape = f"{images}x{anchors} ({regime}) -> 256 @ 0.5"
+        results += [
+            {"case": "fixed_ratio", "impl": "detbalance batched (padded tensor)", "shape": shape, **ours,
+             "vs_torchvision": _ratio(ours["median_us"], tv["median_us"])},
+            {"case": "fixed_ratio", "impl": "detbalance batched (list input)", "shape": shape, **ours_list,
+             "vs_torchvision": _ratio(ours_list["median_us"], tv["median_us"])},
+            {"case": "fixed_ratio", "impl": "torchvision BalancedPositiveNegativeSampler", "shape": shape, **tv,
+             "vs_torchvision": 1.0},
+        ]
+    return results
 
 
 def bench_ohem(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -210,8 +215,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = bench_fixed_ratio(args, device) + bench_ohem(args, device) + bench_repeat_factors(args, device)
     targets = {}
     if not args.smoke:
-        ours = next(r for r in results if r["impl"].startswith("detbalance batched (padded"))
-        targets["fixed_ratio_batched_not_slower_than_torchvision"] = bool(ours["vs_torchvision"] <= 1.0)
+        for r in results:
+            if r["impl"].startswith("detbalance batched (padded"):
+                regime = r["shape"].split("(")[1].split(")")[0]
+                targets[f"fixed_ratio_batched_not_slower_than_torchvision [{regime}]"] = bool(r["vs_torchvision"] <= 1.0)
         ohem = next(r for r in results if r["case"] == "ohem" and r["shape"].startswith("2x2000 "))
         targets["ohem_2x2000_cheaper_than_head_forward"] = bool(ohem["vs_head_forward"] < 1.0)
     return {"suite": "sampling", "smoke": args.smoke, "metadata": run_metadata(device), "results": results,

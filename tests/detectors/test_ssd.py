@@ -11,7 +11,15 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from detbalance.detectors import BalancedSSD, BalanceRecorder, balance_ssd, build_detector
-from detbalance.losses import GHMCLoss, GHMRLoss, GIoULoss, L1Loss, SigmoidFocalLoss, SmoothL1Loss, SoftmaxFocalLoss
+from detbalance.losses import (
+    GHMCLoss,
+    GHMRLoss,
+    GIoULoss,
+    L1Loss,
+    SigmoidFocalLoss,
+    SmoothL1Loss,
+    SoftmaxFocalLoss,
+)
 
 K = 3
 SIZE = 64

@@ -55,7 +55,7 @@ def test_fit_writes_the_run_folder(tmp_path: Path) -> None:
     "extra",
     [
         ("engine.iterations=6", "engine.batch_size=8", "engine.accumulate=2", "engine.checkpoint_interval=3"),
-        ("model.arch=faster_rcnn", "engine.iterations=3", "engine.checkpoint_interval=1", "engine.batch_size=2"),
+        ("model.arch=faster_rcnn", "engine.iterations=4", "engine.checkpoint_interval=2", "engine.batch_size=2"),
     ],
     ids=["retinanet-accumulate-2-passes", "faster_rcnn-sampler-generators"],
 )

@@ -361,3 +361,13 @@ def test_histogram_is_all_reduced_before_the_ema(monkeypatch):
     mod.eval()
     mod(x, y)
     assert len(calls) == 1  # no collectives in eval mode
+
+
+def test_ghm_c_any_shape_matches_flat():
+    x, y = classification_inputs(24, 5, regime="mixed", seed=27)
+    valid = torch.rand(24) > 0.3
+    flat = ghm_c_loss(x, y, bins=7, valid=valid, reduction="none")
+    got = ghm_c_loss(x.reshape(4, 6, 5), y.reshape(4, 6, 5), bins=7, valid=valid.reshape(4, 6), reduction="none")
+    torch.testing.assert_close(got.reshape(24, 5), flat)
+    xt = x.t().contiguous().t()  # non-contiguous view
+    torch.testing.assert_close(ghm_c_loss(xt, y, bins=7), ghm_c_loss(x, y, bins=7))

@@ -86,6 +86,14 @@ def test_generator_determines_the_draw():
     assert not torch.equal(a.negative, c.negative)
 
 
+def test_rows_over_and_under_the_positive_cap_in_one_batch():
+    labels = torch.tensor([[1] * 10 + [0] * 20, [1] + [0] * 20 + [-1] * 9])
+    over, under = sample_fixed_ratio_batched(labels, 8, 0.25, generator=_gen())
+    assert (len(over.positive), len(over.negative)) == (2, 6)  # 10 positives > cap 2: second draw of negatives
+    assert (len(under.positive), len(under.negative)) == (1, 7)
+    assert bool((labels[0, over.negative] == 0).all()) and bool((labels[1, under.negative] == 0).all())
+
+
 def test_padded_batch_equals_list():
     rows = [torch.tensor([1, 0, 0, -1, 2]), torch.tensor([0, 0, 1])]
     padded = torch.tensor([[1, 0, 0, -1, 2], [0, 0, 1, -1, -1]])

@@ -177,7 +177,7 @@ def plot_assignment(stats: AssignmentStats) -> Figure:
     ax.set_title(f"Anchors per image by level ({ratio})", pad=16)
     ax.set_xlabel("FPN level")
     ax.set_ylabel("anchors per image (log scale)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=3)
     ax.grid(axis="y", alpha=0.3)
 
     ax = axes[0, 1]
@@ -208,12 +208,13 @@ def plot_gradient_density(stats: GradientStats) -> Figure:
     centers = [(i + 0.5) / m for i in range(m)]
     edges = [i / m for i in range(m + 1)]
     ax = axes[0, 0]
-    for vals, name, color in (
-        (stats.density_negative, "negatives", "#7f7f7f"),
-        (stats.density_positive, "positives", "#2ca02c"),
-        (stats.density, "all", "#1f77b4"),
+    for vals, name, color, lw, ls in (
+        (stats.density, "all", "#9ecae1", 4.0, "-"),
+        (stats.density_negative, "negatives", "#555555", 1.4, "--"),
+        (stats.density_positive, "positives", "#2ca02c", 1.4, "-"),
     ):
-        ax.stairs([v if v > 0 else float("nan") for v in vals], edges, label=name, color=color, lw=1.6, baseline=None)
+        ax.stairs([v if v > 0 else float("nan") for v in vals], edges, label=name, color=color, lw=lw, ls=ls,
+                  baseline=None)
     ax.set_yscale("log")
     ax.set_title(f"Gradient-norm density ({stats.num_examples:,} examples)")
     ax.set_xlabel("gradient norm g = |sigmoid(x) - y|")
@@ -348,19 +349,23 @@ def _numeric_items(rec: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def plot_loss_curves(metrics: Sequence[dict[str, Any]]) -> Figure:
-    """Loss curves (every numeric key containing ``loss``) against the training step; log y when they span
-    more than 1.5 decades. Evaluation metrics (keys with ``AP``), when present, go in a second panel."""
+    """Loss curves against the training step; log y when they span more than 1.5 decades.
+
+    Every numeric value whose key path contains ``loss`` is a curve (``loss``, ``losses/classification``
+    in :func:`detbalance.engine.fit`'s ``metrics.jsonl``); values named ``AP*`` (``metrics/AP``,
+    ``metrics/AP50``, ...; not ``per_class``) go in a second panel when present."""
     series: dict[str, list[tuple[float, float]]] = {}
     evals: dict[str, list[tuple[float, float]]] = {}
     for i, rec in enumerate(metrics):
         step = _step(rec, i)
         for k, v in _numeric_items(rec).items():
+            if not math.isfinite(v) or "per_class" in k:
+                continue
             name = k.rsplit("/", 1)[-1]
-            if "loss" in name.lower() and math.isfinite(v):
+            if "loss" in k.lower():
                 series.setdefault(k, []).append((step, v))
-            elif "ap" in name.lower() and math.isfinite(v) and name.lower() not in ("step",):
-                if name.startswith("AP") or name.endswith("AP") or "/AP" in k:
-                    evals.setdefault(k, []).append((step, v))
+            elif name.startswith("AP"):
+                evals.setdefault(k, []).append((step, v))
     if not series:
         raise ValueError("metrics have no numeric key containing 'loss'")
     fig, axes = _figure(1, 2 if evals else 1, size=(12.0 if evals else 7.0, 4.4))
@@ -497,7 +502,7 @@ def plot_ohem_losses(
     return fig
 
 
-_RECORD_FILES = ("balance.jsonl", "recorder.jsonl", "balance_records.jsonl", "records.jsonl")
+_RECORD_FILES = ("recorder.jsonl", "balance.jsonl")
 
 
 def _find_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[float] | None]:
@@ -510,7 +515,7 @@ def _find_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[float] | No
                 edges = recs[0]["loss_bin_edges"]
                 recs = recs[1:]
             return recs, edges
-    for fname in ("balance.json", "recorder.json"):
+    for fname in ("recorder.json", "balance.json"):
         path = run_dir / fname
         if path.is_file():
             data = json.loads(path.read_text())
@@ -523,10 +528,11 @@ def _find_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[float] | No
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Draw every figure a run folder has data for into ``run_dir/plots/`` and return the PNG paths.
 
-    Reads ``metrics.jsonl`` (loss curves, evaluation) and the recorder's records (``balance.jsonl``: one
-    record per line, optionally preceded by a ``{"loss_bin_edges": [...]}`` line; or ``balance.json``:
-    ``{"loss_bin_edges": [...], "records": [...]}``) for sampled counts, the GHM histogram and the
-    selected-loss distribution.
+    Reads ``metrics.jsonl`` (loss curves, evaluation) and the recorder's records (``recorder.jsonl``, as
+    :func:`detbalance.engine.fit` writes it: one record per line, optionally preceded by a
+    ``{"loss_bin_edges": [...]}`` line; or ``recorder.json``: ``{"loss_bin_edges": [...], "records": [...]}``)
+    for sampled counts, the GHM histogram and the selected-loss distribution. Without saved edges the
+    recorder's default edges are assumed.
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist.

@@ -132,8 +132,8 @@ def readings(
             out.append(
                 f"{assignment.num_unmatched_gt} of {assignment.num_gt} ground-truth boxes "
                 f"({_pct(assignment.num_unmatched_gt / assignment.num_gt)}) get no positive anchor; "
-                f"{assignment.num_low_quality_gt} ({_pct(assignment.num_low_quality_gt / assignment.num_gt)}) reach "
-                f"IoU {assignment.high:g} with no anchor."
+                f"{assignment.num_low_quality_gt} ({_pct(assignment.num_low_quality_gt / assignment.num_gt)}) have "
+                f"no anchor with IoU >= {assignment.high:g} and rely on the low-quality matching rule."
             )
     if gradient is not None:
         ce, fl, ghm = (gradient.gradient_share[k]["easy_negative"] for k in ("ce", "focal", "ghm_c"))

@@ -7,14 +7,18 @@ stride of every level, e.g. ``(4, 8, 16)``) so anchors can be sized per level.
 
 Presets (``build_backbone(name)``):
 
-============== ============================================ ========= ============== ===========
-name            trunk                                        strides   FPN channels   params
-============== ============================================ ========= ============== ===========
-``"tiny"``      stem + 3 residual stages, 16/32/64 ch, BN    4, 8, 16  32             ~0.09 M
-``"small"``     stem + 3 residual stages, 24/48/96 ch, BN    4, 8, 16  64             ~0.3 M
-``"resnet18_fpn"`` torchvision ResNet-18, layers 1-3, BN      4, 8, 16, 32 128          ~3.6 M
-``"mobilenet_v3_fpn"`` torchvision MobileNetV3-Large, BN    4, 8, 16, 32 128          ~3.3 M
-============== ============================================ ========= ============== ===========
+====================== ========================================= ============ ======= ======
+name                   trunk                                     strides      FPN ch. params
+====================== ========================================= ============ ======= ======
+``"tiny"``             stem + 3 residual stages, 16/32/64 ch, BN 4, 8, 16     32      0.11 M
+``"small"``            stem + 3 residual stages, 24/48/96 ch, BN 4, 8, 16     64      0.30 M
+``"resnet18_fpn"``     torchvision ResNet-18 up to layer3, BN    4, 8, 16, 32 128     3.3 M
+``"mobilenet_v3_fpn"`` torchvision MobileNetV3-Large to C4, BN   4, 8, 16, 32 128     0.55 M
+====================== ========================================= ============ ======= ======
+
+The torchvision trunks end where their last returned stage ends (``returned_layers=[1, 2, 3]``), and
+their 32-stride level is torchvision's ``LastLevelMaxPool`` (``"pool"``; Faster R-CNN uses it in the RPN
+only, as torchvision does).
 
 The two small trunks are the ones meant for CPU (the built-in benchmark has 7-18 px objects in 128 px
 images, so the finest level has stride 4). They use ``BatchNorm2d`` by default, which is well

@@ -147,7 +147,7 @@ def train_one_epoch(
                 loss_dict = model(images, targets)
             loss = sum(loss_dict.values())
             if not bool(all_true(torch.isfinite(loss.detach()))):
-                raise NonFiniteLossError(step + 1, {k: float(v) for k, v in loss_dict.items()})
+                raise NonFiniteLossError(step + 1, {k: float(v.detach()) for k, v in loss_dict.items()})
             if scaler is not None:
                 scaler.scale(loss / accumulate).backward()
             else:

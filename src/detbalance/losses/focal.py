@@ -57,23 +57,24 @@ def _focal_block(
     alpha: float | None,
     gamma: float,
     grad_scale: float | None,
+    loss_out: Tensor | None,
     grad_out: Tensor | None,
-) -> Tensor:
-    """Loss (and, into ``grad_out``, its gradient times ``grad_scale``) of one block, all in x's dtype.
+) -> Tensor | None:
+    """One block: writes the loss into ``loss_out`` (or returns its sum) and the gradient into ``grad_out``.
 
-    d FL / dx = alpha_t [ (1 - p_t)^gamma (p - y) + gamma (1 - p_t)^(gamma - 1) p (1 - p)(1 - 2y) CE ],
-    since 1 - p_t = p + y - 2py and d(1 - p_t)/dx = p (1 - p)(1 - 2y), dCE/dx = p - y.
+    With ``u = 1 - p_t = p + y (1 - 2p)``, ``du/dx = p (1 - p)(1 - 2y)`` and ``dCE/dx = p - y``:
+
+        d FL / dx = alpha_t [ u^gamma (p - y) + gamma u^(gamma - 1) p (1 - p)(1 - 2y) CE ].
+
+    The cross-entropy is ``softplus(x) - x y``: accurate to rounding for the (dominant) negatives, and within
+    one ulp of ``x`` (absolute) for positives with large logits, where ``(1 - p_t)^gamma`` is ~0 anyway.
     """
     p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    # softplus switches to the identity where log1p(exp(-x)) is below half an ulp of x in this dtype
+    ce = F.softplus(x, threshold=20.0 if x.dtype == torch.float32 else 40.0).addcmul_(x, y, value=-1.0)
     if gamma != 0:
-        u = torch.addcmul(p, y, torch.rsub(p, 1.0, alpha=2.0))  # 1 - p_t = p + y (1 - 2p)
-        if gamma == 1:
-            mod = u
-        elif gamma == 2:
-            mod = u * u
-        else:
-            mod = u.pow(gamma)
+        u = torch.addcmul(p, y, torch.rsub(p, 1.0, alpha=2.0))  # 1 - p_t
+        mod = u * u if gamma == 2 else (u if gamma == 1 else u.pow(gamma))
         loss = ce * mod
     else:
         u = mod = None
@@ -85,28 +86,38 @@ def _focal_block(
         if w is not None:
             at.mul_(w)
     elif w is not None:
-        at = w
-    if at is not None:
-        loss.mul_(at)
+        at = w.expand_as(x)
+    total = None
+    if loss_out is not None:
+        if at is not None:
+            torch.mul(loss, at, out=loss_out)
+        else:
+            loss_out.copy_(loss)
+    elif at is not None:
+        total = torch.dot(loss.reshape(-1), at.reshape(-1).to(loss.dtype))
+    else:
+        total = loss.sum()
     if grad_out is None:
-        return loss
+        return total
     grad = torch.sub(p, y)
     if mod is not None:
         grad.mul_(mod)
-        dudx = torch.addcmul(p, p, p, value=-1.0)  # p (1 - p)
-        dudx.mul_(torch.rsub(y, 1.0, alpha=2.0)).mul_(ce)
-        if gamma == 2:
-            dudx.mul_(u)
-        elif gamma != 1:
+        q = torch.addcmul(p, p, p, value=-1.0)  # p (1 - p)
+        q.mul_(torch.rsub(y, 1.0, alpha=2.0)).mul_(ce)  # du/dx * CE
+        if gamma == 1:
+            grad.add_(q)
+        elif gamma == 2:
+            grad.addcmul_(q, u, value=2.0)
+        else:
             # u == 0 only where p (1 - p) == 0, so clamping keeps 0 * u^(gamma - 1) finite (= 0) for gamma < 1.
-            dudx.mul_(u.clamp(min=torch.finfo(u.dtype).tiny).pow(gamma - 1.0))
-        grad.add_(dudx, alpha=gamma)
-    if at is not None:
-        grad.mul_(at)
+            grad.addcmul_(q, u.clamp(min=torch.finfo(u.dtype).tiny).pow_(gamma - 1.0), value=gamma)
     if grad_scale is not None:
         grad.mul_(grad_scale)
-    grad_out.copy_(grad)
-    return loss
+    if at is not None and grad_out.dtype == grad.dtype:
+        torch.mul(grad, at, out=grad_out)
+    else:
+        grad_out.copy_(grad if at is None else grad.mul_(at))
+    return total
 
 
 class _SigmoidFocalFunction(torch.autograd.Function):
@@ -141,11 +152,18 @@ class _SigmoidFocalFunction(torch.autograd.Function):
                 x = x2[r0:r1].to(dtype)
                 y = y2[r0:r1].to(dtype)
                 w = None if w2 is None else w2[r0:r1].to(dtype)
-                loss = _focal_block(x, y, w, alpha, gamma, grad_scale, None if grad is None else grad[r0:r1])
-                if out is not None:
-                    out[r0:r1] = loss
-                else:
-                    total.add_(loss.sum())
+                partial = _focal_block(
+                    x,
+                    y,
+                    w,
+                    alpha,
+                    gamma,
+                    grad_scale,
+                    None if out is None else out[r0:r1],
+                    None if grad is None else grad[r0:r1],
+                )
+                if partial is not None:
+                    total.add_(partial)
         ctx.grad = grad
         ctx.grad_shape = logits.shape
         if out is not None:

@@ -70,12 +70,23 @@ def _check_density(density: Tensor | None, bins: int) -> None:
         raise ValueError(f"density must be a Tensor[{bins}] (bins={bins}), got {shape}")
 
 
-def _bin_index(g: Tensor, bins: int, valid: Tensor | None) -> Tensor:
-    """int32 region index ``min(floor(g M), M - 1)`` of ``g`` in ``[0, 1]``; ``M`` (a spare bin) where invalid."""
-    idx = (g * bins).floor_().clamp_(0, bins - 1).to(torch.int32)
-    if valid is not None:
-        idx.masked_fill_(~valid, bins)
-    return idx
+def _bin_index_(g: Tensor, bins: int, out: Tensor, invalid: Tensor | None) -> None:
+    """Write the region index ``trunc(g M)`` (``g`` in ``[0, 1]``, so ``M`` only for ``g == 1``) into int32 ``out``.
+
+    Index ``M`` is folded into region ``M - 1`` by :func:`_fold_counts` and :func:`_weight_table` (the last
+    region is closed, as in mmdetection); invalid elements get the spare index ``M + 1``. ``g`` is clobbered.
+    """
+    out.copy_(g.clamp_(0.0, 1.0).mul_(bins))  # float -> int32 copy truncates, i.e. floors non-negative values
+    if invalid is not None:
+        out.masked_fill_(invalid, bins + 1)
+
+
+def _fold_counts(idx: Tensor, bins: int) -> Tensor:
+    """int64 ``Tensor[M]`` counts from indices in ``0..M+1`` (``M`` joins region ``M - 1``, ``M + 1`` dropped)."""
+    counts = torch.bincount(idx.reshape(-1), minlength=bins + 2)
+    hist = counts[:bins].clone()
+    hist[bins - 1] += counts[bins]
+    return hist
 
 
 def gradient_density(g: Tensor, *, bins: int, valid: Tensor | None = None) -> Tensor:
@@ -99,8 +110,10 @@ def gradient_density(g: Tensor, *, bins: int, valid: Tensor | None = None) -> Te
         if valid.shape != g.shape:
             raise ValueError(f"valid must have the shape of g {tuple(g.shape)}, got {tuple(valid.shape)}")
         valid = valid.bool()
-    idx = _bin_index(g.detach().float().reshape(-1), bins, None if valid is None else valid.reshape(-1))
-    return torch.bincount(idx, minlength=bins + 1)[:bins].float()
+    g = g.detach().reshape(-1).to(torch.float32, copy=True)
+    idx = torch.empty(g.shape, dtype=torch.int32, device=g.device)
+    _bin_index_(g, bins, idx, None if valid is None else ~valid.reshape(-1))
+    return _fold_counts(idx, bins).float()
 
 
 def _weight_table(
@@ -121,13 +134,14 @@ def _weight_table(
         gd = dens * (batch_hist > 0).sum().to(torch.float64)
     inv_gd = torch.where(gd > 0, 1.0 / gd.clamp(min=1e-300), torch.zeros_like(gd))
     table = inv_gd if reduction == "mean" else inv_gd * n_valid
-    return torch.cat([table, table.new_zeros(1)]), n_valid
+    # index M (g == 1) shares region M - 1's weight; index M + 1 (invalid) weighs 0
+    return torch.cat([table, table[-1:], table.new_zeros(1)]), n_valid
 
 
 def _ghm_c_histogram(
     logits: Tensor, targets: Tensor, valid: Tensor | None, bins: int, need_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Sweep 1: bin index per element, batch histogram, and ``sigmoid(x) - y`` (kept for the gradient)."""
+    """Sweep 1 (blocked): region index per element, batch histogram, and ``sigmoid(x) - y`` for the gradient."""
     dtype = compute_dtype(logits)
     cols = logits.shape[-1] if logits.dim() > 0 else 1
     x2, y2 = logits.detach().reshape(-1, cols), targets.detach().reshape(-1, cols)
@@ -138,13 +152,11 @@ def _ghm_c_histogram(
     step = max(1, (_CUDA_BLOCK if logits.device.type == "cuda" else _CPU_BLOCK) // max(1, cols))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        d = torch.sigmoid(x2[r0:r1].to(dtype)).sub_(y2[r0:r1].to(dtype))
-        if diff is not None:
-            diff[r0:r1] = d
-        v = None if v2 is None else v2[r0:r1].expand(r1 - r0, cols)
-        idx[r0:r1] = _bin_index(d.abs_(), bins, v)
-    hist = torch.bincount(idx.reshape(-1), minlength=bins + 1)[:bins]
-    return idx, hist, diff
+        d = torch.sigmoid(x2[r0:r1].to(dtype), out=None if diff is None else diff[r0:r1])
+        d.sub_(y2[r0:r1].to(dtype))
+        g = torch.abs(d) if diff is not None else d.abs_()
+        _bin_index_(g, bins, idx[r0:r1], None if v2 is None else ~v2[r0:r1])
+    return idx, _fold_counts(idx, bins), diff
 
 
 class _GHMCFunction(torch.autograd.Function):
@@ -163,7 +175,7 @@ class _GHMCFunction(torch.autograd.Function):
     ) -> Tensor:
         dtype = compute_dtype(logits)
         cols = logits.shape[-1] if logits.dim() > 0 else 1
-        x2, y2 = logits.reshape(-1, cols), targets.reshape(-1, cols)
+        x2, y2, idx2 = logits.reshape(-1, cols), targets.reshape(-1, cols), idx.reshape(-1, cols)
         w2 = None if weight is None else weight.reshape(-1, weight.shape[-1] if weight.dim() else 1)
         rows = x2.shape[0]
         table = table.to(dtype)
@@ -174,15 +186,15 @@ class _GHMCFunction(torch.autograd.Function):
         with torch.autocast(logits.device.type, enabled=False):
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                w = table[idx[r0:r1]]
+                w = torch.index_select(table, 0, idx2[r0:r1].reshape(-1)).view(r1 - r0, cols)
                 if w2 is not None:
                     w.mul_(w2[r0:r1].to(dtype))
-                loss = F.binary_cross_entropy_with_logits(x2[r0:r1].to(dtype), y2[r0:r1].to(dtype), reduction="none")
-                loss.mul_(w)
+                x, y = x2[r0:r1].to(dtype), y2[r0:r1].to(dtype)
+                ce = F.softplus(x, threshold=20.0 if dtype == torch.float32 else 40.0).addcmul_(x, y, value=-1.0)
                 if out is not None:
-                    out[r0:r1] = loss
+                    torch.mul(ce, w, out=out[r0:r1])
                 else:
-                    total.add_(loss.sum())
+                    total.add_(torch.dot(ce.reshape(-1), w.reshape(-1)))
                 if grad is not None:
                     grad[r0:r1].mul_(w)
         ctx.grad, ctx.shape, ctx.in_dtype = grad, logits.shape, logits.dtype
@@ -313,9 +325,9 @@ def ghm_r_loss(
         v = None if valid is None else valid.bool().expand(pred.shape)
         with torch.no_grad():
             g = d.abs() / torch.sqrt(d * d + mu * mu)
-            idx = _bin_index(g, bins, v)
-            hist = torch.bincount(idx.reshape(-1), minlength=bins + 1)[:bins]
-            table, _ = _weight_table(hist, density, bins, normalization, reduction)
+            idx = torch.empty(g.shape, dtype=torch.int32, device=g.device)
+            _bin_index_(g, bins, idx, None if v is None else ~v)
+            table, _ = _weight_table(_fold_counts(idx, bins), density, bins, normalization, reduction)
             w = table.to(dtype)[idx]
         loss = _asl1(d, mu) * w
     return loss if reduction == "none" else loss.sum()

@@ -5,9 +5,10 @@ replacement, and background examples fill the rest of the ``num_samples`` budget
 ``BalancedPositiveNegativeSampler`` and detectron2's ``subsample_labels``). Faster R-CNN's defaults: RPN 256
 anchors per image at 0.5, RoI head 512 RoIs per image at 0.25.
 
-The batched form draws one uniform key per example and keeps, in each row, the examples with the smallest
-keys (``topk``) among the positives and among the negatives: no Python loop over images, and the same
-distribution as a per-image ``randperm``.
+The batched form draws one uniform key per example, offset by label so that a row sorts as (positives,
+negatives, ignored), each group in random order, and keeps the ``num_samples`` smallest keys per row with one
+``topk`` (a second ``topk`` over the negatives for rows with more positives than the cap): no Python loop over
+images, and the same distribution as a per-image ``randperm``.
 """
 
 from __future__ import annotations
