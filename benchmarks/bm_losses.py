@@ -126,10 +126,20 @@ def target_checks(rows: list[dict]) -> list[str]:
         speedup = get(n, "ghm_c_loop_reference_M30")["median_us"] / ghm30["median_us"]
         checks = [
             (f"focal time <= {FOCAL_TIME_X_BCE}x BCE", focal["time_x_bce"], FOCAL_TIME_X_BCE, "le"),
-            (f"focal peak <= {FOCAL_PEAK_X_LOGITS}x logits", focal["peak_x_logits"], FOCAL_PEAK_X_LOGITS, "le"),
+            (
+                f"focal peak <= {FOCAL_PEAK_X_LOGITS}x logits",
+                focal["peak_x_logits"],
+                FOCAL_PEAK_X_LOGITS,
+                "le",
+            ),
             (f"GHM-C M=30 time <= {GHM_TIME_X_BCE}x BCE", ghm30["time_x_bce"], GHM_TIME_X_BCE, "le"),
             ("GHM-C time growth M=10 -> 100 < 15%", growth, GHM_GROWTH_10_TO_100, "lt"),
-            (f"GHM-C >= {GHM_SPEEDUP_VS_LOOP}x faster than the per-bin loop (M=30)", speedup, GHM_SPEEDUP_VS_LOOP, "ge"),
+            (
+                f"GHM-C >= {GHM_SPEEDUP_VS_LOOP}x faster than the per-bin loop (M=30)",
+                speedup,
+                GHM_SPEEDUP_VS_LOOP,
+                "ge",
+            ),
         ]
         for label, value, bound, kind in checks:
             ok = {"le": value <= bound, "lt": value < bound, "ge": value >= bound}[kind]
@@ -154,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.out is not None or not args.smoke:
         dev = torch.device(args.device).type
-        path = args.out or REPO_ROOT / "benchmarks" / "results" / detbalance.__version__ / f"losses--{dev}.json"
+        path = (
+            args.out or REPO_ROOT / "benchmarks" / "results" / detbalance.__version__ / f"losses--{dev}.json"
+        )
         meta = run_metadata(args.device, num_threads=args.threads)
         save_json(path, {"suite": "losses", "metadata": meta, "smoke": args.smoke, "results": rows})
         print(f"wrote {path}")

@@ -13,22 +13,33 @@ from detbalance.detectors import BalanceRecorder
 
 
 def _t(boxes, labels):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
-            "image_id": 0}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels),
+        "image_id": 0,
+    }
 
 
 @pytest.fixture(scope="module")
 def dstats():
-    targets = [_t([[0, 0, 10, 10], [0, 0, 40, 40]], [1, 1]), _t([[0, 0, 100, 100]], [2]), _t([], []),
-               _t([[0, 0, 20, 20]] * 30, [1] * 30)]
+    targets = [
+        _t([[0, 0, 10, 10], [0, 0, 40, 40]], [1, 1]),
+        _t([[0, 0, 100, 100]], [2]),
+        _t([], []),
+        _t([[0, 0, 20, 20]] * 30, [1] * 30),
+    ]
     return dataset_stats(targets, num_classes=3, class_names=["car", "bus", "tram"], repeat_threshold=0.3)
 
 
 @pytest.fixture(scope="module")
 def astats():
-    anchors = torch.tensor([[0, 0, 10, 10], [10, 0, 20, 10], [0, 0, 20, 20], [20, 0, 40, 20]], dtype=torch.float32)
+    anchors = torch.tensor(
+        [[0, 0, 10, 10], [10, 0, 20, 10], [0, 0, 20, 20], [20, 0, 40, 20]], dtype=torch.float32
+    )
     targets = [_t([[0, 0, 10, 10], [0, 0, 2, 2]], [1, 2]), _t([[20, 0, 40, 16]], [3])]
-    return assignment_stats(anchors, torch.tensor([0, 0, 1, 1]), targets, high=0.5, low=0.4, level_names=["P3", "P4"])
+    return assignment_stats(
+        anchors, torch.tensor([0, 0, 1, 1]), targets, high=0.5, low=0.4, level_names=["P3", "P4"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +84,13 @@ def test_assignment(astats, tmp_path):
     left, right = fig.axes
     assert left.get_yscale() == "log" and left.get_xlabel() == "FPN level"
     assert [t.get_text() for t in left.get_xticklabels()] == ["P3", "P4"]
-    assert "1 positive per 3 negatives" in left.get_title()  # 6 negatives, 2 positives
+    assert "all levels 1:3" in left.get_title()  # 6 negatives, 2 positives
     annotations = [t.get_text() for t in left.texts]
     assert annotations == ["1:3", "1:3"]
-    assert "1 of 3 have no positive anchor" in right.get_title() and right.get_xlabel() == "max IoU with any anchor"
+    assert (
+        "1 of 3 have no positive anchor" in right.get_title()
+        and right.get_xlabel() == "max IoU with any anchor"
+    )
     _check_png(fig, tmp_path / "c.png")
 
 
@@ -93,8 +107,13 @@ def test_gradient_density(gstats, tmp_path):
 def test_loss_cdfs(gstats, tmp_path):
     fig = plots.plot_loss_cdfs(gstats)
     pos, neg = fig.axes
-    assert pos.get_title().startswith("Loss CDF of positive") and neg.get_title().startswith("Loss CDF of negative")
-    assert neg.get_ylabel() == "cumulative normalised loss" and (neg.get_xlim(), neg.get_ylim()) == ((0, 1), (0, 1))
+    assert pos.get_title().startswith("Loss CDF of positive") and neg.get_title().startswith(
+        "Loss CDF of negative"
+    )
+    assert neg.get_ylabel() == "cumulative normalised loss" and (neg.get_xlim(), neg.get_ylim()) == (
+        (0, 1),
+        (0, 1),
+    )
     assert [t.get_text() for t in neg.get_legend().get_texts()][:4] == ["γ = 0", "γ = 0.5", "γ = 1", "γ = 2"]
     _check_png(fig, tmp_path / "e.png")
 
@@ -117,7 +136,10 @@ def test_class_ap(dstats, tmp_path):
     (ax,) = fig.axes
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "AP@[.5:.95]"
     offsets = ax.collections[0].get_offsets()
-    assert offsets.tolist() == [[32.0, 0.5], [1.0, 0.25]]  # the class without AP (and without boxes) is left out
+    assert offsets.tolist() == [
+        [32.0, 0.5],
+        [1.0, 0.25],
+    ]  # the class without AP (and without boxes) is left out
     with pytest.raises(ValueError, match="class_ap has 2 values"):
         plots.plot_class_ap(dstats, [0.5, 0.25])
     _check_png(fig, tmp_path / "g.png")
@@ -138,9 +160,25 @@ def _records():
 
 def _metrics():
     return [
-        {"type": "train", "step": 5, "lr": 0.01, "loss": 2.0, "losses": {"classification": 1.5, "bbox_regression": 0.5}},
-        {"type": "train", "step": 10, "lr": 0.01, "loss": 0.05, "losses": {"classification": 0.04, "bbox_regression": 0.01}},
-        {"type": "eval", "step": 10, "metrics": {"AP": 0.1, "AP50": 0.3, "APl": None, "per_class": {"0": 0.2}}},
+        {
+            "type": "train",
+            "step": 5,
+            "lr": 0.01,
+            "loss": 2.0,
+            "losses": {"classification": 1.5, "bbox_regression": 0.5},
+        },
+        {
+            "type": "train",
+            "step": 10,
+            "lr": 0.01,
+            "loss": 0.05,
+            "losses": {"classification": 0.04, "bbox_regression": 0.01},
+        },
+        {
+            "type": "eval",
+            "step": 10,
+            "metrics": {"AP": 0.1, "AP50": 0.3, "APl": None, "per_class": {"0": 0.2}},
+        },
     ]
 
 
@@ -148,7 +186,11 @@ def test_loss_curves(tmp_path):
     fig = plots.plot_loss_curves(_metrics())
     losses, evals = fig.axes
     assert losses.get_yscale() == "log"  # 2.0 .. 0.01 spans more than 1.5 decades
-    assert sorted(line.get_label() for line in losses.lines) == ["loss", "losses/bbox_regression", "losses/classification"]
+    assert sorted(line.get_label() for line in losses.lines) == [
+        "loss",
+        "losses/bbox_regression",
+        "losses/classification",
+    ]
     assert losses.get_xlabel() == "training step"
     assert sorted(line.get_label() for line in evals.lines) == ["metrics/AP", "metrics/AP50"]
     with pytest.raises(ValueError, match="loss"):
@@ -195,7 +237,11 @@ def test_plot_run_draws_what_the_folder_has(tmp_path):
         rec.record_losses("retinanet/cls", torch.rand(100))
     (tmp_path / "recorder.jsonl").write_text("\n".join(json.dumps(r) for r in rec.to_records()) + "\n")
     paths = plots.plot_run(tmp_path)
-    assert [p.name for p in paths] == ["loss_curves.png", "sampled_counts.png", "selected_losses_retinanet_cls.png"]
+    assert [p.name for p in paths] == [
+        "loss_curves.png",
+        "sampled_counts.png",
+        "selected_losses_retinanet_cls.png",
+    ]
     assert all(p.parent == tmp_path / "plots" and p.stat().st_size > 2000 for p in paths)
 
 

@@ -19,8 +19,14 @@ from detbalance.builders import build_model
 from detbalance.config import dump_toml, load_config
 from detbalance.engine.checkpoint import save_checkpoint
 
-FIGURES = ["class_frequency.png", "box_sizes.png", "assignment.png", "gradient_density.png",
-           "quadrant_shares.png", "loss_cdfs.png"]
+FIGURES = [
+    "class_frequency.png",
+    "box_sizes.png",
+    "assignment.png",
+    "gradient_density.png",
+    "quadrant_shares.png",
+    "loss_cdfs.png",
+]
 
 
 def _checkpoint(path, arch="retinanet", *, state_arch=None):
@@ -28,16 +34,31 @@ def _checkpoint(path, arch="retinanet", *, state_arch=None):
     torch.manual_seed(0)
     state_cfg = cfg if state_arch is None else load_config(None, overrides=[f"model.arch={state_arch}"])
     model = build_model(state_cfg, num_classes=5, image_size=64)
-    save_checkpoint(path, {"config": dump_toml(cfg), "model": model.state_dict(), "image_size": 64,
-                           "num_classes": 5, "step": 0})
+    save_checkpoint(
+        path,
+        {
+            "config": dump_toml(cfg),
+            "model": model.state_dict(),
+            "image_size": 64,
+            "num_classes": 5,
+            "step": 0,
+        },
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def no_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
-    md = run_profile(data="builtin:tiny", config=None, checkpoint=None, output=out, num_images=8,
-                     assignment_images=16, progress=False)
+    md = run_profile(
+        data="builtin:tiny",
+        config=None,
+        checkpoint=None,
+        output=out,
+        num_images=8,
+        assignment_images=16,
+        progress=False,
+    )
     return md, json.loads((out / "profile.json").read_text())
 
 
@@ -77,8 +98,15 @@ def test_profile_recommendations_are_rules_with_numbers(no_checkpoint):
 
 def test_profile_with_a_tiny_checkpoint(tmp_path):
     ckpt = _checkpoint(tmp_path / "checkpoint.pt")
-    md = run_profile(data="builtin:tiny", config=None, checkpoint=ckpt, output=tmp_path / "out", num_images=4,
-                     assignment_images=8, progress=False)
+    md = run_profile(
+        data="builtin:tiny",
+        config=None,
+        checkpoint=ckpt,
+        output=tmp_path / "out",
+        num_images=4,
+        assignment_images=8,
+        progress=False,
+    )
     result = json.loads((md.parent / "profile.json").read_text())
     assert result["checkpoint"] == str(ckpt)
     assert len(result["class_ap"]) == 5
@@ -88,8 +116,13 @@ def test_profile_with_a_tiny_checkpoint(tmp_path):
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint .*missing.pt.* not found"):
-        run_profile(data="builtin:tiny", config=None, checkpoint=tmp_path / "missing.pt", output=tmp_path,
-                    progress=False)
+        run_profile(
+            data="builtin:tiny",
+            config=None,
+            checkpoint=tmp_path / "missing.pt",
+            output=tmp_path,
+            progress=False,
+        )
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
@@ -101,8 +134,15 @@ def test_checkpoint_of_another_architecture(tmp_path):
     # a state dict that does not fit the architecture its config names
     bad = _checkpoint(tmp_path / "bad.pt", arch="retinanet", state_arch="ssd")
     with pytest.raises(ValueError, match="does not fit a retinanet model"):
-        run_profile(data="builtin:tiny", config=None, checkpoint=bad, output=tmp_path / "o", num_images=2,
-                    assignment_images=2, progress=False)
+        run_profile(
+            data="builtin:tiny",
+            config=None,
+            checkpoint=bad,
+            output=tmp_path / "o",
+            num_images=2,
+            assignment_images=2,
+            progress=False,
+        )
 
 
 def test_empty_dataset(tmp_path):
@@ -112,27 +152,34 @@ def test_empty_dataset(tmp_path):
         run_profile(data=str(ann), config=None, checkpoint=None, output=tmp_path / "o", progress=False)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"num_images": 0}, "num_images"),
-                                               ({"assignment_images": 0}, "assignment_images")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"num_images": 0}, "num_images"), ({"assignment_images": 0}, "assignment_images")]
+)
 def test_bad_counts(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        run_profile(data="builtin:tiny", config=None, checkpoint=None, output=tmp_path, progress=False, **kwargs)
+        run_profile(
+            data="builtin:tiny", config=None, checkpoint=None, output=tmp_path, progress=False, **kwargs
+        )
 
 
 # ------------------------------------------------------------------------------------- readings and rules
 
 
 def _t(boxes, labels):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
-            "image_id": 0}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels),
+        "image_id": 0,
+    }
 
 
 def test_rules_fire_on_their_thresholds():
     # long tail: class 2 in 1 of 2000 images (f = 0.0005 < t = 0.001) -> repeat factor sqrt(2)
     targets = [_t([[0, 0, 8, 8]], [1])] * 1999 + [_t([[0, 0, 8, 8]], [2])]
     data = dataset_stats(targets, num_classes=2, class_names=["common", "rare"])
-    anchors = torch.tensor([[0, 0, 8, 8]] + [[100 + 10 * i, 0, 108 + 10 * i, 8] for i in range(200)],
-                           dtype=torch.float32)
+    anchors = torch.tensor(
+        [[0, 0, 8, 8]] + [[100 + 10 * i, 0, 108 + 10 * i, 8] for i in range(200)], dtype=torch.float32
+    )
     assign = assignment_stats(anchors, torch.zeros(201, dtype=torch.long), targets[:10], high=0.5, low=0.4)
     assert assign.negatives_per_positive == 200
     recs = recommendations(data, assign, None, arch="retinanet", trained=False)

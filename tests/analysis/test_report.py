@@ -12,10 +12,20 @@ from detbalance.analysis.report import summarize_method, write_report
 def _run(seed: int, ap: float, rare: float = 0.1) -> dict:
     return {
         "seed": seed,
-        "metrics": {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.05, "APs": ap - 0.1, "rare_AP": rare,
-                    "per_class": {"0": ap + 0.1, "4": rare}},
+        "metrics": {
+            "AP": ap,
+            "AP50": ap + 0.2,
+            "AP75": ap - 0.05,
+            "APs": ap - 0.1,
+            "rare_AP": rare,
+            "per_class": {"0": ap + 0.1, "4": rare},
+        },
         "images_per_s": 100.0 + seed,
-        "curve": [{"iter": 10, "loss": 1.0}, {"iter": 20, "loss": 0.5, "AP": ap / 2}, {"iter": 30, "loss": 0.3, "AP": ap}],
+        "curve": [
+            {"iter": 10, "loss": 1.0},
+            {"iter": 20, "loss": 0.5, "AP": ap / 2},
+            {"iter": 30, "loss": 0.3, "AP": ap},
+        ],
         "grad_density": {"counts": [1000.0, 10.0, 1.0, 5.0]},
     }
 
@@ -30,7 +40,11 @@ def _results(aps_base, aps_other) -> dict:
                 "train_class_frequency": {"0": 100, "4": 1},
                 "methods": [
                     {"key": "ce", "label": "CE", "runs": [_run(i, ap) for i, ap in enumerate(aps_base)]},
-                    {"key": "focal", "label": "focal", "runs": [_run(i, ap) for i, ap in enumerate(aps_other)]},
+                    {
+                        "key": "focal",
+                        "label": "focal",
+                        "runs": [_run(i, ap) for i, ap in enumerate(aps_other)],
+                    },
                 ],
             }
         },

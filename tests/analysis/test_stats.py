@@ -84,15 +84,18 @@ def test_dataset_stats_equals_sampler_repeat_factors():
     for i in range(200):
         n = int(torch.randint(0, 4, (1,), generator=g))
         labels = (torch.rand(n, generator=g) ** 4 * 6).long() + 1
-        targets.append({"boxes": torch.tensor([[0.0, 0, 8, 8]]).repeat(n, 1), "labels": labels, "image_id": i})
+        targets.append(
+            {"boxes": torch.tensor([[0.0, 0, 8, 8]]).repeat(n, 1), "labels": labels, "image_id": i}
+        )
     s = dataset_stats(targets, num_classes=6, repeat_threshold=0.05)
     r = repeat_factors([t["labels"].tolist() for t in targets], threshold=0.05)
     assert s.expected_epoch_size == pytest.approx(float(r.sum()))
     assert s.image_repeat_factors_max == pytest.approx(float(r.max()))
     # class factors in closed form agree with the per-image maxima the sampler uses
     rc = class_repeat_factors(torch.tensor(s.image_counts), 200, threshold=0.05)
-    per_image = torch.stack([rc[t["labels"] - 1].max() if len(t["labels"]) else torch.tensor(1.0).double()
-                             for t in targets])
+    per_image = torch.stack(
+        [rc[t["labels"] - 1].max() if len(t["labels"]) else torch.tensor(1.0).double() for t in targets]
+    )
     torch.testing.assert_close(per_image, r)
 
 
@@ -153,7 +156,9 @@ def test_match_anchors_equals_torchvision_matcher(mode, seed):
 
 
 def _toy_anchors():
-    anchors = torch.tensor([[0, 0, 10, 10], [10, 0, 20, 10], [0, 0, 20, 20], [20, 0, 40, 20]], dtype=torch.float32)
+    anchors = torch.tensor(
+        [[0, 0, 10, 10], [10, 0, 20, 10], [0, 0, 20, 20], [20, 0, 40, 20]], dtype=torch.float32
+    )
     return anchors, torch.tensor([0, 0, 1, 1])
 
 
@@ -187,7 +192,9 @@ def test_assignment_stats_known_answers():
 def test_assignment_stats_without_low_quality_rule_reports_box_below_high():
     anchors, levels = _toy_anchors()
     # IoU 0.45 with a2 at best: ignored, never positive, reported
-    s = assignment_stats(anchors, levels, [_t([[0, 0, 20, 9]], [1])], high=0.5, low=0.4, low_quality_matches=None)
+    s = assignment_stats(
+        anchors, levels, [_t([[0, 0, 20, 9]], [1])], high=0.5, low=0.4, low_quality_matches=None
+    )
     assert s.num_unmatched_gt == 1 and s.positives_per_level == [0, 0] and s.negatives_per_positive is None
 
 
@@ -208,7 +215,9 @@ def test_assignment_stats_per_image_anchors_and_chunks_agree():
         assert shared.ignored_per_image[b] == int((m == -2).sum())
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"high": 0.4, "low": 0.5}, "low <= high"), ({"high": 1.5, "low": 0.4}, "high")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"high": 0.4, "low": 0.5}, "low <= high"), ({"high": 1.5, "low": 0.4}, "high")]
+)
 def test_assignment_stats_bad_thresholds(kwargs, match):
     anchors, levels = _toy_anchors()
     with pytest.raises(ValueError, match=match):
@@ -227,7 +236,11 @@ def test_detector_assignment_stats_matches_the_model(arch):
 
     torch.manual_seed(0)
     model = build_detector(arch, num_classes=3, image_size=64)
-    targets = [_t([[4, 4, 14, 16], [30, 30, 50, 44]], [1, 3], 0), _t([[10, 40, 18, 50]], [2], 1), _t([], [], 2)]
+    targets = [
+        _t([[4, 4, 14, 16], [30, 30, 50, 44]], [1, 3], 0),
+        _t([[10, 40, 18, 50]], [2], 1),
+        _t([], [], 2),
+    ]
     s = detector_assignment_stats(model, targets, [(64, 64)] * 3)
     # oracle: the model's own generator and matcher on one real forward of the transform + backbone
     model.eval()
@@ -249,7 +262,9 @@ def test_detector_assignment_stats_matches_the_model(arch):
         m = matcher(box_iou(t["boxes"], anchors[b]))
         assert s.positives_per_image[b] == int((m >= 0).sum())
         assert s.ignored_per_image[b] == int((m == -2).sum())
-    assert (s.high, s.low) == ((0.7, 0.3) if arch == "faster_rcnn" else (0.5, 0.4) if arch == "retinanet" else (0.5, 0.5))
+    assert (s.high, s.low) == (
+        (0.7, 0.3) if arch == "faster_rcnn" else (0.5, 0.4) if arch == "retinanet" else (0.5, 0.5)
+    )
 
 
 def test_detector_assignment_stats_rejects_other_models():
@@ -297,8 +312,12 @@ def test_density_matches_losses_gradient_density():
 def _quadrant_of(logits, targets, threshold):
     g = (torch.sigmoid(logits) - targets).abs()
     pos, hard = targets > 0.5, g >= threshold
-    return {"easy_positive": pos & ~hard, "hard_positive": pos & hard, "easy_negative": ~pos & ~hard,
-            "hard_negative": ~pos & hard}
+    return {
+        "easy_positive": pos & ~hard,
+        "hard_positive": pos & hard,
+        "easy_negative": ~pos & ~hard,
+        "hard_negative": ~pos & hard,
+    }
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.1])
@@ -312,9 +331,12 @@ def test_gradient_shares_equal_autograd_of_each_loss(threshold):
     quads = _quadrant_of(logits, targets, threshold)
     x = logits.clone().requires_grad_(True)
     losses = {
-        "ce": lambda x: (torch.nn.functional.binary_cross_entropy_with_logits(x, targets, reduction="none")
-                         * full).sum(),
-        "focal": lambda x: (torchvision.ops.sigmoid_focal_loss(x, targets, alpha=0.25, gamma=2.0) * full).sum(),
+        "ce": lambda x: (
+            torch.nn.functional.binary_cross_entropy_with_logits(x, targets, reduction="none") * full
+        ).sum(),
+        "focal": lambda x: (
+            torchvision.ops.sigmoid_focal_loss(x, targets, alpha=0.25, gamma=2.0) * full
+        ).sum(),
         "ghm_c": lambda x: ghm_c_loss(x, targets, bins=30, valid=full),
     }
     for name, fn in losses.items():
@@ -322,7 +344,9 @@ def test_gradient_shares_equal_autograd_of_each_loss(threshold):
         mag = grad.abs() * full
         total = mag.sum()
         for q in QUADRANTS:
-            assert s.gradient_share[name][q] == pytest.approx(float((mag * quads[q]).sum() / total), rel=1e-5, abs=1e-9)
+            assert s.gradient_share[name][q] == pytest.approx(
+                float((mag * quads[q]).sum() / total), rel=1e-5, abs=1e-9
+            )
 
 
 def test_focal_gradient_magnitude_is_autograd_of_focal():
@@ -330,13 +354,23 @@ def test_focal_gradient_magnitude_is_autograd_of_focal():
     x = (torch.randn(500, generator=g, dtype=torch.float64) * 6).requires_grad_(True)
     y = (torch.rand(500, generator=g) < 0.3).double()
     for alpha, gamma in ((0.25, 2.0), (None, 0.5), (0.75, 0.0)):
-        loss = torchvision.ops.sigmoid_focal_loss(x, y, alpha=-1 if alpha is None else alpha, gamma=gamma).sum()
+        loss = torchvision.ops.sigmoid_focal_loss(
+            x, y, alpha=-1 if alpha is None else alpha, gamma=gamma
+        ).sum()
         (grad,) = torch.autograd.grad(loss, x)
-        torch.testing.assert_close(focal_gradient_magnitude(x.detach(), y, alpha=alpha, gamma=gamma).double(),
-                                   grad.abs(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            focal_gradient_magnitude(x.detach(), y, alpha=alpha, gamma=gamma).double(),
+            grad.abs(),
+            rtol=1e-5,
+            atol=1e-7,
+        )
     # gamma 0, no alpha: CE's g = |p - y|
-    torch.testing.assert_close(focal_gradient_magnitude(x.detach(), y, alpha=None, gamma=0.0).double(),
-                               (torch.sigmoid(x.detach()) - y).abs(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        focal_gradient_magnitude(x.detach(), y, alpha=None, gamma=0.0).double(),
+        (torch.sigmoid(x.detach()) - y).abs(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_mean_gradient_is_ghm_figure_2():
@@ -352,7 +386,9 @@ def test_mean_gradient_is_ghm_figure_2():
         count = int(in_bin.sum())
         assert s.mean_gradient["ce"][j] == pytest.approx(float(g[in_bin].mean()), rel=1e-5)
         # GHM-C: beta = N / (count * M) times g
-        assert s.mean_gradient["ghm_c"][j] == pytest.approx(float(g[in_bin].mean()) * n / (count * 10), rel=1e-5)
+        assert s.mean_gradient["ghm_c"][j] == pytest.approx(
+            float(g[in_bin].mean()) * n / (count * 10), rel=1e-5
+        )
 
 
 def test_loss_cdf_exact_at_example_boundaries():
@@ -396,8 +432,12 @@ def test_easy_threshold_moves_examples():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"bins": 0}, "bins"), ({"easy_threshold": 0.0}, "easy_threshold"), ({"focal_alpha": 2.0}, "focal_alpha"),
-     ({"focal_gamma": -1.0}, "gamma")],
+    [
+        ({"bins": 0}, "bins"),
+        ({"easy_threshold": 0.0}, "easy_threshold"),
+        ({"focal_alpha": 2.0}, "focal_alpha"),
+        ({"focal_gamma": -1.0}, "gamma"),
+    ],
 )
 def test_gradient_stats_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

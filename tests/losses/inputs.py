@@ -9,8 +9,14 @@ REGIMES = ("normal", "small", "big", "zeros", "ones", "saturated", "mixed")
 
 
 def classification_inputs(
-    n: int, k: int, *, regime: str = "normal", seed: int = 0, dtype: torch.dtype = torch.float32,
-    soft_targets: bool = False, pos_fraction: float = 0.1,
+    n: int,
+    k: int,
+    *,
+    regime: str = "normal",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    soft_targets: bool = False,
+    pos_fraction: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
     """Logits ``Tensor[n, k]`` and one-vs-all targets in a given regime (torchvision's focal-test generator).
 

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
-from detbalance.losses import SigmoidFocalLoss, SoftmaxFocalLoss, focal, sigmoid_focal_loss, softmax_focal_loss
+from detbalance.losses import (
+    SigmoidFocalLoss,
+    SoftmaxFocalLoss,
+    focal,
+    sigmoid_focal_loss,
+    softmax_focal_loss,
+)
 from tests.losses.inputs import REGIMES, classification_inputs
 from tests.reference import focal as reference
 
@@ -223,7 +229,9 @@ def test_sigmoid_module_matches_functional():
     w = torch.rand(10)
     mod = SigmoidFocalLoss(alpha=0.4, gamma=1.5, reduction="sum")
     assert mod.self_normalizing is False
-    torch.testing.assert_close(mod(x, y, w), sigmoid_focal_loss(x, y, alpha=0.4, gamma=1.5, weight=w, reduction="sum"))
+    torch.testing.assert_close(
+        mod(x, y, w), sigmoid_focal_loss(x, y, alpha=0.4, gamma=1.5, weight=w, reduction="sum")
+    )
 
 
 @pytest.mark.parametrize(
@@ -273,7 +281,8 @@ def test_softmax_matches_reference(alpha, gamma):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     keep = labels != -1
     torch.testing.assert_close(
-        softmax_focal_loss(x.double(), labels, alpha=a, gamma=gamma, reduction="mean"), expected.sum() / keep.sum()
+        softmax_focal_loss(x.double(), labels, alpha=a, gamma=gamma, reduction="mean"),
+        expected.sum() / keep.sum(),
     )
 
 
@@ -327,7 +336,9 @@ def test_softmax_module_matches_functional():
     a = torch.rand(6)
     mod = SoftmaxFocalLoss(alpha=a, gamma=1.0, reduction="mean")
     assert mod.self_normalizing is False
-    torch.testing.assert_close(mod(x, labels), softmax_focal_loss(x, labels, alpha=a, gamma=1.0, reduction="mean"))
+    torch.testing.assert_close(
+        mod(x, labels), softmax_focal_loss(x, labels, alpha=a, gamma=1.0, reduction="mean")
+    )
     mod2 = SoftmaxFocalLoss(alpha=0.3)
     torch.testing.assert_close(mod2(x, labels), softmax_focal_loss(x, labels, alpha=0.3))
 
@@ -349,3 +360,22 @@ def test_softmax_module_matches_functional():
 def test_softmax_rejects_bad_args(labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
         softmax_focal_loss(torch.zeros(3, 6), labels, **kwargs)
+
+
+def test_sigmoid_no_gradient_sweep_without_grad(monkeypatch):
+    seen = []
+    original = focal._focal_block
+
+    def spy(*args):
+        seen.append(args[-1] is None)  # grad_out
+        return original(*args)
+
+    monkeypatch.setattr(focal, "_focal_block", spy)
+    x, y = classification_inputs(10, 4, seed=18)
+    x.requires_grad_(True)
+    with torch.no_grad():
+        sigmoid_focal_loss(x, y)
+    sigmoid_focal_loss(x.detach(), y)
+    assert seen == [True, True]
+    sigmoid_focal_loss(x, y)
+    assert seen[-1] is False

@@ -196,11 +196,15 @@ def test_ghm_r_matches_reference_and_mmdetection(normalization, with_valid):
     pred = torch.randn(30, 4, generator=gen, dtype=torch.float64) * 0.05
     target = torch.randn(30, 4, generator=gen, dtype=torch.float64) * 0.05
     valid = (torch.rand(30, generator=gen) > 0.3) if with_valid else None
-    expected = reference.ghm_r_reference(pred, target, mu=0.02, bins=10, valid=valid, normalization=normalization)
+    expected = reference.ghm_r_reference(
+        pred, target, mu=0.02, bins=10, valid=valid, normalization=normalization
+    )
     got = ghm_r_loss(pred, target, mu=0.02, bins=10, valid=valid, normalization=normalization)
     torch.testing.assert_close(got, expected)
     if normalization == "valid_bins":
-        lw = torch.ones(30, 4, dtype=torch.float64) if valid is None else valid[:, None].expand(30, 4).double()
+        lw = (
+            torch.ones(30, 4, dtype=torch.float64) if valid is None else valid[:, None].expand(30, 4).double()
+        )
         torch.testing.assert_close(got, reference.MMDetGHMR(mu=0.02, bins=10)(pred, target, lw))
 
 
@@ -213,7 +217,9 @@ def test_ghm_r_gradient_and_gradcheck():
     g = d / torch.sqrt(d * d + 0.02**2)
     beta = reference.beta_reference(g.abs(), bins=5)
     torch.testing.assert_close(pred.grad, beta * g / d.numel())
-    assert gradcheck(lambda p: ghm_r_loss(p, target, bins=5, reduction="none"), (pred.detach().requires_grad_(),))
+    assert gradcheck(
+        lambda p: ghm_r_loss(p, target, bins=5, reduction="none"), (pred.detach().requires_grad_(),)
+    )
 
 
 def test_ghm_r_one_bin_is_mean_asl1_and_empty():
@@ -234,7 +240,9 @@ def test_module_matches_functional_without_momentum():
     valid = torch.rand(30) > 0.2
     for norm in ("paper", "valid_bins"):
         mod = GHMCLoss(bins=12, momentum=None, normalization=norm)
-        torch.testing.assert_close(mod(x, y, valid), ghm_c_loss(x, y, bins=12, valid=valid, normalization=norm))
+        torch.testing.assert_close(
+            mod(x, y, valid), ghm_c_loss(x, y, bins=12, valid=valid, normalization=norm)
+        )
     pred, target = torch.randn(9, 4) * 0.05, torch.randn(9, 4) * 0.05
     torch.testing.assert_close(GHMRLoss(momentum=0.0)(pred, target), ghm_r_loss(pred, target))
     assert GHMCLoss.self_normalizing and GHMRLoss.self_normalizing
@@ -251,7 +259,10 @@ def test_ema_first_step_with_bias_correction_is_batch_density():
 
 def test_ema_two_steps_by_hand():
     m, bins = 0.75, 6
-    (x1, y1), (x2, y2) = classification_inputs(30, 4, seed=22), classification_inputs(50, 4, regime="big", seed=23)
+    (x1, y1), (x2, y2) = (
+        classification_inputs(30, 4, seed=22),
+        classification_inputs(50, 4, regime="big", seed=23),
+    )
     h1, h2 = gradient_density(_g(x1, y1), bins=bins), gradient_density(_g(x2, y2), bins=bins)
     mod = GHMCLoss(bins=bins, momentum=m)
     mod(x1, y1)
@@ -367,7 +378,9 @@ def test_ghm_c_any_shape_matches_flat():
     x, y = classification_inputs(24, 5, regime="mixed", seed=27)
     valid = torch.rand(24) > 0.3
     flat = ghm_c_loss(x, y, bins=7, valid=valid, reduction="none")
-    got = ghm_c_loss(x.reshape(4, 6, 5), y.reshape(4, 6, 5), bins=7, valid=valid.reshape(4, 6), reduction="none")
+    got = ghm_c_loss(
+        x.reshape(4, 6, 5), y.reshape(4, 6, 5), bins=7, valid=valid.reshape(4, 6), reduction="none"
+    )
     torch.testing.assert_close(got.reshape(24, 5), flat)
     xt = x.t().contiguous().t()  # non-contiguous view
     torch.testing.assert_close(ghm_c_loss(xt, y, bins=7), ghm_c_loss(x, y, bins=7))

@@ -23,7 +23,8 @@ def _pair(n=20, seed=0, dtype=torch.float32):
 def test_smooth_l1_matches_torch(beta, reduction):
     p, t = _pair(seed=1)
     torch.testing.assert_close(
-        smooth_l1_loss(p, t, beta=beta, reduction=reduction), F.smooth_l1_loss(p, t, beta=beta, reduction=reduction)
+        smooth_l1_loss(p, t, beta=beta, reduction=reduction),
+        F.smooth_l1_loss(p, t, beta=beta, reduction=reduction),
     )
 
 
@@ -51,7 +52,11 @@ def test_asl1_closed_form_and_gradient():
 def test_regression_gradcheck(fn):
     p, t = _pair(6, seed=2, dtype=torch.float64)
     p.requires_grad_(True)
-    f = (lambda a: smooth_l1_loss(a, t, beta=0.1)) if fn == "smooth_l1" else (lambda a: asl1_loss(a, t, mu=0.05))
+    f = (
+        (lambda a: smooth_l1_loss(a, t, beta=0.1))
+        if fn == "smooth_l1"
+        else (lambda a: asl1_loss(a, t, mu=0.05))
+    )
     assert gradcheck(f, (p,))
 
 
@@ -77,7 +82,9 @@ def test_regression_empty_input():
 def test_modules_match_functional():
     p, t = _pair(seed=4)
     torch.testing.assert_close(SmoothL1Loss(beta=0.2)(p, t), smooth_l1_loss(p, t, beta=0.2))
-    torch.testing.assert_close(ASL1Loss(mu=0.1, reduction="sum")(p, t), asl1_loss(p, t, mu=0.1, reduction="sum"))
+    torch.testing.assert_close(
+        ASL1Loss(mu=0.1, reduction="sum")(p, t), asl1_loss(p, t, mu=0.1, reduction="sum")
+    )
     torch.testing.assert_close(L1Loss()(p, t), (p - t).abs())
     for cls in (SmoothL1Loss, ASL1Loss, L1Loss, GIoULoss):
         assert cls.self_normalizing is False

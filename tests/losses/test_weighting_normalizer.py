@@ -26,10 +26,16 @@ def test_effective_number_hand_computed_and_limits():
     counts = torch.tensor([10.0, 100.0, 1000.0], dtype=torch.float64)
     beta = 0.99
     raw = torch.tensor([(1 - beta) / (1 - beta**n) for n in counts.tolist()], dtype=torch.float64)
-    torch.testing.assert_close(class_frequency_weights(counts, method="effective_number", beta=beta), raw * 3 / raw.sum())
-    torch.testing.assert_close(class_frequency_weights(counts, method="effective_number", beta=0.0), torch.ones(3).double())
+    torch.testing.assert_close(
+        class_frequency_weights(counts, method="effective_number", beta=beta), raw * 3 / raw.sum()
+    )
+    torch.testing.assert_close(
+        class_frequency_weights(counts, method="effective_number", beta=0.0), torch.ones(3).double()
+    )
     near_inverse = class_frequency_weights(counts, method="effective_number", beta=1 - 1e-9)
-    torch.testing.assert_close(near_inverse, class_frequency_weights(counts, method="inverse"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        near_inverse, class_frequency_weights(counts, method="inverse"), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_zero_count_is_finite():
@@ -57,9 +63,13 @@ def test_normalize_by_positives_modes():
     loss = torch.tensor([4.0, 6.0, 2.0])
     npos = torch.tensor([2, 0, 3])
     torch.testing.assert_close(normalize_by_positives(loss, npos, mode="per_batch"), torch.tensor(12.0 / 5))
-    torch.testing.assert_close(normalize_by_positives(loss, npos, mode="per_image"), torch.tensor((2.0 + 6.0 + 2 / 3) / 3))
+    torch.testing.assert_close(
+        normalize_by_positives(loss, npos, mode="per_image"), torch.tensor((2.0 + 6.0 + 2 / 3) / 3)
+    )
     # zero positives: divide by 1, keep the negatives' loss
-    torch.testing.assert_close(normalize_by_positives(loss, torch.zeros(3), mode="per_batch"), torch.tensor(12.0))
+    torch.testing.assert_close(
+        normalize_by_positives(loss, torch.zeros(3), mode="per_batch"), torch.tensor(12.0)
+    )
     assert normalize_by_positives(torch.zeros(0), torch.zeros(0), mode="per_image").item() == 0.0
     with pytest.raises(ValueError, match="mode"):
         normalize_by_positives(loss, npos, mode="ema")
@@ -85,7 +95,9 @@ def test_positive_normalizer_ema_detectron2():
 def test_positive_normalizer_matches_functional_and_rejects():
     loss, npos = torch.tensor([4.0, 6.0]), torch.tensor([1, 3])
     for mode in ("per_batch", "per_image"):
-        torch.testing.assert_close(PositiveNormalizer(mode)(loss, npos), normalize_by_positives(loss, npos, mode=mode))
+        torch.testing.assert_close(
+            PositiveNormalizer(mode)(loss, npos), normalize_by_positives(loss, npos, mode=mode)
+        )
     with pytest.raises(ValueError, match="mode"):
         PositiveNormalizer("global")
     with pytest.raises(ValueError, match="momentum"):

@@ -32,7 +32,12 @@ def _expand(valid: Tensor, like: Tensor) -> Tensor:
 
 
 def beta_reference(
-    g: Tensor, *, bins: int, valid: Tensor | None = None, normalization: str = "paper", density: Tensor | None = None
+    g: Tensor,
+    *,
+    bins: int,
+    valid: Tensor | None = None,
+    normalization: str = "paper",
+    density: Tensor | None = None,
 ) -> Tensor:
     """``beta_i = N / GD(g_i)`` per element (0 where invalid), looping over the M regions."""
     g = g.detach().double()

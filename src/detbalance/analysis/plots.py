@@ -63,7 +63,9 @@ _LOSS_COLORS = {"ce": "#444444", "focal": "#d62728", "ghm_c": "#2ca02c"}
 
 
 def _loss_edges(bins: int = 32, low: float = 1e-6, high: float = 1e2) -> list[float]:
-    return [10 ** (math.log10(low) + (math.log10(high) - math.log10(low)) * i / bins) for i in range(bins + 1)]
+    return [
+        10 ** (math.log10(low) + (math.log10(high) - math.log10(low)) * i / bins) for i in range(bins + 1)
+    ]
 
 
 DEFAULT_LOSS_BIN_EDGES: list[float] = _loss_edges()
@@ -114,11 +116,22 @@ def plot_class_frequency(stats: DatasetStats) -> Figure:
     inst = [max(stats.instance_counts[k], 0) for k in order]
     imgs = [stats.image_counts[k] for k in order]
     ax.bar(x, [v if v > 0 else float("nan") for v in inst], color="#4c72b0", label="instances (boxes)")
-    ax.plot(x, [v if v > 0 else float("nan") for v in imgs], "o", color="#dd8452", ms=5,
-            label="images containing the class")
+    ax.plot(
+        x,
+        [v if v > 0 else float("nan") for v in imgs],
+        "o",
+        color="#dd8452",
+        ms=5,
+        label="images containing the class",
+    )
     thr = stats.repeat_threshold * stats.num_images
-    ax.axhline(thr, ls="--", color="#555555", lw=1,
-               label=f"repeat-factor threshold t·N = {stats.repeat_threshold:g}·{stats.num_images}")
+    ax.axhline(
+        thr,
+        ls="--",
+        color="#555555",
+        lw=1,
+        label=f"repeat-factor threshold t·N = {stats.repeat_threshold:g}·{stats.num_images}",
+    )
     ax.set_yscale("log")
     ratio = "n/a" if stats.imbalance_ratio is None else f"{stats.imbalance_ratio:.0f}x"
     ax.set_title(f"Class frequency ({stats.num_images} images; most/least frequent = {ratio})")
@@ -140,7 +153,16 @@ def plot_box_sizes(stats: DatasetStats) -> Figure:
     ax.bar(edges[:-1], stats.sqrt_area_hist, width=widths, align="edge", color="#4c72b0", edgecolor="white")
     for v, name in ((32, "small | medium"), (96, "medium | large")):
         ax.axvline(v, ls="--", color="#555555", lw=1)
-        ax.text(v, 1.0, f" {name}", rotation=90, va="top", ha="right", fontsize=8, transform=ax.get_xaxis_transform())
+        ax.text(
+            v,
+            1.0,
+            f" {name}",
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=8,
+            transform=ax.get_xaxis_transform(),
+        )
     ax.set_xscale("log", base=2)
     nonzero = [i for i, c in enumerate(stats.sqrt_area_hist) if c > 0]
     lo = edges[max(0, nonzero[0] - 1)] if nonzero else 8.0
@@ -166,15 +188,22 @@ def plot_assignment(stats: AssignmentStats) -> Figure:
         ("ignored", stats.ignored_per_level, "#ff7f0e"),
     )
     for i, (name, vals, color) in enumerate(series):
-        ax.bar([lv + (i - 1) * w for lv in levels], [v / n if v > 0 else float("nan") for v in vals], width=w,
-               color=color, label=name)
+        ax.bar(
+            [lv + (i - 1) * w for lv in levels],
+            [v / n if v > 0 else float("nan") for v in vals],
+            width=w,
+            color=color,
+            label=name,
+        )
     for lv, (p, q) in enumerate(zip(stats.positives_per_level, stats.negatives_per_level)):
         text = f"1:{q / p:.0f}" if p else "no pos."
         ax.annotate(text, (lv, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
     ax.set_yscale("log")
     ax.set_xticks(levels, stats.level_names)
-    ratio = "no positives" if stats.negatives_per_positive is None else f"1 positive per {stats.negatives_per_positive:.0f} negatives"
-    ax.set_title(f"Anchors per image by level ({ratio})", pad=16)
+    ratio = (
+        "no positives" if stats.negatives_per_positive is None else f"1:{stats.negatives_per_positive:.0f}"
+    )
+    ax.set_title(f"Anchors per image by level (pos:neg above each level; all levels {ratio})", pad=16)
     ax.set_xlabel("FPN level")
     ax.set_ylabel("anchors per image (log scale)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=3)
@@ -182,11 +211,20 @@ def plot_assignment(stats: AssignmentStats) -> Figure:
 
     ax = axes[0, 1]
     edges = stats.gt_max_iou_edges
-    ax.bar(edges[:-1], stats.gt_max_iou_hist, width=edges[1] - edges[0], align="edge", color="#4c72b0",
-           edgecolor="white", label="ground-truth boxes")
+    ax.bar(
+        edges[:-1],
+        stats.gt_max_iou_hist,
+        width=edges[1] - edges[0],
+        align="edge",
+        color="#4c72b0",
+        edgecolor="white",
+        label="ground-truth boxes",
+    )
     ax.axvline(stats.low, ls=":", color="#7f7f7f", label=f"low = {stats.low:g} (below: negative)")
     ax.axvline(stats.high, ls="--", color="#2ca02c", label=f"high = {stats.high:g} (at or above: positive)")
-    ax.set_title(f"Best anchor IoU of each box: {stats.num_unmatched_gt} of {stats.num_gt} have no positive anchor")
+    ax.set_title(
+        f"Best anchor IoU of each box: {stats.num_unmatched_gt} of {stats.num_gt} have no positive anchor"
+    )
     ax.set_xlabel("max IoU with any anchor")
     ax.set_ylabel("ground-truth boxes")
     ax.set_xlim(0, 1)
@@ -213,13 +251,26 @@ def plot_gradient_density(stats: GradientStats) -> Figure:
         (stats.density_negative, "negatives", "#555555", 1.4, "--"),
         (stats.density_positive, "positives", "#2ca02c", 1.4, "-"),
     ):
-        ax.stairs([v if v > 0 else float("nan") for v in vals], edges, label=name, color=color, lw=lw, ls=ls,
-                  baseline=None)
+        ax.stairs(
+            [v if v > 0 else float("nan") for v in vals],
+            edges,
+            label=name,
+            color=color,
+            lw=lw,
+            ls=ls,
+            baseline=None,
+        )
     ax.set_yscale("log")
     ax.set_title(f"Gradient-norm density ({stats.num_examples:,} examples)")
     ax.set_xlabel("gradient norm g = |sigmoid(x) - y|")
     ax.set_ylabel("examples per bin (log scale)")
-    ax.axvline(stats.easy_threshold, ls=":", color="black", lw=1, label=f"easy | hard at g = {stats.easy_threshold:g}")
+    ax.axvline(
+        stats.easy_threshold,
+        ls=":",
+        color="black",
+        lw=1,
+        label=f"easy | hard at g = {stats.easy_threshold:g}",
+    )
     ax.legend(fontsize=8)
     names = _loss_names(stats)
     ax = axes[0, 1]
@@ -233,8 +284,14 @@ def plot_gradient_density(stats: GradientStats) -> Figure:
     ax.legend(fontsize=8)
     ax = axes[0, 2]
     for key, name in names.items():
-        ax.stairs([v if v > 0 else float("nan") for v in stats.bin_share[key]], edges, color=_LOSS_COLORS[key],
-                  label=name, lw=1.6, baseline=None)
+        ax.stairs(
+            [v if v > 0 else float("nan") for v in stats.bin_share[key]],
+            edges,
+            color=_LOSS_COLORS[key],
+            label=name,
+            lw=1.6,
+            baseline=None,
+        )
     ax.set_yscale("log")
     ax.set_title("Share of the total gradient per g bin")
     ax.set_xlabel("original gradient norm g")
@@ -283,9 +340,15 @@ def plot_quadrant_shares(stats: GradientStats) -> Figure:
         bars = ax.barh(labels, vals, left=left, color=_QUADRANT_COLORS[q], label=_QUADRANT_LABELS[q])
         for bar, v in zip(bars, vals):
             if v >= 0.05:
-                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height() / 2, f"{v:.0%}",
-                        ha="center", va="center", fontsize=8,
-                        color="white" if q in ("hard_positive", "hard_negative") else "black")
+                ax.text(
+                    bar.get_x() + bar.get_width() / 2,
+                    bar.get_y() + bar.get_height() / 2,
+                    f"{v:.0%}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if q in ("hard_positive", "hard_negative") else "black",
+                )
         left = [a + b for a, b in zip(left, vals)]
     ax.set_xlim(0, 1)
     ax.set_xlabel("share (fraction of the row's total)")
@@ -297,16 +360,30 @@ def plot_quadrant_shares(stats: GradientStats) -> Figure:
 def plot_class_ap(stats: DatasetStats, class_ap: Sequence[float | None]) -> Figure:
     """Per-class AP against the class's training instances (log x); rare classes sit on the left."""
     if len(class_ap) != len(stats.class_names):
-        raise ValueError(f"class_ap has {len(class_ap)} values, the dataset has {len(stats.class_names)} classes")
+        raise ValueError(
+            f"class_ap has {len(class_ap)} values, the dataset has {len(stats.class_names)} classes"
+        )
     fig, ax = _figure()
     ax = ax[0, 0]
-    pts = [(c, ap, n) for c, ap, n in zip(stats.instance_counts, class_ap, stats.class_names)
-           if ap is not None and c > 0]
+    pts = [
+        (c, ap, n)
+        for c, ap, n in zip(stats.instance_counts, class_ap, stats.class_names)
+        if ap is not None and c > 0
+    ]
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#4c72b0", zorder=3)
     if len(pts) <= 30:
         for c, ap, name in pts:
             ax.annotate(name, (c, ap), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
+    if pts:  # whole decades, so there are at least two labelled major ticks and no crowded minor labels
+        from matplotlib.ticker import NullFormatter
+
+        lo, hi = min(p[0] for p in pts), max(p[0] for p in pts)
+        ax.set_xlim(
+            10 ** math.floor(math.log10(lo)),
+            10 ** max(math.ceil(math.log10(hi)), math.floor(math.log10(lo)) + 1),
+        )
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(-0.02, 1.0)
     ax.set_title("Per-class AP vs class frequency")
     ax.set_xlabel("training instances of the class (log scale)")
@@ -371,7 +448,9 @@ def plot_loss_curves(metrics: Sequence[dict[str, Any]]) -> Figure:
     fig, axes = _figure(1, 2 if evals else 1, size=(12.0 if evals else 7.0, 4.4))
     ax = axes[0, 0]
     for k, pts in sorted(series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, label=k, marker="o" if len(pts) < 3 else None)
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], lw=1.2, label=k, marker="o" if len(pts) < 3 else None
+        )
     if _spans_decades([p[1] for pts in series.values() for p in pts]):
         ax.set_yscale("log")
     ax.set_title("Training losses")
@@ -402,14 +481,22 @@ def plot_sampled_counts(records: Sequence[dict[str, Any]]) -> Figure:
         raise ValueError("records hold no 'counts'")
     fig, axes = _figure(1, len(names), size=(5.5 * len(names), 4.2))
     for ax, name in zip(axes[0], names):
-        rows = [(_step(r, i), r["counts"][name]) for i, r in enumerate(records) if name in r.get("counts", {})]
+        rows = [
+            (_step(r, i), r["counts"][name]) for i, r in enumerate(records) if name in r.get("counts", {})
+        ]
         steps = [s for s, _ in rows]
         for key, color in (("positives", "#2ca02c"), ("negatives", "#7f7f7f"), ("ignored", "#ff7f0e")):
             vals = [_sum(c[key]) if c.get(key) is not None else float("nan") for _, c in rows]
             if all(math.isnan(v) for v in vals):
                 continue
-            ax.plot(steps, [v if v > 0 else float("nan") for v in vals], lw=1.2, color=color, label=key,
-                    marker="o" if len(rows) < 3 else None)
+            ax.plot(
+                steps,
+                [v if v > 0 else float("nan") for v in vals],
+                lw=1.2,
+                color=color,
+                label=key,
+                marker="o" if len(rows) < 3 else None,
+            )
         ax.set_yscale("log")
         ax.set_title(f"Sampled examples: {name}")
         ax.set_xlabel("training step")
@@ -419,8 +506,9 @@ def plot_sampled_counts(records: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def _heatmap(ax: Any, fig: Figure, matrix: list[list[float]], steps: list[float], y_edges: Sequence[float],
-             label: str) -> None:
+def _heatmap(
+    ax: Any, fig: Figure, matrix: list[list[float]], steps: list[float], y_edges: Sequence[float], label: str
+) -> None:
     import numpy as np
     from matplotlib.colors import LogNorm
 
@@ -432,7 +520,11 @@ def _heatmap(ax: Any, fig: Figure, matrix: list[list[float]], steps: list[float]
     else:
         x_edges = [steps[0] - 0.5, steps[0] + 0.5]
     finite = arr[np.isfinite(arr)]
-    norm = LogNorm(vmin=float(finite.min()), vmax=float(max(finite.max(), finite.min() * 10))) if finite.size else None
+    norm = (
+        LogNorm(vmin=float(finite.min()), vmax=float(max(finite.max(), finite.min() * 10)))
+        if finite.size
+        else None
+    )
     mesh = ax.pcolormesh(x_edges, list(y_edges), arr, norm=norm, cmap="viridis", shading="flat")
     fig.colorbar(mesh, ax=ax, label=label)
 
@@ -446,12 +538,22 @@ def plot_ghm_histogram(records: Sequence[dict[str, Any]], *, name: str | None = 
         name = names[0]
     elif name not in names:
         raise ValueError(f"name {name!r} not among the recorded GHM densities {names}")
-    rows = [(_step(r, i), r["ghm_density"][name]) for i, r in enumerate(records) if name in r.get("ghm_density", {})]
+    rows = [
+        (_step(r, i), r["ghm_density"][name])
+        for i, r in enumerate(records)
+        if name in r.get("ghm_density", {})
+    ]
     bins = len(rows[0][1])
     fig, ax = _figure(size=(8.0, 4.4))
     ax = ax[0, 0]
-    _heatmap(ax, fig, [d for _, d in rows], [s for s, _ in rows], [i / bins for i in range(bins + 1)],
-             "examples per bin (log colour)")
+    _heatmap(
+        ax,
+        fig,
+        [d for _, d in rows],
+        [s for s, _ in rows],
+        [i / bins for i in range(bins + 1)],
+        "examples per bin (log colour)",
+    )
     ax.set_title(f"GHM gradient density over training: {name}")
     ax.set_xlabel("training step")
     ax.set_ylabel("gradient norm g")
@@ -459,7 +561,10 @@ def plot_ghm_histogram(records: Sequence[dict[str, Any]], *, name: str | None = 
 
 
 def plot_ohem_losses(
-    records: Sequence[dict[str, Any]], *, name: str | None = None, loss_bin_edges: Sequence[float] | None = None
+    records: Sequence[dict[str, Any]],
+    *,
+    name: str | None = None,
+    loss_bin_edges: Sequence[float] | None = None,
 ) -> Figure:
     """Loss distribution of the selected examples (e.g. OHEM's hard RoIs) over training (heatmap, log y).
 
@@ -480,22 +585,26 @@ def plot_ohem_losses(
     bins = len(rows[0][1]["histogram"])
     if loss_bin_edges is None:
         if bins != len(DEFAULT_LOSS_BIN_EDGES) - 1:
-            raise ValueError(f"histograms have {bins} bins: pass loss_bin_edges (the recorder's loss_bin_edges)")
+            raise ValueError(
+                f"histograms have {bins} bins: pass loss_bin_edges (the recorder's loss_bin_edges)"
+            )
         loss_bin_edges = DEFAULT_LOSS_BIN_EDGES
     if len(loss_bin_edges) != bins + 1:
         raise ValueError(f"loss_bin_edges has {len(loss_bin_edges)} edges, histograms have {bins} bins")
     fig, ax = _figure(size=(8.0, 4.4))
     ax = ax[0, 0]
     steps = [s for s, _ in rows]
-    _heatmap(ax, fig, [h["histogram"] for _, h in rows], steps, loss_bin_edges, "selected examples (log colour)")
+    _heatmap(
+        ax, fig, [h["histogram"] for _, h in rows], steps, loss_bin_edges, "examples per bin (log colour)"
+    )
     means = [h["sum"] / h["count"] if h["count"] else float("nan") for _, h in rows]
-    ax.plot(steps, means, color="white", lw=1.2, label="mean selected loss")
+    ax.plot(steps, means, color="#ff3030", lw=1.4, label="mean loss of the recorded examples")
     ax.set_yscale("log")
     hist_rows = [h["histogram"] for _, h in rows]
     nz = [i for i in range(bins) if any(r[i] for r in hist_rows)]
     if nz:
         ax.set_ylim(loss_bin_edges[nz[0]], loss_bin_edges[nz[-1] + 1])
-    ax.set_title(f"Loss of the selected examples over training: {name}")
+    ax.set_title(f"Recorded per-example losses over training: {name}")
     ax.set_xlabel("training step")
     ax.set_ylabel("per-example loss (log scale)")
     ax.legend(fontsize=8, loc="upper right")
@@ -556,7 +665,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(save_figure(plot_ghm_histogram(records, name=name), out_dir / fname))
     for name in sorted({n for r in records for n in r.get("losses", {})}):
         fname = "selected_losses_" + name.replace("/", "_") + ".png"
-        written.append(save_figure(plot_ohem_losses(records, name=name, loss_bin_edges=edges), out_dir / fname))
+        written.append(
+            save_figure(plot_ohem_losses(records, name=name, loss_bin_edges=edges), out_dir / fname)
+        )
     if not written:
         raise ValueError(
             f"run_dir {str(run_dir)!r} has nothing to plot: expected metrics.jsonl with loss values or recorder "

@@ -159,7 +159,9 @@ def readings(
                 f"{gradient.cdf_gammas[ig]:g} (focal paper figure 4)."
             )
     if class_ap is not None:
-        pairs = [(c, a, n) for c, a, n in zip(data.instance_counts, class_ap, data.class_names) if a is not None]
+        pairs = [
+            (c, a, n) for c, a, n in zip(data.instance_counts, class_ap, data.class_names) if a is not None
+        ]
         if pairs:
             pairs.sort()
             lo, hi = pairs[0], pairs[-1]
@@ -180,96 +182,128 @@ def recommendations(
 ) -> list[Recommendation]:
     """The rules that fire for the measured numbers (each a threshold and the paper's setting)."""
     out: list[Recommendation] = []
-    if assignment is not None and assignment.negatives_per_positive is not None and arch in ("retinanet", "ssd"):
+    if (
+        assignment is not None
+        and assignment.negatives_per_positive is not None
+        and arch in ("retinanet", "ssd")
+    ):
         ratio = assignment.negatives_per_positive
         if ratio >= DENSE_RATIO:
-            out.append(Recommendation(
-                rule=f"negatives per positive >= {DENSE_RATIO:g} in a dense one-stage detector",
-                evidence=f"1:{ratio:,.0f} measured",
-                remedy=(
-                    "focal loss with γ = 2, α = 0.25, normalised by the number of positives, classifier bias at "
-                    "the prior π = 0.01; at ~1:1000 it beat the best OHEM setting by 3.2 AP, and α-balanced CE "
-                    "was best at α = 0.75"
-                ),
-                source="Lin et al., Focal Loss for Dense Object Detection (2017), table 1a and 1d, section 3.3",
-            ))
+            out.append(
+                Recommendation(
+                    rule=f"negatives per positive >= {DENSE_RATIO:g} in a dense one-stage detector",
+                    evidence=f"1:{ratio:,.0f} measured",
+                    remedy=(
+                        "focal loss with γ = 2, α = 0.25, normalised by the number of positives, classifier bias at "
+                        "the prior π = 0.01; at ~1:1000 it beat the best OHEM setting by 3.2 AP, and α-balanced CE "
+                        "was best at α = 0.75"
+                    ),
+                    source="Lin et al., Focal Loss for Dense Object Detection (2017), table 1a and 1d, section 3.3",
+                )
+            )
     if assignment is not None and arch == "ssd":
-        out.append(Recommendation(
-            rule="SSD trains on all positives and the hardest negatives",
-            evidence=f"1:{assignment.negatives_per_positive or float('nan'):,.0f} anchors before mining",
-            remedy="hard negative mining at negatives:positives = 3:1 per image",
-            source="Liu et al., SSD (2016), section 2.2",
-        ))
+        out.append(
+            Recommendation(
+                rule="the detector is SSD (dense anchors, softmax classifier)",
+                evidence=f"1:{assignment.negatives_per_positive or float('nan'):,.0f} anchors before mining",
+                remedy="hard negative mining at negatives:positives = 3:1 per image",
+                source="Liu et al., SSD (2016), section 2.2",
+            )
+        )
     if arch == "faster_rcnn":
-        out.append(Recommendation(
-            rule="two-stage detector: the RPN and the RoI head sample a fixed budget",
-            evidence="proposals filter most easy negatives before the second stage",
-            remedy=(
-                "fixed ratio RPN 256 anchors/image at 50% positives, RoI head 512/image at 25% positives; OHEM "
-                "(128 hard RoIs per image by classification + box loss, NMS 0.7, no positive quota) "
-                "replaces the fixed ratio's heuristics"
-            ),
-            source="Ren et al., Faster R-CNN (2015); Shrivastava et al., OHEM (2016)",
-        ))
+        out.append(
+            Recommendation(
+                rule="the detector is two-stage (the RPN and the RoI head each sample a fixed budget)",
+                evidence="proposals filter most easy negatives before the second stage",
+                remedy=(
+                    "fixed ratio RPN 256 anchors/image at 50% positives, RoI head 512/image at 25% positives; OHEM "
+                    "(128 hard RoIs per image by classification + box loss, NMS 0.7, no positive quota) "
+                    "replaces the fixed ratio's heuristics"
+                ),
+                source="Ren et al., Faster R-CNN (2015); Shrivastava et al., OHEM (2016)",
+            )
+        )
     if gradient is not None:
         ce = gradient.gradient_share["ce"]["easy_negative"]
         if ce > EASY_NEGATIVE_SHARE:
             fl = gradient.gradient_share["focal"]["easy_negative"]
-            out.append(Recommendation(
-                rule=f"easy negatives give more than {_pct(EASY_NEGATIVE_SHARE)} of the CE gradient",
-                evidence=f"{_pct(ce)} under CE, {_pct(fl)} under focal (γ = {gradient.focal_gamma:g})",
-                remedy="down-weight easy examples: focal loss (γ = 2) or GHM-C (M = 30 bins, momentum 0.75)",
-                source="Lin et al. (2017) section 3.2; Li et al., Gradient Harmonized Single-stage Detector (2019)",
-            ))
+            out.append(
+                Recommendation(
+                    rule=f"easy negatives give more than {_pct(EASY_NEGATIVE_SHARE)} of the CE gradient",
+                    evidence=f"{_pct(ce)} under CE, {_pct(fl)} under focal (γ = {gradient.focal_gamma:g})",
+                    remedy="down-weight easy examples: focal loss (γ = 2) or GHM-C (M = 30 bins, momentum 0.75)",
+                    source="Lin et al. (2017) section 3.2; Li et al., Gradient Harmonized Single-stage Detector (2019)",
+                )
+            )
         if trained:
             n = max(1, gradient.num_examples)
             m = gradient.bins
-            very_hard = sum(gradient.density[int(math.floor(OUTLIER_G * m)):]) / n
-            mid = sum(gradient.density[m // 2: int(math.floor(OUTLIER_G * m))]) / n
+            very_hard = sum(gradient.density[int(math.floor(OUTLIER_G * m)) :]) / n
+            mid = sum(gradient.density[m // 2 : int(math.floor(OUTLIER_G * m))]) / n
             if very_hard > mid:
-                out.append(Recommendation(
-                    rule=(f"more examples at g >= {OUTLIER_G:g} than at 0.5 <= g < {OUTLIER_G:g} (a U-shaped "
-                          "density: very hard examples, likely outliers)"),
-                    evidence=f"{_pct(very_hard)} vs {_pct(mid)} of the examples",
-                    remedy=(
-                        "GHM-C (M = 30, momentum 0.75) down-weights the dense very-hard region that focal loss "
-                        "up-weights; GHM-R (μ = 0.02, M = 10, loss weight 10) does the same for box regression"
-                    ),
-                    source="Li et al. (2019), figures 1-2, section 4",
-                ))
+                out.append(
+                    Recommendation(
+                        rule=(
+                            f"more examples at g >= {OUTLIER_G:g} than at 0.5 <= g < {OUTLIER_G:g} (a U-shaped "
+                            "density: very hard examples, likely outliers)"
+                        ),
+                        evidence=f"{_pct(very_hard)} vs {_pct(mid)} of the examples",
+                        remedy=(
+                            "GHM-C (M = 30, momentum 0.75) down-weights the dense very-hard region that focal loss "
+                            "up-weights; GHM-R (μ = 0.02, M = 10, loss weight 10) does the same for box regression"
+                        ),
+                        source="Li et al. (2019), figures 1-2, section 4",
+                    )
+                )
     repeated = [n for n, r in zip(data.class_names, data.class_repeat_factors) if r > 1]
     if repeated:
-        out.append(Recommendation(
-            rule=f"classes in fewer than t = {data.repeat_threshold:g} of the images (LVIS's rare regime)",
-            evidence=f"{len(repeated)} class(es): {', '.join(repeated[:10])}; r up to {max(data.class_repeat_factors):.2f}",
-            remedy=(f"repeat-factor sampling r(c) = max(1, sqrt(t / f(c))) with t = {data.repeat_threshold:g}; "
-                    "each epoch then draws about {:,.0f} images".format(data.expected_epoch_size)),
-            source="Gupta et al., LVIS (2019), section 4 (repeat factor sampling)",
-        ))
+        out.append(
+            Recommendation(
+                rule=f"classes in fewer than t = {data.repeat_threshold:g} of the images (LVIS's rare regime)",
+                evidence=f"{len(repeated)} class(es): {', '.join(repeated[:10])}; r up to {max(data.class_repeat_factors):.2f}",
+                remedy=(
+                    f"repeat-factor sampling r(c) = max(1, sqrt(t / f(c))) with t = {data.repeat_threshold:g}; "
+                    "each epoch then draws about {:,.0f} images".format(data.expected_epoch_size)
+                ),
+                source="Gupta et al., LVIS (2019), section 4 (repeat factor sampling)",
+            )
+        )
     elif data.imbalance_ratio is not None and data.imbalance_ratio >= 10 and data.image_counts:
         present = [c for c in data.image_counts if c > 0]
         f_min = min(present) / data.num_images
-        out.append(Recommendation(
-            rule=f"instance ratio >= 10 between classes, but no class below t = {data.repeat_threshold:g}",
-            evidence=(f"most/least frequent = {data.imbalance_ratio:.0f}x; the rarest class is in "
-                      f"{_pct(f_min)} of the images"),
-            remedy=(f"repeat-factor sampling repeats nothing at t = {data.repeat_threshold:g}; t = r² · f(rarest) "
+        out.append(
+            Recommendation(
+                rule=f"instance ratio >= 10 between classes, but no class below t = {data.repeat_threshold:g}",
+                evidence=(
+                    f"most/least frequent = {data.imbalance_ratio:.0f}x; the rarest class is in "
+                    f"{_pct(f_min)} of the images"
+                ),
+                remedy=(
+                    f"repeat-factor sampling repeats nothing at t = {data.repeat_threshold:g}; t = r² · f(rarest) "
                     f"= {4 * f_min:.3g} repeats the rarest class's images r = 2 times (or use class-frequency "
-                    "loss weights, e.g. the effective number with β = 0.999)"),
-            source="Gupta et al., LVIS (2019); Cui et al., Class-Balanced Loss (2019)",
-        ))
+                    "loss weights, e.g. the effective number with β = 0.999)"
+                ),
+                source="Gupta et al., LVIS (2019); Cui et al., Class-Balanced Loss (2019)",
+            )
+        )
     if assignment is not None and assignment.num_gt:
         share = assignment.num_unmatched_gt / assignment.num_gt
         if share > UNMATCHED_SHARE:
             ious = ", ".join(f"{u.max_iou:.2f}" for u in assignment.unmatched[:5])
-            out.append(Recommendation(
-                rule=f"more than {_pct(UNMATCHED_SHARE)} of the ground-truth boxes get no positive anchor",
-                evidence=(f"{assignment.num_unmatched_gt} of {assignment.num_gt} ({_pct(share)}); best IoUs of "
-                          f"the first ones: {ious}"),
-                remedy=("these boxes get no loss at all, whatever the loss: add anchor sizes / aspect ratios "
-                        f"that reach IoU {assignment.high:g} with them, or lower the matcher's thresholds"),
-                source="measured (torchvision Matcher semantics)",
-            ))
+            out.append(
+                Recommendation(
+                    rule=f"more than {_pct(UNMATCHED_SHARE)} of the ground-truth boxes get no positive anchor",
+                    evidence=(
+                        f"{assignment.num_unmatched_gt} of {assignment.num_gt} ({_pct(share)}); best IoUs of "
+                        f"the first ones: {ious}"
+                    ),
+                    remedy=(
+                        "these boxes get no loss at all, whatever the loss: add anchor sizes / aspect ratios "
+                        f"that reach IoU {assignment.high:g} with them, or lower the matcher's thresholds"
+                    ),
+                    source="measured (torchvision Matcher semantics)",
+                )
+            )
     return out
 
 
@@ -288,8 +322,14 @@ def _progress(enabled: bool) -> Any:
     )
 
     return Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), disable=not enabled, transient=False,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
     )
 
 
@@ -310,7 +350,9 @@ def _checkpoint_config(state: dict[str, Any], checkpoint: Path) -> Any:
     from detbalance.config import config_from_dict, load_toml
 
     saved = state["config"]
-    return load_toml(saved, source=f"{checkpoint}:config") if isinstance(saved, str) else config_from_dict(saved)
+    return (
+        load_toml(saved, source=f"{checkpoint}:config") if isinstance(saved, str) else config_from_dict(saved)
+    )
 
 
 def _build(cfg: Any, dataset: Any, state: dict[str, Any] | None, checkpoint: Path | None) -> torch.nn.Module:
@@ -343,14 +385,21 @@ def _sample(n: int, k: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def _gradient_stats(model: torch.nn.Module, dataset: Any, indices: Sequence[int], progress: Any,
-                    *, batch_size: int, easy_threshold: float) -> GradientStats:
+def _gradient_stats(
+    model: torch.nn.Module,
+    dataset: Any,
+    indices: Sequence[int],
+    progress: Any,
+    *,
+    batch_size: int,
+    easy_threshold: float,
+) -> GradientStats:
     from detbalance.detectors import anchor_outputs
 
     acc = GradientAccumulator(easy_threshold=easy_threshold)
     task = progress.add_task("model: gradient norms", total=len(indices))
     for start in range(0, len(indices), batch_size):
-        batch = [dataset[i] for i in indices[start: start + batch_size]]
+        batch = [dataset[i] for i in indices[start : start + batch_size]]
         images = [b[0] for b in batch]
         targets = [b[1] for b in batch]
         out = anchor_outputs(model, images, targets)
@@ -361,12 +410,13 @@ def _gradient_stats(model: torch.nn.Module, dataset: Any, indices: Sequence[int]
 
 
 @torch.no_grad()
-def _class_ap(model: torch.nn.Module, dataset: Any, indices: Sequence[int], progress: Any,
-              *, batch_size: int) -> list[float | None]:
+def _class_ap(
+    model: torch.nn.Module, dataset: Any, indices: Sequence[int], progress: Any, *, batch_size: int
+) -> list[float | None]:
     task = progress.add_task("model: per-class AP (test split)", total=len(indices))
     preds, targets, sizes = [], [], []
     for start in range(0, len(indices), batch_size):
-        batch = [dataset[i] for i in indices[start: start + batch_size]]
+        batch = [dataset[i] for i in indices[start : start + batch_size]]
         preds += model([b[0] for b in batch])
         targets += [b[1] for b in batch]
         sizes += [tuple(b[0].shape[-2:]) for b in batch]
@@ -464,14 +514,22 @@ def run_profile(
         model = _build(cfg, train, state, checkpoint)
         idx = _sample(n, assignment_images, seed)
         task = bar.add_task("anchors: assignment", total=1)
-        astats = detector_assignment_stats(model, [targets[i] for i in idx], [train.image_size(i) for i in idx])
+        astats = detector_assignment_stats(
+            model, [targets[i] for i in idx], [train.image_size(i) for i in idx]
+        )
         bar.update(task, completed=1)
 
         gstats: GradientStats | None = None
         notes: list[str] = []
         if arch == "retinanet":
-            gstats = _gradient_stats(model, train, _sample(n, num_images, seed + 1), bar, batch_size=16,
-                                     easy_threshold=easy_threshold)
+            gstats = _gradient_stats(
+                model,
+                train,
+                _sample(n, num_images, seed + 1),
+                bar,
+                batch_size=16,
+                easy_threshold=easy_threshold,
+            )
             if state is None:
                 notes.append(
                     "No checkpoint: the model statistics are those of the freshly initialised RetinaNet "
@@ -479,12 +537,16 @@ def run_profile(
                     "at the first training step (focal paper, section 3.3)."
                 )
         else:
-            notes.append(f"Gradient statistics are computed for RetinaNet's sigmoid classifier; {arch} is skipped.")
+            notes.append(
+                f"Gradient statistics are computed for RetinaNet's sigmoid classifier; {arch} is skipped."
+            )
         class_ap: list[float | None] | None = None
         if state is not None:
             test = open_dataset(data, split="test", seed=cfg.data.seed)
             if len(test):
-                class_ap = _class_ap(model, test, _sample(len(test), num_images, seed + 2), bar, batch_size=16)
+                class_ap = _class_ap(
+                    model, test, _sample(len(test), num_images, seed + 2), bar, batch_size=16
+                )
         else:
             notes.append("No checkpoint: per-class AP is skipped.")
 
@@ -499,6 +561,7 @@ def run_profile(
         "config": str(config) if config is not None else None,
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "arch": arch,
+        "cls_loss": None if cfg.remedy.cls_loss is None else getattr(cfg.remedy.cls_loss, "name", None),
         "num_images": num_images,
         "assignment_images": len(idx),
         "seed": seed,
@@ -512,7 +575,13 @@ def run_profile(
         "figures": [p.name for _, p in figures],
     }
     (output / "profile.json").write_text(json.dumps(_to_json(result), indent=1, allow_nan=False))
-    md = _markdown(data, checkpoint, arch, lines, recs, notes, figures)
+    cls_loss = cfg.remedy.cls_loss
+    loss_name = (
+        getattr(cls_loss, "name", type(cls_loss).__name__)
+        if cls_loss is not None
+        else ("focal (torchvision default)" if arch == "retinanet" else "softmax CE (torchvision default)")
+    )
+    md = _markdown(data, checkpoint, f"{arch}, classification loss {loss_name}", lines, recs, notes, figures)
     path = output / "profile.md"
     path.write_text(md, encoding="utf-8")
     return path
@@ -529,26 +598,43 @@ _CAPTIONS = {
 }
 
 
-def _figures(d: DatasetStats, a: AssignmentStats | None, g: GradientStats | None,
-             class_ap: Sequence[float | None] | None, output: Path) -> list[tuple[str, Path]]:
+def _figures(
+    d: DatasetStats,
+    a: AssignmentStats | None,
+    g: GradientStats | None,
+    class_ap: Sequence[float | None] | None,
+    output: Path,
+) -> list[tuple[str, Path]]:
     todo = [("class_frequency", lambda: plots.plot_class_frequency(d))]
     if d.num_objects:
         todo.append(("box_sizes", lambda: plots.plot_box_sizes(d)))
     if a is not None:
         todo.append(("assignment", lambda: plots.plot_assignment(a)))
     if g is not None:
-        todo += [("gradient_density", lambda: plots.plot_gradient_density(g)),
-                 ("quadrant_shares", lambda: plots.plot_quadrant_shares(g)),
-                 ("loss_cdfs", lambda: plots.plot_loss_cdfs(g))]
+        todo += [
+            ("gradient_density", lambda: plots.plot_gradient_density(g)),
+            ("quadrant_shares", lambda: plots.plot_quadrant_shares(g)),
+            ("loss_cdfs", lambda: plots.plot_loss_cdfs(g)),
+        ]
     if class_ap is not None and any(v is not None for v in class_ap):
         todo.append(("class_ap", lambda: plots.plot_class_ap(d, class_ap)))
     return [(key, plots.save_figure(make(), output / f"{key}.png")) for key, make in todo]
 
 
-def _markdown(data: str, checkpoint: Path | None, arch: str, lines: list[str], recs: list[Recommendation],
-              notes: list[str], figures: list[tuple[str, Path]]) -> str:
+def _markdown(
+    data: str,
+    checkpoint: Path | None,
+    detector: str,
+    lines: list[str],
+    recs: list[Recommendation],
+    notes: list[str],
+    figures: list[tuple[str, Path]],
+) -> str:
     out = [f"# Imbalance profile: `{data}`", ""]
-    out.append(f"Detector: **{arch}**; model: " + (f"checkpoint `{checkpoint}`." if checkpoint else "at initialisation."))
+    out.append(
+        f"Detector: **{detector}**; model: "
+        + (f"checkpoint `{checkpoint}`." if checkpoint else "at initialisation.")
+    )
     out += ["", "## Reading", ""]
     out += [f"- {ln}" for ln in lines]
     if notes:
@@ -561,7 +647,13 @@ def _markdown(data: str, checkpoint: Path | None, arch: str, lines: list[str], r
         out.append("- No rule fired: no imbalance beyond the thresholds these rules use.")
     out += ["", "## Figures", ""]
     for key, path in figures:
-        out += [f"### {key.replace('_', ' ').capitalize()}", "", _CAPTIONS.get(key, ""), "",
-                f"![{key}]({path.name})", ""]
+        out += [
+            f"### {key.replace('_', ' ').capitalize()}",
+            "",
+            _CAPTIONS.get(key, ""),
+            "",
+            f"![{key}]({path.name})",
+            "",
+        ]
     out += ["Numbers: `profile.json`.", ""]
     return "\n".join(out)

@@ -144,7 +144,12 @@ def _flatten_targets(targets: Sequence[DetectionTarget]) -> tuple[Tensor, Tensor
     """Concatenate targets: boxes[M, 4] float64, labels[M], image index[M], boxes per image[N]."""
     counts = torch.tensor([int(t["labels"].numel()) for t in targets], dtype=torch.int64)
     if int(counts.sum()) == 0:
-        return torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64), counts.new_zeros(0), counts
+        return (
+            torch.zeros(0, 4, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.int64),
+            counts.new_zeros(0),
+            counts,
+        )
     boxes = torch.cat([t["boxes"].reshape(-1, 4).to(torch.float64) for t in targets])
     labels = torch.cat([t["labels"].reshape(-1).to(torch.int64) for t in targets])
     image = torch.repeat_interleave(torch.arange(len(targets)), counts)
@@ -177,7 +182,9 @@ def dataset_stats(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if len(targets) == 0:
         raise ValueError("targets is empty: the dataset has no images to profile")
-    names = [str(k) for k in range(1, num_classes + 1)] if class_names is None else [str(n) for n in class_names]
+    names = (
+        [str(k) for k in range(1, num_classes + 1)] if class_names is None else [str(n) for n in class_names]
+    )
     if len(names) != num_classes:
         raise ValueError(f"class_names has {len(names)} names, expected num_classes={num_classes}")
     boxes, labels, image, per_image = _flatten_targets(targets)
@@ -187,12 +194,16 @@ def dataset_stats(
             f"target labels must lie in 1..{num_classes}, got min {int(labels.min())}, max {int(labels.max())}"
         )
 
-    instance_counts = torch.bincount(labels - 1, minlength=num_classes) if labels.numel() else torch.zeros(
-        num_classes, dtype=torch.int64
+    instance_counts = (
+        torch.bincount(labels - 1, minlength=num_classes)
+        if labels.numel()
+        else torch.zeros(num_classes, dtype=torch.int64)
     )
     pairs = torch.unique(image * (num_classes + 1) + labels)  # distinct (image, class) pairs
-    image_counts = torch.bincount(pairs % (num_classes + 1) - 1, minlength=num_classes) if pairs.numel() else (
-        torch.zeros(num_classes, dtype=torch.int64)
+    image_counts = (
+        torch.bincount(pairs % (num_classes + 1) - 1, minlength=num_classes)
+        if pairs.numel()
+        else (torch.zeros(num_classes, dtype=torch.int64))
     )
 
     present = instance_counts > 0
@@ -380,7 +391,9 @@ def match_anchors(
     if not low <= high:
         raise ValueError(f"low must be <= high, got low={low}, high={high}")
     if low_quality_matches not in ("all_ties", "best_anchor", None):
-        raise ValueError(f"low_quality_matches must be 'all_ties', 'best_anchor' or None, got {low_quality_matches!r}")
+        raise ValueError(
+            f"low_quality_matches must be 'all_ties', 'best_anchor' or None, got {low_quality_matches!r}"
+        )
     batch, num_gt = gt_valid.shape
     if anchors.dim() == 2:
         anchors = anchors.expand(batch, -1, -1)
@@ -431,7 +444,11 @@ def _pad_anchors(
                 "anchors given as one Tensor[A, 4] need levels as one Tensor[A], got "
                 f"anchors {tuple(anchors.shape)}"
             )
-        return anchors.expand(batch, -1, -1), levels.expand(batch, -1), levels.new_ones(batch, len(levels)).bool()
+        return (
+            anchors.expand(batch, -1, -1),
+            levels.expand(batch, -1),
+            levels.new_ones(batch, len(levels)).bool(),
+        )
     if isinstance(levels, Tensor) or len(anchors) != batch or len(levels) != batch:
         raise ValueError(f"anchors and levels must be given per image ({batch} images) or shared")
     num = max(int(a.shape[0]) for a in anchors)
@@ -455,7 +472,7 @@ def assignment_stats(
     low_quality_matches: LowQualityMatches | None = "all_ties",
     level_names: Sequence[str] | None = None,
     max_listed: int = 20,
-    max_pairs: int = 2**24,
+    max_pairs: int = 2**22,
 ) -> AssignmentStats:
     """Positives, negatives and ignored anchors per level and per image, and the boxes no anchor matches.
 
@@ -504,7 +521,12 @@ def assignment_stats(
         boxes, labels, valid = _pad_targets(targets[sl], anchors_b.device)
         a_valid = anchor_valid[sl]
         matches, iou = match_anchors(
-            anchors_b[sl], boxes, valid, high=high, low=low, low_quality_matches=low_quality_matches,
+            anchors_b[sl],
+            boxes,
+            valid,
+            high=high,
+            low=low,
+            low_quality_matches=low_quality_matches,
             anchor_valid=a_valid,
         )
         lv = levels_b[sl]
@@ -521,12 +543,16 @@ def assignment_stats(
             onehot = matches[:, None, :] == torch.arange(boxes.shape[1], device=matches.device)[None, :, None]
             gt_num_pos.append((onehot & (iou > 0)).sum(dim=2)[valid])
             gt_label.append(labels[valid])
-            gt_image.append((torch.arange(sl.start, sl.stop, device=valid.device)[:, None].expand_as(valid))[valid])
+            gt_image.append(
+                (torch.arange(sl.start, sl.stop, device=valid.device)[:, None].expand_as(valid))[valid]
+            )
             gt_box.append(boxes[valid])
 
     pos_img_t, neg_img_t, ign_img_t = torch.cat(pos_img), torch.cat(neg_img), torch.cat(ign_img)
     if gt_max_iou:
-        max_iou, num_pos, label, image, box = (torch.cat(x).cpu() for x in (gt_max_iou, gt_num_pos, gt_label, gt_image, gt_box))
+        max_iou, num_pos, label, image, box = (
+            torch.cat(x).cpu() for x in (gt_max_iou, gt_num_pos, gt_label, gt_image, gt_box)
+        )
     else:
         max_iou = torch.zeros(0)
         num_pos = label = image = torch.zeros(0, dtype=torch.int64)
@@ -568,12 +594,14 @@ def assignment_stats(
     )
 
 
-def _detector_parts(model: torch.nn.Module) -> tuple[Any, Any, Any]:
-    """``(anchor_generator, matcher, level_kind)`` of a torchvision RetinaNet / Faster R-CNN / SSD."""
-    if hasattr(model, "rpn") and hasattr(model.rpn, "anchor_generator"):  # Faster R-CNN: the RPN assigns anchors
-        return model.rpn.anchor_generator, model.rpn.proposal_matcher, "rpn"
+def _detector_parts(model: torch.nn.Module) -> tuple[Any, Any]:
+    """``(anchor_generator, matcher)`` of a torchvision RetinaNet / Faster R-CNN (its RPN) / SSD."""
+    if hasattr(model, "rpn") and hasattr(
+        model.rpn, "anchor_generator"
+    ):  # Faster R-CNN: the RPN assigns anchors
+        return model.rpn.anchor_generator, model.rpn.proposal_matcher
     if hasattr(model, "anchor_generator") and hasattr(model, "proposal_matcher"):  # RetinaNet, SSD
-        return model.anchor_generator, model.proposal_matcher, "dense"
+        return model.anchor_generator, model.proposal_matcher
     raise ValueError(
         f"model {type(model).__name__} has no anchor generator and matcher: expected a torchvision RetinaNet, "
         "Faster R-CNN or SSD"
@@ -619,7 +647,7 @@ def detector_assignment_stats(
         raise ValueError(f"got {len(targets)} targets but {len(image_sizes)} image sizes")
     if len(targets) == 0:
         raise ValueError("targets is empty: no images to assign")
-    generator, matcher, _ = _detector_parts(model)
+    generator, matcher = _detector_parts(model)
     high, low, mode = _matcher_settings(matcher)
     was_training = model.training
     model.eval()
@@ -630,11 +658,17 @@ def detector_assignment_stats(
         names: list[str] = []
         for start in range(0, len(targets), batch_size):
             chunk_t = [
-                {"boxes": t["boxes"].to(device, torch.float32), "labels": t["labels"].to(device),
-                 "image_id": t.get("image_id", start + i)}
-                for i, t in enumerate(targets[start: start + batch_size])
+                {
+                    "boxes": t["boxes"].to(device, torch.float32),
+                    "labels": t["labels"].to(device),
+                    "image_id": t.get("image_id", start + i),
+                }
+                for i, t in enumerate(targets[start : start + batch_size])
             ]
-            blanks = [torch.zeros(3, int(h), int(w), device=device) for h, w in image_sizes[start: start + batch_size]]
+            blanks = [
+                torch.zeros(3, int(h), int(w), device=device)
+                for h, w in image_sizes[start : start + batch_size]
+            ]
             image_list, chunk_t = model.transform(blanks, chunk_t)
             key = tuple(image_list.tensors.shape[-2:])
             if key not in feature_cache:
@@ -644,17 +678,24 @@ def detector_assignment_stats(
             anchors = generator(image_list, feats)
             per_loc = generator.num_anchors_per_location()
             counts = [int(f.shape[-2] * f.shape[-1]) * int(n) for f, n in zip(feats, per_loc)]
-            level = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-            strides = [int(round(key[0] / f.shape[-2])) for f in feats]
-            names = [f"stride {s}" for s in strides] if len(strides) >= len(names) else names
+            level = torch.repeat_interleave(
+                torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+            )
+            names = [f"stride {int(round(key[0] / f.shape[-2]))}" for f in feats]
             all_anchors += list(anchors)
             all_levels += [level] * len(anchors)
             all_targets += chunk_t
     finally:
         model.train(was_training)
     return assignment_stats(
-        all_anchors, all_levels, all_targets, high=high, low=low, low_quality_matches=mode,
-        level_names=names, max_listed=max_listed,
+        all_anchors,
+        all_levels,
+        all_targets,
+        high=high,
+        low=low,
+        low_quality_matches=mode,
+        level_names=names,
+        max_listed=max_listed,
     )
 
 
@@ -681,7 +722,7 @@ class GradientStats:
         quadrant_counts: examples per quadrant (keys :data:`QUADRANTS`).
         gradient_share: ``{"ce" | "focal" | "ghm_c": {quadrant: share}}``, the fraction of the summed
             gradient magnitude ``sum |dL/dx|`` each quadrant contributes; each loss's shares sum to 1.
-        density: ``Tensor[M]`` counts of ``g`` per bin (:func:`detbalance.losses.gradient_density`).
+        density: ``M`` counts of ``g`` per bin (:func:`detbalance.losses.gradient_density`).
         density_positive: the same over positives only.
         density_negative: the same over negatives only.
         mean_gradient: ``{loss: [M]}`` mean per-example gradient magnitude in each ``g`` bin (GHM figure 2;
@@ -782,7 +823,9 @@ class GradientAccumulator:
         if focal_alpha is not None and not 0.0 <= focal_alpha <= 1.0:
             raise ValueError(f"focal_alpha must lie in [0, 1] or be None, got {focal_alpha}")
         if focal_gamma < 0 or any(g < 0 for g in cdf_gammas):
-            raise ValueError(f"gammas must be >= 0, got focal_gamma={focal_gamma}, cdf_gammas={tuple(cdf_gammas)}")
+            raise ValueError(
+                f"gammas must be >= 0, got focal_gamma={focal_gamma}, cdf_gammas={tuple(cdf_gammas)}"
+            )
         self.bins = bins
         self.easy_threshold = easy_threshold
         self.focal_alpha = focal_alpha
@@ -810,11 +853,16 @@ class GradientAccumulator:
         from detbalance.losses import gradient_density
 
         if logits.shape != targets.shape:
-            raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape"
+            )
         x = logits.detach().float().reshape(-1)
         y = targets.detach().float().reshape(-1)
-        v = (torch.ones_like(x, dtype=torch.bool) if valid is None
-             else valid.to(torch.bool).expand_as(logits).reshape(-1))
+        v = (
+            torch.ones_like(x, dtype=torch.bool)
+            if valid is None
+            else valid.to(torch.bool).expand_as(logits).reshape(-1)
+        )
         if bool(((y != 0) & (y != 1) & v).any()):
             raise ValueError("targets must be 0 or 1 on valid elements")
         m, c = self.bins, self.cdf_bins
@@ -840,7 +888,7 @@ class GradientAccumulator:
             focal = focal * torch.where(neg.bool(), 1.0 - self.focal_alpha, self.focal_alpha)
         self.sum_focal += per_cell(focal, 4 * m, cell).view(2, 2, m)
         # loss CDFs: log-spaced g bins (every (1 - p_t)^gamma CE increases with g)
-        cidx = ((torch.log10(g.clamp_min(10.0**self._log_lo)) - self._log_lo) * (c / -self._log_lo))
+        cidx = (torch.log10(g.clamp_min(10.0**self._log_lo)) - self._log_lo) * (c / -self._log_lo)
         ccell = torch.where(v, cidx.floor().clamp(0, c - 1).long() + neg * c, 2 * c)
         self.cdf_count += per_cell(None, 2 * c, ccell).view(2, c)
         for gi, gamma in enumerate(self.cdf_gammas):
@@ -938,7 +986,10 @@ def gradient_stats(
         :class:`GradientStats`.
     """
     acc = GradientAccumulator(
-        bins=bins, easy_threshold=easy_threshold, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+        bins=bins,
+        easy_threshold=easy_threshold,
+        focal_alpha=focal_alpha,
+        focal_gamma=focal_gamma,
         cdf_gammas=cdf_gammas,
     )
     acc.update(logits, targets, valid)
@@ -1000,15 +1051,32 @@ def per_class_ap(
         images.append({"id": i + 1, "height": int(h), "width": int(w)})
         for box, lab in zip(t["boxes"].reshape(-1, 4).double().tolist(), t["labels"].tolist()):
             bw, bh = box[2] - box[0], box[3] - box[1]
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(lab), "iscrowd": 0,
-                         "bbox": [box[0], box[1], bw, bh], "area": bw * bh})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(lab),
+                    "iscrowd": 0,
+                    "bbox": [box[0], box[1], bw, bh],
+                    "area": bw * bh,
+                }
+            )
         p = predictions[i]
         boxes = p["boxes"].detach().reshape(-1, 4).double().cpu().tolist()
         for box, s, lab in zip(boxes, p["scores"].detach().cpu().tolist(), p["labels"].cpu().tolist()):
-            dets.append({"image_id": i + 1, "category_id": int(lab), "score": float(s),
-                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            dets.append(
+                {
+                    "image_id": i + 1,
+                    "category_id": int(lab),
+                    "score": float(s),
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                }
+            )
     names = [str(k) for k in range(1, num_classes + 1)]
-    gt = {"images": images, "annotations": anns, "categories": [{"id": k, "name": names[k - 1]} for k in
-                                                                  range(1, num_classes + 1)]}
+    gt = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": k, "name": names[k - 1]} for k in range(1, num_classes + 1)],
+    }
     per_class = coco_metrics(gt, dets, label_names=names)["per_class"]
     return [None if per_class[n] != per_class[n] else float(per_class[n]) for n in names]

@@ -53,7 +53,12 @@ def check_nonnegative(name: str, value: float) -> None:
 
 def check_positive(name: str, value: float) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number ``> 0``."""
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 

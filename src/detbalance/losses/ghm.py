@@ -49,13 +49,14 @@ from detbalance.losses._reduction import (
     compute_dtype,
     elementwise_mask,
 )
+from detbalance.losses.focal import _bce_block
 from detbalance.losses.regression import _asl1
 from detbalance.types import Reduction
 
 __all__ = ["GHMCLoss", "GHMRLoss", "ghm_c_loss", "ghm_r_loss", "gradient_density"]
 
 NORMALIZATIONS = ("paper", "valid_bins")
-_CPU_BLOCK = 1 << 16
+_CPU_BLOCK = 1 << 18
 _CUDA_BLOCK = 1 << 22
 
 
@@ -127,7 +128,9 @@ def _weight_table(
     # float64 for the M-sized table: counts above 2^24 stay exact and float64 inputs get float64 weights.
     batch_hist = batch_hist.to(torch.float64)
     n_valid = batch_hist.sum()
-    dens = batch_hist if density is None else density.detach().to(device=batch_hist.device, dtype=torch.float64)
+    dens = (
+        batch_hist if density is None else density.detach().to(device=batch_hist.device, dtype=torch.float64)
+    )
     if normalization == "paper":
         gd = dens * float(bins)
     else:  # mmdetection: divide by the number of regions that hold an example of this batch
@@ -150,12 +153,13 @@ def _ghm_c_histogram(
     idx = torch.empty(x2.shape, dtype=torch.int32, device=logits.device)
     diff = torch.empty(x2.shape, dtype=dtype, device=logits.device) if need_grad else None
     step = max(1, (_CUDA_BLOCK if logits.device.type == "cuda" else _CPU_BLOCK) // max(1, cols))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        d = torch.sigmoid(x2[r0:r1].to(dtype), out=None if diff is None else diff[r0:r1])
-        d.sub_(y2[r0:r1].to(dtype))
-        g = torch.abs(d) if diff is not None else d.abs_()
-        _bin_index_(g, bins, idx[r0:r1], None if v2 is None else ~v2[r0:r1])
+    with torch.autocast(logits.device.type, enabled=False):
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            d = torch.sigmoid(x2[r0:r1].to(dtype), out=None if diff is None else diff[r0:r1])
+            d.sub_(y2[r0:r1].to(dtype))
+            g = torch.abs(d) if diff is not None else d.abs_()
+            _bin_index_(g, bins, idx[r0:r1], None if v2 is None else ~v2[r0:r1])
     return idx, _fold_counts(idx, bins), diff
 
 
@@ -190,7 +194,7 @@ class _GHMCFunction(torch.autograd.Function):
                 if w2 is not None:
                     w.mul_(w2[r0:r1].to(dtype))
                 x, y = x2[r0:r1].to(dtype), y2[r0:r1].to(dtype)
-                ce = F.softplus(x, threshold=20.0 if dtype == torch.float32 else 40.0).addcmul_(x, y, value=-1.0)
+                ce = _bce_block(x, y)
                 if out is not None:
                     torch.mul(ce, w, out=out[r0:r1])
                 else:
@@ -208,7 +212,12 @@ class _GHMCFunction(torch.autograd.Function):
 
 
 def _ghm_c_prepare(
-    logits: Tensor, targets: Tensor, valid: Tensor | None, weight: Tensor | None, bins: int, normalization: str,
+    logits: Tensor,
+    targets: Tensor,
+    valid: Tensor | None,
+    weight: Tensor | None,
+    bins: int,
+    normalization: str,
     reduction: str,
 ) -> tuple[Tensor | None, Tensor | None]:
     check_floating("logits", logits)
@@ -348,7 +357,9 @@ def _all_reduce_mean_(hist: Tensor) -> Tensor:
 class _GHMBase(nn.Module):
     self_normalizing: bool = True
 
-    def __init__(self, *, bins: int, momentum: float | None, bias_correction: bool, normalization: str) -> None:
+    def __init__(
+        self, *, bins: int, momentum: float | None, bias_correction: bool, normalization: str
+    ) -> None:
         super().__init__()
         check_bins(bins)
         check_momentum("momentum", momentum)
@@ -382,7 +393,9 @@ class _GHMBase(nn.Module):
                     ema.mul_(m).add_(hist.to(device=ema.device, dtype=ema.dtype), alpha=1.0 - m)
                     self.ema_steps.add_(1)
                 if self.bias_correction:
-                    corr = 1.0 - torch.pow(torch.tensor(m, device=ema.device), self.ema_steps.to(torch.float64))
+                    corr = 1.0 - torch.pow(
+                        torch.tensor(m, device=ema.device), self.ema_steps.to(torch.float64)
+                    )
                     ema = ema / corr.clamp(min=1e-12).to(ema.dtype)
                 density = ema if self.training else torch.where(self.ema_steps > 0, ema, hist)
             self.last_density = density.detach().to(torch.float32, copy=True)
@@ -401,7 +414,10 @@ class GHMCLoss(_GHMBase):
     ``forward(pred, target, valid=None, weight=None)`` returns the scalar ``(1/N) sum_i beta_i CE_i`` (already
     normalised as the paper does; :attr:`self_normalizing` is True). Pass all FPN levels of the batch in one
     call: the histogram buffer ``ema_density`` is updated once per call, in training mode only, from the
-    histogram all-reduced across ranks (see :func:`_all_reduce_mean_`). ``last_density`` holds the density
+    histogram all-reduced across ranks (SUM of counts divided by the world size, so DDP's gradient average
+    equals the single-process loss of the whole batch). Every bin decays, empty ones included. In eval mode
+    the buffer is not touched; the loss uses the (bias-corrected) EMA if it has been updated at least once,
+    like BatchNorm's running statistics, else the batch's own density. ``last_density`` holds the density
     used by the latest call, for recorders.
 
     Args:
@@ -419,15 +435,21 @@ class GHMCLoss(_GHMBase):
         bias_correction: bool = True,
         normalization: str = "paper",
     ) -> None:
-        super().__init__(bins=bins, momentum=momentum, bias_correction=bias_correction, normalization=normalization)
+        super().__init__(
+            bins=bins, momentum=momentum, bias_correction=bias_correction, normalization=normalization
+        )
 
-    def forward(self, pred: Tensor, target: Tensor, valid: Tensor | None = None, weight: Tensor | None = None):
+    def forward(
+        self, pred: Tensor, target: Tensor, valid: Tensor | None = None, weight: Tensor | None = None
+    ):
         valid, weight = _ghm_c_prepare(pred, target, valid, weight, self.bins, self.normalization, "mean")
         need_grad = pred.requires_grad and torch.is_grad_enabled()
         with torch.no_grad():
             idx, hist, diff = _ghm_c_histogram(pred, target, valid, self.bins, need_grad)
         density = self._density(hist)
-        return _ghm_c_apply(pred, target, idx, diff, hist, density, weight, self.bins, self.normalization, "mean")
+        return _ghm_c_apply(
+            pred, target, idx, diff, hist, density, weight, self.bins, self.normalization, "mean"
+        )
 
 
 class GHMRLoss(_GHMBase):
@@ -446,7 +468,9 @@ class GHMRLoss(_GHMBase):
         normalization: str = "paper",
     ) -> None:
         check_positive("mu", mu)
-        super().__init__(bins=bins, momentum=momentum, bias_correction=bias_correction, normalization=normalization)
+        super().__init__(
+            bins=bins, momentum=momentum, bias_correction=bias_correction, normalization=normalization
+        )
         self.mu = float(mu)
 
     def forward(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -456,11 +480,19 @@ class GHMRLoss(_GHMBase):
         with torch.no_grad():
             d = pred.detach().float() - target.detach().float()
             g = d.abs() / torch.sqrt(d * d + self.mu * self.mu)
-            hist = gradient_density(g, bins=self.bins, valid=None if v is None else v.bool().expand(pred.shape))
+            hist = gradient_density(
+                g, bins=self.bins, valid=None if v is None else v.bool().expand(pred.shape)
+            )
         density = self._density(hist)
         return ghm_r_loss(
-            pred, target, mu=self.mu, bins=self.bins, density=density, valid=valid,
-            normalization=self.normalization, reduction="mean",
+            pred,
+            target,
+            mu=self.mu,
+            bins=self.bins,
+            density=density,
+            valid=valid,
+            normalization=self.normalization,
+            reduction="mean",
         )
 
     def extra_repr(self) -> str:

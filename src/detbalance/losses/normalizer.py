@@ -46,7 +46,9 @@ def _mean_over_ranks(total: Tensor) -> Tensor:
     return total
 
 
-def normalize_by_positives(per_image_loss: Tensor, num_positives: Tensor, *, mode: str = "per_batch") -> Tensor:
+def normalize_by_positives(
+    per_image_loss: Tensor, num_positives: Tensor, *, mode: str = "per_batch"
+) -> Tensor:
     """Normalise summed per-image losses by the number of positives (no distributed communication).
 
     Args:
@@ -81,7 +83,12 @@ class PositiveNormalizer(nn.Module):
     """
 
     def __init__(
-        self, mode: str = "per_batch", *, momentum: float = 0.9, all_reduce: bool = True, initial: float = 100.0
+        self,
+        mode: str = "per_batch",
+        *,
+        momentum: float = 0.9,
+        all_reduce: bool = True,
+        initial: float = 100.0,
     ) -> None:
         super().__init__()
         if mode not in MODES:

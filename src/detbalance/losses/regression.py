@@ -32,7 +32,9 @@ def _check_pair(pred: Tensor, target: Tensor, reduction: str) -> torch.dtype:
     return compute_dtype(pred, target)
 
 
-def smooth_l1_loss(pred: Tensor, target: Tensor, *, beta: float = 1.0 / 9.0, reduction: Reduction = "none") -> Tensor:
+def smooth_l1_loss(
+    pred: Tensor, target: Tensor, *, beta: float = 1.0 / 9.0, reduction: Reduction = "none"
+) -> Tensor:
     """Smooth L1 (Fast R-CNN, Girshick 2015): ``0.5 d^2 / beta`` if ``|d| < beta`` else ``|d| - 0.5 beta``.
 
     Equals ``F.smooth_l1_loss(pred, target, beta=beta)``; ``beta = 0`` is the L1 loss. The default ``1/9`` is

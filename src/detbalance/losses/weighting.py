@@ -47,5 +47,9 @@ def class_frequency_weights(counts: Tensor, *, method: str = "inverse", beta: fl
         w = n.rsqrt()
     else:
         # (1 - beta^n) computed as -expm1(n log beta) for accuracy when beta^n is close to 1.
-        w = (1.0 - beta) / -torch.expm1(n * torch.log(torch.tensor(beta, dtype=dtype))) if beta > 0 else n * 0 + 1
+        w = (
+            (1.0 - beta) / -torch.expm1(n * torch.log(torch.tensor(beta, dtype=dtype)))
+            if beta > 0
+            else n * 0 + 1
+        )
     return w * (w.numel() / w.sum())
