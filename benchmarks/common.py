@@ -112,8 +112,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_metadata(device: torch.device | str, *, num_threads: int) -> dict[str, Any]:
-    """What is needed to reproduce and compare a result: code version, library versions, hardware, threads."""
+def run_metadata(device: torch.device | str, *, num_threads: int | None = None) -> dict[str, Any]:
+    """What is needed to reproduce and compare a result: code version, library versions, hardware, threads.
+
+    ``num_threads`` defaults to ``torch.get_num_threads()``.
+    """
     import torchvision
 
     import detbalance
@@ -131,7 +134,7 @@ def run_metadata(device: torch.device | str, *, num_threads: int) -> dict[str, A
         "device": dev.type,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "cpu_count": os.cpu_count(),
-        "num_threads": num_threads,
+        "num_threads": torch.get_num_threads() if num_threads is None else num_threads,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
     }

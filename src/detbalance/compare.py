@@ -221,29 +221,42 @@ def _train_class_counts(cfg: ExperimentConfig) -> dict[str, int]:
     return {name: int(n) for name, n in zip(train.label_names, counts, strict=True)}
 
 
-def _curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Learning curve points from ``metrics.jsonl`` records: the training loss (EMA-smoothed) and any AP."""
+def _curve(metrics_file: Path) -> list[dict[str, Any]]:
+    """Learning-curve points from a run's ``metrics.jsonl``: the training loss (EMA-smoothed) and any AP."""
     points: list[dict[str, Any]] = []
     smooth = None
-    for rec in history:
-        if rec.get("kind", "train") == "train" and "loss" in rec:
-            loss = float(rec["loss"])
-            if math.isfinite(loss):
-                smooth = loss if smooth is None else 0.7 * smooth + 0.3 * loss
-                points.append({"iter": int(rec["step"]), "loss": smooth})
-        if "AP" in rec and rec.get("kind") == "eval":
-            points.append({"iter": int(rec["step"]), "AP": float(rec["AP"])})
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("type") == "train" and rec.get("loss") is not None and math.isfinite(rec["loss"]):
+            smooth = rec["loss"] if smooth is None else 0.7 * smooth + 0.3 * rec["loss"]
+            points.append({"iter": int(rec["step"]), "loss": smooth})
+        elif rec.get("type") == "eval" and rec.get("metrics", {}).get("AP") is not None:
+            points.append({"iter": int(rec["step"]), "AP": float(rec["metrics"]["AP"])})
     return points
 
 
-def _grad_density(run_dir: Path, cfg: ExperimentConfig, *, num_images: int = 64) -> dict[str, Any] | None:
-    """The gradient-norm density g = |sigmoid(x) - y| of the trained RetinaNet over test images."""
+@torch.no_grad()
+def _grad_density(run_dir: Path, *, num_images: int = 64, bins: int = 30) -> dict[str, Any] | None:
+    """Gradient-norm density g = |sigmoid(x) - y| of a trained RetinaNet over the first test images."""
+    from detbalance.analysis.stats import GradientAccumulator, sigmoid_targets
+    from detbalance.builders import build_datasets
+    from detbalance.detectors import anchor_outputs
+    from detbalance.engine.run import load_trained_model
+
+    model, cfg, _ = load_trained_model(run_dir / "checkpoint.pt")
     if cfg.model.arch != "retinanet":
         return None
-    from detbalance.analysis.stats import model_stats_from_checkpoint
-
-    stats = model_stats_from_checkpoint(run_dir / "checkpoint.pt", num_images=num_images, bins=30)
-    return {"counts": [float(c) for c in stats.density], "bins": len(stats.density)}
+    _, test = build_datasets(cfg, seed=cfg.data.seed)
+    acc = GradientAccumulator(bins=bins)
+    indices = list(range(min(num_images, len(test))))
+    for start in range(0, len(indices), 16):
+        batch = [test[i] for i in indices[start : start + 16]]
+        out = anchor_outputs(model, [b[0] for b in batch], [b[1] for b in batch])
+        tgt, valid = sigmoid_targets(out.labels, out.cls_logits.shape[-1], background_column=True)
+        acc.update(out.cls_logits, tgt, valid)
+    return {"counts": [float(c) for c in acc.result().density], "bins": bins, "images": len(indices)}
 
 
 def _run_one(
@@ -275,8 +288,8 @@ def _run_one(
         "seed": cfg.engine.seed,
         "metrics": metrics,
         "images_per_s": res.images_per_s,
-        "curve": _curve(res.history),
-        "grad_density": _grad_density(run_dir, cfg),
+        "curve": _curve(res.metrics_file),
+        "grad_density": _grad_density(run_dir),
     }
     result_file.write_text(json.dumps(out, indent=1, allow_nan=True))
     return out

@@ -295,13 +295,21 @@ class RPNSamplerConfig:
 
 @dataclass(frozen=True)
 class SSDMiningConfig:
-    """SSD hard negative mining (Liu et al., 2016): keep the highest-loss negatives at ``ratio : 1``."""
+    """SSD hard negative mining (Liu et al., 2016): keep the highest-loss negatives at ``ratio : 1``.
 
-    negative_ratio: float = 3.0
+    ``negative_ratio = None`` (``"none"`` in TOML) turns mining off: every negative counts, which is what
+    a softmax focal loss over all boxes wants.
+    """
+
+    negative_ratio: float | None = 3.0
     min_negatives: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.negative_ratio > 0.0, "negative_ratio", f"must be > 0, got {self.negative_ratio}")
+        _require(
+            self.negative_ratio is None or self.negative_ratio > 0.0,
+            "negative_ratio",
+            f"must be > 0 or none, got {self.negative_ratio}",
+        )
         _require(
             self.min_negatives is None or self.min_negatives >= 0,
             "min_negatives",

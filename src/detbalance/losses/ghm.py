@@ -125,16 +125,16 @@ def _weight_table(
     The weight is ``beta / N = 1 / GD`` for ``'mean'`` and ``beta = N / GD`` otherwise; regions whose density
     is 0 (possible only with a user-supplied density) get weight 0.
     """
-    # float64 for the M-sized table: counts above 2^24 stay exact and float64 inputs get float64 weights.
-    batch_hist = batch_hist.to(torch.float64)
+    # float64 for the M-sized table: counts above 2^24 stay exact and float64 inputs get float64 weights
+    # (float32 on MPS, which has no float64).
+    f64 = torch.float32 if batch_hist.device.type == "mps" else torch.float64
+    batch_hist = batch_hist.to(f64)
     n_valid = batch_hist.sum()
-    dens = (
-        batch_hist if density is None else density.detach().to(device=batch_hist.device, dtype=torch.float64)
-    )
+    dens = batch_hist if density is None else density.detach().to(device=batch_hist.device, dtype=f64)
     if normalization == "paper":
         gd = dens * float(bins)
     else:  # mmdetection: divide by the number of regions that hold an example of this batch
-        gd = dens * (batch_hist > 0).sum().to(torch.float64)
+        gd = dens * (batch_hist > 0).sum().to(f64)
     inv_gd = torch.where(gd > 0, 1.0 / gd.clamp(min=1e-300), torch.zeros_like(gd))
     table = inv_gd if reduction == "mean" else inv_gd * n_valid
     # index M (g == 1) shares region M - 1's weight; index M + 1 (invalid) weighs 0
@@ -382,7 +382,7 @@ class _GHMBase(nn.Module):
         """
         with torch.no_grad():
             # Collectives only in training: evaluation may run on a subset of ranks.
-            hist = hist.to(torch.float64)
+            hist = hist.to(torch.float32 if hist.device.type == "mps" else torch.float64)
             hist = _all_reduce_mean_(hist) if self.training else hist
             if self.momentum is None:
                 density = hist
@@ -393,10 +393,9 @@ class _GHMBase(nn.Module):
                     ema.mul_(m).add_(hist.to(device=ema.device, dtype=ema.dtype), alpha=1.0 - m)
                     self.ema_steps.add_(1)
                 if self.bias_correction:
-                    corr = 1.0 - torch.pow(
-                        torch.tensor(m, device=ema.device), self.ema_steps.to(torch.float64)
-                    )
-                    ema = ema / corr.clamp(min=1e-12).to(ema.dtype)
+                    # 1 - m^t from the step buffer, on device (a scalar base needs no host-to-device copy)
+                    corr = 1.0 - torch.pow(m, self.ema_steps.to(ema.dtype))
+                    ema = ema / corr.clamp(min=1e-12)
                 density = ema if self.training else torch.where(self.ema_steps > 0, ema, hist)
             self.last_density = density.detach().to(torch.float32, copy=True)
         return density
@@ -441,7 +440,7 @@ class GHMCLoss(_GHMBase):
 
     def forward(
         self, pred: Tensor, target: Tensor, valid: Tensor | None = None, weight: Tensor | None = None
-    ):
+    ) -> Tensor:
         valid, weight = _ghm_c_prepare(pred, target, valid, weight, self.bins, self.normalization, "mean")
         need_grad = pred.requires_grad and torch.is_grad_enabled()
         with torch.no_grad():

@@ -77,8 +77,9 @@ class PositiveNormalizer(nn.Module):
     Args:
         mode: ``'per_batch'`` (paper), ``'per_image'`` (torchvision) or ``'ema'`` (detectron2).
         momentum: EMA momentum for ``'ema'`` (detectron2: 0.9).
-        all_reduce: for ``'per_batch'`` and ``'ema'``, average the positive count over DDP ranks (when a process
-            group is initialised) so that every rank divides by the same number.
+        all_reduce: for ``'per_batch'`` and ``'ema'`` in training mode, average the positive count over DDP
+            ranks (when a process group is initialised) so that every rank divides by the same number. No
+            collective runs in eval mode (evaluation may run on a subset of ranks).
         initial: starting value of the EMA (detectron2: 100).
     """
 
