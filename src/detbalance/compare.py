@@ -398,7 +398,7 @@ def run_compare(
             mentry["runs"].append(run)
             (output / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
     results["setup"]["wall time"] = f"{time.perf_counter() - t0:.0f} s"
-    for name, entry in results["suites"].items():
+    for entry in results["suites"].values():
         entry["findings"] = _findings(entry)
     (output / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
     return write_report(results, output)

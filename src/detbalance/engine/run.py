@@ -279,6 +279,10 @@ def _fit(
     model: nn.Module = build_model(
         cfg, num_classes=train_ds.num_classes, image_size=image_size, counts=counts, recorder=recorder
     ).to(device)
+    if device.type == "cpu":
+        # oneDNN convolutions run faster in NHWC: a RetinaNet step on the tiny backbone at batch 16 took
+        # 93 ms instead of 116 ms with 2 threads (measured on the 2-core CI machine kind).
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
     total = e.iterations
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
