@@ -295,23 +295,48 @@ def _run_one(
     return out
 
 
-def _setup(command: str, preset: str | None, iters: int, seeds: list[int], batch_size: int) -> dict[str, Any]:
-    from detbalance.data.benchmark import PRESETS
+def _data_summary(preset: str, *, sample: int = 500) -> dict[str, Any]:
+    """What the report says about the data: sizes, class balance and the RetinaNet anchor balance."""
+    from detbalance.analysis.stats import dataset_stats, detector_assignment_stats
+    from detbalance.data import make_benchmark
+    from detbalance.detectors import build_detector
 
+    train, test = make_benchmark(preset, split="train"), make_benchmark(preset, split="test")
+    targets = [train.target(i) for i in range(len(train))]
+    ds = dataset_stats(targets, num_classes=train.num_classes, class_names=train.label_names)
+    n = min(sample, len(train))
+    size = train.image_size(0)[0]
+    model = build_detector("retinanet", num_classes=train.num_classes, image_size=size)
+    assign = detector_assignment_stats(model, targets[:n], [train.image_size(i) for i in range(n)])
+    return {
+        "images": f"{len(train)} train / {len(test)} test, {size}x{size} px",
+        "objects per train image": f"{ds.objects_per_image_mean:.2f}",
+        "train instances per class": ", ".join(
+            f"{c}: {k}" for c, k in zip(ds.class_names, ds.instance_counts, strict=True)
+        )
+        + (f" ({ds.imbalance_ratio:.0f}:1)" if ds.imbalance_ratio else ""),
+        "RetinaNet anchors per image": f"{sum(assign.anchors_per_level) // max(1, assign.num_images)}",
+        "positive anchors per image": f"{sum(assign.positives_per_level) / max(1, assign.num_images):.1f}",
+        "pos:neg (RetinaNet assignment)": "–"
+        if assign.negatives_per_positive is None
+        else f"1:{assign.negatives_per_positive:.0f} (on {assign.num_images} train images)",
+        "benchmark spec": ", ".join(f"{k}={v}" for k, v in train.describe().items()),
+    }
+
+
+def _setup(command: str, preset: str | None, iters: int, seeds: list[int], batch_size: int) -> dict[str, Any]:
     data_preset = preset or "default"
-    spec = PRESETS[data_preset]
-    setup: dict[str, Any] = {
+    return {
         "command": command,
-        "preset": data_preset,
+        "preset": data_preset + " (the noise suite uses noisy)" if preset is None else data_preset,
         "iterations per run": iters,
         "batch size": batch_size,
         "seeds": ", ".join(map(str, seeds)),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         + ("CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"),
         "versions": f"detbalance {__version__}, torch {torch.__version__}, python {platform.python_version()}",
-        "data": {k: v for k, v in spec.describe().items()} if hasattr(spec, "describe") else {},
+        "data": _data_summary(data_preset),
     }
-    return setup
 
 
 def run_compare(

@@ -19,6 +19,8 @@ from typing import Literal, NamedTuple, TypedDict
 import torch
 from torch import Tensor
 
+__all__ = ["BACKGROUND", "IGNORE", "DetectionTarget", "Reduction", "SampledIndices", "one_hot_targets"]
+
 IGNORE: int = -1
 BACKGROUND: int = 0
 
