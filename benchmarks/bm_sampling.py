@@ -28,29 +28,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import re
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
-from torch.utils import benchmark as tbench
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ensure_repo_on_path, ratio, run_metadata, time_us, write_report  # noqa: E402
+
+ensure_repo_on_path()
 
 from tests.sampling.inputs import random_anchor_labels, random_rois  # noqa: E402
 
-import detbalance  # noqa: E402
 from detbalance.sampling import (  # noqa: E402
     RepeatFactorSampler,
     repeat_factors,
@@ -59,56 +52,12 @@ from detbalance.sampling import (  # noqa: E402
     select_hard_examples_stratified,
 )
 
-try:  # shared helpers, if benchmarks/common.py is there
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import run_metadata as _common_run_metadata  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the checkout
-    _common_run_metadata = None
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def measure(fn: Callable[[], object], *, smoke: bool, min_run_time: float) -> dict[str, Any]:
-    """Median/IQR in microseconds (``None`` in smoke mode, where ``fn`` runs once)."""
-    fn()  # warm-up
-    if smoke:
-        return {"median_us": None, "iqr_us": None, "runs": 1}
-    m = tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return {"median_us": m.median * 1e6, "iqr_us": m.iqr * 1e6, "runs": len(m.times)}
-
-
-def run_metadata(device: torch.device) -> dict[str, Any]:
-    if _common_run_metadata is not None:
-        try:
-            return dict(_common_run_metadata(device))
-        except Exception:  # noqa: BLE001 - fall back to the local metadata
-            pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                cwd=ROOT).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {
-        "detbalance": detbalance.__version__,
-        "commit": commit,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-    }
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
+def measure(fn: Callable[[], object], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """:func:`common.time_us` with this run's options (``None`` timings in smoke mode, where ``fn`` runs once)."""
+    return time_us(fn, device=device, num_threads=args.threads, min_run_time=args.min_run_time, smoke=args.smoke)
 
 
 # -------------------------------------------------------------------------------------------------- cases
@@ -126,16 +75,16 @@ def bench_fixed_ratio(args: argparse.Namespace, device: torch.device) -> list[di
         generator = torch.Generator(device=device).manual_seed(0)
         torch.manual_seed(0)
         ours = measure(lambda: sample_fixed_ratio_batched(labels, 256, 0.5, generator=generator),  # noqa: B023
-                       smoke=args.smoke, min_run_time=args.min_run_time)
+                       args, device)
         ours_list = measure(lambda: sample_fixed_ratio_batched(rows, 256, 0.5, generator=generator),  # noqa: B023
-                            smoke=args.smoke, min_run_time=args.min_run_time)
-        tv = measure(lambda: tv_sampler(rows), smoke=args.smoke, min_run_time=args.min_run_time)  # noqa: B023
+                            args, device)
+        tv = measure(lambda: tv_sampler(rows), args, device)  # noqa: B023
         shape = f"{images}x{anchors} ({regime}) -> 256 @ 0.5"
         results += [
             {"case": "fixed_ratio", "impl": "detbalance batched (padded tensor)", "shape": shape, **ours,
-             "vs_torchvision": _ratio(ours["median_us"], tv["median_us"])},
+             "vs_torchvision": ratio(ours["median_us"], tv["median_us"])},
             {"case": "fixed_ratio", "impl": "detbalance batched (list input)", "shape": shape, **ours_list,
-             "vs_torchvision": _ratio(ours_list["median_us"], tv["median_us"])},
+             "vs_torchvision": ratio(ours_list["median_us"], tv["median_us"])},
             {"case": "fixed_ratio", "impl": "torchvision BalancedPositiveNegativeSampler", "shape": shape, **tv,
              "vs_torchvision": 1.0},
         ]
@@ -152,11 +101,11 @@ def bench_ohem(args: argparse.Namespace, device: torch.device) -> list[dict[str,
         losses = cls + loc
         shape = f"{images}x{per_image} -> 128/image"
         ohem = measure(lambda: select_hard_examples(losses, labels, boxes, batch_idx, num_samples=128, nms_iou=0.7),  # noqa: B023
-                       smoke=args.smoke, min_run_time=args.min_run_time)
+                       args, device)
         sohem = measure(
             lambda: select_hard_examples_stratified(cls, loc, labels, boxes, batch_idx, num_samples=128,  # noqa: B023
                                                     progress=0.5, strata=4),
-            smoke=args.smoke, min_run_time=args.min_run_time,
+            args, device,
         )
         features = torch.randn(images * per_image, 256, 7, 7, generator=torch.Generator().manual_seed(1)).to(device)
 
@@ -164,12 +113,12 @@ def bench_ohem(args: argparse.Namespace, device: torch.device) -> list[dict[str,
             with torch.no_grad():
                 head(x)
 
-        fwd = measure(forward, smoke=args.smoke, min_run_time=args.min_run_time)
+        fwd = measure(forward, args, device)
         results += [
             {"case": "ohem", "impl": "select_hard_examples (NMS 0.7)", "shape": shape, **ohem,
-             "vs_head_forward": _ratio(ohem["median_us"], fwd["median_us"])},
+             "vs_head_forward": ratio(ohem["median_us"], fwd["median_us"])},
             {"case": "ohem", "impl": "select_hard_examples_stratified (4 strata)", "shape": shape, **sohem,
-             "vs_head_forward": _ratio(sohem["median_us"], fwd["median_us"])},
+             "vs_head_forward": ratio(sohem["median_us"], fwd["median_us"])},
             {"case": "ohem", "impl": "TwoMLPHead(256*7*7, 1024) forward, no grad", "shape": f"{images * per_image} RoIs",
              **fwd, "vs_head_forward": 1.0},
         ]
@@ -188,7 +137,7 @@ def bench_repeat_factors(args: argparse.Namespace, device: torch.device) -> list
     num_images = 10_000 if args.smoke else 1_000_000
     cats = _categories(num_images, 1203, seed=0)  # LVIS v1 has 1203 categories
     factors = repeat_factors(cats, threshold=0.001)
-    rf = measure(lambda: repeat_factors(cats, threshold=0.001), smoke=args.smoke, min_run_time=args.min_run_time)
+    rf = measure(lambda: repeat_factors(cats, threshold=0.001), args, device)
     sampler = RepeatFactorSampler(factors, seed=0)
     epoch = [0]
 
@@ -197,7 +146,7 @@ def bench_repeat_factors(args: argparse.Namespace, device: torch.device) -> list
         sampler.set_epoch(epoch[0])
         sampler.epoch_indices()
 
-    ep = measure(one_epoch, smoke=args.smoke, min_run_time=args.min_run_time)
+    ep = measure(one_epoch, args, device)
     shape = f"{num_images} images"
     return [
         {"case": "repeat_factors", "impl": "repeat_factors (t=0.001)", "shape": shape, **rf,
@@ -212,6 +161,7 @@ def bench_repeat_factors(args: argparse.Namespace, device: torch.device) -> list
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     results = bench_fixed_ratio(args, device) + bench_ohem(args, device) + bench_repeat_factors(args, device)
     targets = {}
     if not args.smoke:
@@ -221,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 targets[f"fixed_ratio_batched_not_slower_than_torchvision [{regime}]"] = bool(r["vs_torchvision"] <= 1.0)
         ohem = next(r for r in results if r["case"] == "ohem" and r["shape"].startswith("2x2000 "))
         targets["ohem_2x2000_cheaper_than_head_forward"] = bool(ohem["vs_head_forward"] < 1.0)
-    return {"suite": "sampling", "smoke": args.smoke, "metadata": run_metadata(device), "results": results,
+    return {"suite": "sampling", "smoke": args.smoke, "metadata": run_metadata(device, num_threads=args.threads), "results": results,
             "targets": targets}
 
 
@@ -236,9 +186,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---:|---:|---:|",
     ]
     for r in report["results"]:
-        ratio = r.get("vs_torchvision", r.get("vs_head_forward"))
+        rel = r.get("vs_torchvision", r.get("vs_head_forward"))
         lines.append(f"| {r['case']} | {r['impl']} | {r['shape']} | {f(r['median_us'], '.1f')} | "
-                     f"{f(r['iqr_us'], '.1f')} | {f(ratio, '.3f')} |")
+                     f"{f(r['iqr_us'], '.1f')} | {f(rel, '.3f')} |")
     lines += ["", "ratio: to torchvision's sampler (fixed_ratio) or to the RoI head forward (ohem).", ""]
     for name, ok in report["targets"].items():
         lines.append(f"- {name}: {'met' if ok else 'NOT met'}")
@@ -249,18 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, each case once, no timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (timer and torch)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per case for the timer")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
     report = run(args)
-    root = args.out or (Path(tempfile.mkdtemp()) if args.smoke else Path(__file__).parent / "results")
-    out_dir = root / detbalance.__version__
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"sampling--{device_slug(torch.device(args.device))}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {out_dir / stem}.json")
+    table = markdown(report)
+    path = write_report(report, table, suite="sampling", device=args.device, out=args.out, smoke=args.smoke)
+    print(table)
+    print(f"wrote {path}")
     return 0
 
 

@@ -32,24 +32,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import re
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import Tensor, nn
-from torch.utils import benchmark as tbench
 
-import detbalance
-from detbalance.detectors.build import build_detector
-from detbalance.detectors.faster_rcnn import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_memory_bytes, ratio, run_metadata, time_us, write_report  # noqa: E402
+from detbalance.detectors.build import build_detector  # noqa: E402
+from detbalance.detectors.faster_rcnn import (  # noqa: E402
     BalancedRoIHeads,
     FixedRatioRoISampler,
     OHEMRoISampler,
@@ -57,7 +51,7 @@ from detbalance.detectors.faster_rcnn import (
     balance_faster_rcnn,
     roi_losses,
 )
-from detbalance.sampling import select_hard_examples
+from detbalance.sampling import select_hard_examples  # noqa: E402
 
 NUM_CLASSES = 5  # K object classes
 
@@ -118,14 +112,12 @@ def faster_rcnn_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
 def retinanet_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
     def focal(m: nn.Module) -> nn.Module:
         from detbalance.detectors.retinanet import balance_retinanet
-
         from detbalance.losses import L1Loss, SigmoidFocalLoss
 
         return balance_retinanet(m, cls_loss=SigmoidFocalLoss(), box_loss=L1Loss(), normalizer="per_image")
 
     def ghm(m: nn.Module) -> nn.Module:
         from detbalance.detectors.retinanet import balance_retinanet
-
         from detbalance.losses import GHMCLoss, GHMRLoss
 
         return balance_retinanet(m, cls_loss=GHMCLoss(), box_loss=GHMRLoss(), normalizer="per_batch")
@@ -176,58 +168,18 @@ def make_step(model: nn.Module, images: list[Tensor], targets: list[dict[str, An
     return step
 
 
-def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
-def measure(step: Callable[[], None], device: torch.device, *, smoke: bool, min_run_time: float) -> dict:
-    step()  # warm-up (lazy init, cuDNN autotune, optimizer state)
-    if smoke:
-        return {"median_ms": None, "iqr_ms": None, "peak_mem_mb": peak_memory_mb(step, device)}
-    step()
-    timer = tbench.Timer(stmt="step()", globals={"step": step})
-    m = timer.blocked_autorange(min_run_time=min_run_time)
+def measure(step: Callable[[], None], device: torch.device, *, smoke: bool, min_run_time: float,
+            num_threads: int) -> dict[str, Any]:
+    """Median/IQR ms per step (:func:`common.time_us`; ``None`` in smoke mode) and peak MiB (CUDA only)."""
+    step()  # warm-up (lazy init, cuDNN autotune, optimizer state); time_us adds one more untimed call
+    t = time_us(step, device=device, num_threads=num_threads, min_run_time=min_run_time, smoke=smoke)
+    peak = peak_memory_bytes(step, device=device) / 2**20 if device.type == "cuda" else None
     return {
-        "median_ms": m.median * 1e3,
-        "iqr_ms": m.iqr * 1e3,
-        "runs": len(m.times),
-        "peak_mem_mb": peak_memory_mb(step, device),
+        "median_ms": None if t["median_us"] is None else t["median_us"] / 1e3,
+        "iqr_ms": None if t["iqr_us"] is None else t["iqr_us"] / 1e3,
+        "runs": t["runs"],
+        "peak_mem_mb": peak,
     }
-
-
-def run_metadata(device: torch.device) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {
-        "detbalance": detbalance.__version__,
-        "commit": commit,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-    }
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def build(arch: str, adapt: Callable[[nn.Module], nn.Module], args: argparse.Namespace,
@@ -257,6 +209,7 @@ def check_naive_ohem_matches_ohem(images: list[Tensor], targets: list[dict[str, 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     images, targets = make_batch(args.batch, args.image_size, device)
     if "faster_rcnn" in args.detectors:
         check_naive_ohem_matches_ohem(images, targets, args, device)
@@ -267,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 model = build(arch, adapt, args, device)
                 row.update(measure(make_step(model, images, targets), device, smoke=args.smoke,
-                                   min_run_time=args.min_run_time))
+                                   min_run_time=args.min_run_time, num_threads=args.threads))
                 row["status"] = "ok"
             except ImportError as err:  # an optional part (another detector's adapter) is not installed
                 row.update({"status": "unavailable", "error": f"{type(err).__name__}: {err}"})
@@ -278,17 +231,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vanilla = {r["detector"]: r for r in rows if r["remedy"] == "vanilla" and r["status"] == "ok"}
     for r in rows:
         v = vanilla.get(r["detector"], {})
-        r["time_vs_vanilla"] = _ratio(r.get("median_ms"), v.get("median_ms"))
-        r["mem_vs_vanilla"] = _ratio(r.get("peak_mem_mb"), v.get("peak_mem_mb"))
+        r["time_vs_vanilla"] = ratio(r.get("median_ms"), v.get("median_ms"))
+        r["mem_vs_vanilla"] = ratio(r.get("peak_mem_mb"), v.get("peak_mem_mb"))
     by = {(r["detector"], r["remedy"]): r for r in rows}
 
     def t(remedy: str) -> float | None:
         return by.get(("faster_rcnn", remedy), {}).get("median_ms")
 
     comparisons = {
-        "ohem_vs_fixed": _ratio(t("ohem"), t("fixed")),
-        "ohem_vs_naive": _ratio(t("ohem"), t("ohem_naive")),
-        "sohem_vs_fixed": _ratio(t("sohem"), t("fixed")),
+        "ohem_vs_fixed": ratio(t("ohem"), t("fixed")),
+        "ohem_vs_naive": ratio(t("ohem"), t("ohem_naive")),
+        "sohem_vs_fixed": ratio(t("sohem"), t("fixed")),
     }
     adapter_overheads = [r["time_vs_vanilla"] for r in rows if r["remedy"] in ("fixed", "focal")
                          and r["detector"] in ("faster_rcnn", "retinanet") and r["time_vs_vanilla"] is not None]
@@ -300,9 +253,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "suite": "train_step",
         "smoke": args.smoke,
-        "metadata": run_metadata(device),
+        "metadata": run_metadata(device, num_threads=args.threads),
         "config": {"batch": args.batch, "image_size": args.image_size, "backbone": args.backbone,
-                   "num_classes": NUM_CLASSES, "proposals": args.proposals, "min_run_time_s": args.min_run_time},
+                   "num_classes": NUM_CLASSES, "proposals": args.proposals, "min_run_time_s": args.min_run_time,
+                   "threads": args.threads},
         "results": rows,
         "comparisons": comparisons,
         "targets_met": targets_met,
@@ -315,7 +269,7 @@ def markdown(report: dict[str, Any]) -> str:
 
     cfg = report["config"]
     lines = [
-        f"# train_step ({report['metadata']['device']}, batch {cfg['batch']}, {cfg['image_size']} px, "
+        f"# train_step ({report['metadata']['device_name']}, batch {cfg['batch']}, {cfg['image_size']} px, "
         f"backbone {cfg['backbone']}{', SMOKE: no timing claims' if report['smoke'] else ''})",
         "",
         "| detector | remedy | ms/step (median) | IQR ms | peak MiB | time / vanilla | memory / vanilla | status |",
@@ -344,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proposals", type=int, default=None,
                         help="RPN proposals per image in training (OHEM paper: ~2000); default: the builder's")
     parser.add_argument("--detectors", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (timer and torch)")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per variant for the timer")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -351,14 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.image_size = min(args.batch, 2), min(args.image_size, 64)
         args.proposals = min(args.proposals or 64, 64)
     report = run(args)
-    root = args.out or (Path(tempfile.mkdtemp()) if args.smoke else Path(__file__).parent / "results")
-    out_dir = root / detbalance.__version__
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"train_step--{device_slug(torch.device(args.device))}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {out_dir / stem}.json")
+    table = markdown(report)
+    path = write_report(report, table, suite="train_step", device=args.device, out=args.out, smoke=args.smoke)
+    print(table)
+    print(f"wrote {path}")
     failed = [r for r in report["results"] if r["status"] != "ok" and r["detector"] == "faster_rcnn"]
     return 1 if failed else 0
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,4 +147,42 @@ def save_json(path: str | Path, results: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def device_slug(device: torch.device | str) -> str:
+    """File-name part for ``device``: ``"cpu"`` (any non-CUDA device) or the CUDA device name, slugified."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or ``None`` when either is missing (smoke runs, unavailable variants) or ``b == 0``."""
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def write_report(
+    report: dict[str, Any],
+    table: str,
+    *,
+    suite: str,
+    device: torch.device | str,
+    out: str | Path | None,
+    smoke: bool,
+) -> Path:
+    """Write ``<root>/<version>/<suite>--<device_slug>.json`` and the markdown ``table`` as ``.md`` beside it.
+
+    ``root`` is ``out`` if given, else a fresh temporary directory for smoke runs (they make no claims and
+    must not touch the results tree), else ``benchmarks/results``. Returns the JSON path.
+    """
+    import detbalance
+
+    if out is not None:
+        root = Path(out)
+    else:
+        root = Path(tempfile.mkdtemp()) if smoke else REPO_ROOT / "benchmarks" / "results"
+    path = save_json(root / detbalance.__version__ / f"{suite}--{device_slug(device)}.json", report)
+    path.with_suffix(".md").write_text(table)
     return path

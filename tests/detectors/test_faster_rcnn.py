@@ -445,12 +445,12 @@ def test_rejects_wrong_rpn_sampler_and_bad_hyperparameters() -> None:
 @pytest.mark.parametrize(
     ("box", "label", "match"),
     [
-        ([10.0, 5.0, 10.0, 20.0], 1, r"targets\[1\] \(image_id=11\) box 0 .*x2 > x1"),
-        ([10.0, 25.0, 20.0, 20.0], 1, r"targets\[1\] \(image_id=11\) box 0 .*y2 > y1"),
-        ([10.0, 5.0, 70.0, 20.0], 1, r"targets\[1\] \(image_id=11\) box 0 .*outside the image"),
-        ([-1.0, 5.0, 10.0, 20.0], 1, r"targets\[1\] \(image_id=11\) box 0 .*outside the image"),
-        ([10.0, 5.0, 20.0, 20.0], NUM_CLASSES, r"targets\[1\] .* label 4 outside 1..3"),
-        ([10.0, 5.0, 20.0, 20.0], 0, r"targets\[1\] .* label 0 outside 1..3"),
+        ([10.0, 5.0, 10.0, 20.0], 1, r"targets\[1\]\['boxes'\]\[0\] = .* \(image_id=11\): expected x2 > x1$"),
+        ([10.0, 25.0, 20.0, 20.0], 1, r"targets\[1\]\['boxes'\]\[0\] = .* \(image_id=11\): expected y2 > y1$"),
+        ([10.0, 5.0, 70.0, 20.0], 1, r"targets\[1\]\['boxes'\]\[0\] = .* \(image_id=11\): outside the 64x64 image"),
+        ([-1.0, 5.0, 10.0, 20.0], 1, r"targets\[1\]\['boxes'\]\[0\] = .* \(image_id=11\): outside the 64x64 image"),
+        ([10.0, 5.0, 20.0, 20.0], NUM_CLASSES, r"targets\[1\]\['labels'\]\[0\] = 4 \(image_id=11\): .* 1\.\.3"),
+        ([10.0, 5.0, 20.0, 20.0], 0, r"targets\[1\]\['labels'\]\[0\] = 0 \(image_id=11\): .* 1\.\.3"),
     ],
 )
 def test_rejects_bad_targets(box, label, match) -> None:

@@ -29,21 +29,9 @@ from detbalance.losses import (
     SmoothL1Loss,
     SoftmaxFocalLoss,
 )
+from tests.detectors.inputs import SIZE, make_batch
 
 K = 3  # object classes; the model has K + 1 = 4 columns, column 0 never positive
-SIZE = 64
-
-
-def make_batch(size: int = SIZE) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """Three images, the second without objects; boxes 5-15 px like the built-in benchmark at 64 px."""
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, size, size, generator=g) for _ in range(3)]
-    targets = [
-        {"boxes": torch.tensor([[5.0, 5.0, 12.0, 13.0], [30.0, 34.0, 45.0, 44.0]]), "labels": torch.tensor([1, 3])},
-        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
-        {"boxes": torch.tensor([[50.0, 2.0, 58.5, 11.0]]), "labels": torch.tensor([2])},
-    ]
-    return images, targets
 
 
 @pytest.fixture(scope="module")

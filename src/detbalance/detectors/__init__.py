@@ -8,6 +8,7 @@
 * :func:`set_training_progress` feeds the training fraction to scheduled parts (S-OHEM).
 """
 
+from detbalance.detectors._targets import check_detection_targets
 from detbalance.detectors.backbones import BACKBONES, FPNBackbone, build_backbone
 from detbalance.detectors.build import ARCHS, build_detector, default_anchor_sizes, set_training_progress
 from detbalance.detectors.faster_rcnn import (
@@ -22,7 +23,6 @@ from detbalance.detectors.retinanet import (
     BalancedRetinaNetHead,
     anchor_outputs,
     balance_retinanet,
-    check_detection_targets,
 )
 from detbalance.detectors.ssd import BalancedSSD, balance_ssd
 

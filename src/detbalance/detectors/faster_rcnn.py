@@ -39,6 +39,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
+from detbalance.detectors._targets import check_detection_targets
 from detbalance.detectors.recorder import BalanceRecorder
 from detbalance.sampling import (
     HardNegativeSet,
@@ -59,7 +60,6 @@ __all__ = [
     "TrainingRoIs",
     "balance_faster_rcnn",
     "roi_losses",
-    "validate_targets",
 ]
 
 #: Key under which :class:`BalancedTransform` stores ``Tensor[2]`` (original ``h, w``) in each target copy.
@@ -383,60 +383,11 @@ class BalancedTransform(GeneralizedRCNNTransform):
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
         """Validate ``targets`` against ``images``, then torchvision's normalise/resize/batch."""
         if targets is not None:
-            validate_targets(images, targets, num_classes=self.num_classes)
+            check_detection_targets(images, targets, num_classes=self.num_classes)
             targets = [dict(t) for t in targets]
             for image, t in zip(images, targets):
                 t[ORIGINAL_SIZE_KEY] = torch.tensor(image.shape[-2:], dtype=torch.float32)
         return super().forward(images, targets)
-
-
-def validate_targets(images: list[Tensor], targets: list[dict[str, Tensor]], *, num_classes: int) -> None:
-    """Raise ``ValueError`` on a box with ``x2 <= x1`` / ``y2 <= y1``, outside its image, or a bad label.
-
-    One host synchronisation for the whole batch; the message names the image (index and ``image_id``),
-    the box index and its coordinates.
-
-    Args:
-        images: ``B`` tensors ``[C, H, W]``.
-        targets: ``B`` dicts with ``boxes`` ``Tensor[G, 4]`` and ``labels`` ``Tensor[G]``.
-        num_classes: ``C = K + 1`` columns of the classifier; labels must lie in ``1..C-1``.
-    """
-    if len(images) != len(targets):
-        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
-    bad = []
-    for i, (image, t) in enumerate(zip(images, targets)):
-        if "boxes" not in t or "labels" not in t:
-            raise ValueError(f"targets[{i}] must have 'boxes' and 'labels', got keys {sorted(t)}")
-        boxes, labels = t["boxes"], t["labels"]
-        if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(
-                f"targets[{i}]: expected boxes [G, 4] and labels [G], got {tuple(boxes.shape)} and "
-                f"{tuple(labels.shape)}"
-            )
-        h, w = image.shape[-2:]
-        limit = boxes.new_tensor([w, h, w, h])
-        bad.append(
-            (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-            | (boxes < 0).any(dim=1)
-            | (boxes > limit).any(dim=1)
-            | (labels < 1)
-            | (labels >= num_classes)
-        )
-    if not bad or not bool(torch.cat(bad).any()):
-        return
-    for i, (image, t, b) in enumerate(zip(images, targets, bad)):
-        hits = torch.nonzero(b).flatten().tolist()
-        if not hits:
-            continue
-        j = hits[0]
-        box, label = t["boxes"][j].tolist(), int(t["labels"][j])
-        h, w = image.shape[-2:]
-        where = f"targets[{i}] (image_id={_image_id(t)!r}) box {j} {box}"
-        if not (box[2] > box[0] and box[3] > box[1]):
-            raise ValueError(f"{where}: expected x2 > x1 and y2 > y1")
-        if not 1 <= label < num_classes:
-            raise ValueError(f"{where}: label {label} outside 1..{num_classes - 1} (num_classes={num_classes})")
-        raise ValueError(f"{where}: outside the image of width {w} and height {h}")
 
 
 def _image_id(target: dict[str, Any]) -> int | None:

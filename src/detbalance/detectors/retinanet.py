@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -43,9 +42,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import boxes as box_ops
 
+from detbalance.detectors._targets import check_detection_targets, install_target_check
 from detbalance.detectors.recorder import BalanceRecorder
 from detbalance.losses import (
     ASL1Loss,
@@ -71,7 +72,6 @@ __all__ = [
     "BalancedRetinaNetHead",
     "anchor_outputs",
     "balance_retinanet",
-    "check_detection_targets",
 ]
 
 Normalizer = str | Callable[[Tensor, Tensor], Tensor]
@@ -190,91 +190,6 @@ def _normalize(normalizer: Normalizer, per_image: Tensor, num_positives: Tensor)
     return normalizer(per_image, num_positives)
 
 
-# ----------------------------------------------------------------------------------------- targets
-def check_detection_targets(
-    images: Sequence[Tensor] | Tensor, targets: Sequence[dict[str, Tensor]], *, num_classes: int
-) -> None:
-    """Validate a batch of ground truth against its images before any resizing.
-
-    Every box must be ``(x1, y1, x2, y2)`` with ``0 <= x1 < x2 <= W`` and ``0 <= y1 < y2 <= H`` of its
-    image, every label in ``1..num_classes - 1`` (``num_classes`` = the model's output columns,
-    torchvision's count including the background). One device-to-host synchronisation per batch.
-
-    Args:
-        images: ``B`` tensors ``[C, H, W]`` (or one ``Tensor[B, C, H, W]``).
-        targets: ``B`` dicts with ``boxes: Tensor[G_b, 4]`` and ``labels: Tensor[G_b]``.
-        num_classes: The model's number of classes ``C`` (torchvision's convention).
-
-    Raises:
-        ValueError: naming the image index, the box index and the offending value.
-    """
-    if len(images) != len(targets):
-        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
-    if not targets:
-        return
-    boxes_list, labels_list, sizes = [], [], []
-    for i, (image, target) in enumerate(zip(images, targets)):
-        if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
-            raise ValueError(f"targets[{i}] must be a dict with 'boxes' and 'labels'")
-        boxes, labels = target["boxes"], target["labels"]
-        if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"targets[{i}]['boxes'] must have shape [G, 4], got {tuple(boxes.shape)}")
-        if labels.shape != boxes.shape[:1]:
-            raise ValueError(
-                f"targets[{i}]['labels'] must have shape [{boxes.shape[0]}], got {tuple(labels.shape)}"
-            )
-        if labels.is_floating_point():
-            raise ValueError(f"targets[{i}]['labels'] must be int64, got {labels.dtype}")
-        h, w = image.shape[-2:]
-        boxes_list.append(boxes)
-        labels_list.append(labels)
-        sizes.append(torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device).expand(len(boxes), 4))
-    boxes, labels, limits = torch.cat(boxes_list), torch.cat(labels_list), torch.cat(sizes)
-    bad_box = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]) | (boxes < 0).any(1) | (
-        boxes > limits
-    ).any(1) | ~torch.isfinite(boxes).all(1)
-    bad_label = (labels < 1) | (labels >= num_classes)
-    bad = bad_box | bad_label
-    if not bool(bad.any()):
-        return
-    first = int(bad.nonzero()[0, 0])
-    ends = list(itertools.accumulate(len(b) for b in boxes_list))
-    image_index = next(i for i, end in enumerate(ends) if first < end)
-    box_index = first - (ends[image_index - 1] if image_index else 0)
-    h, w = images[image_index].shape[-2:]
-    if bool(bad_label[first]):
-        raise ValueError(
-            f"targets[{image_index}]['labels'][{box_index}] = {int(labels[first])}: labels must lie in "
-            f"1..{num_classes - 1} (the model has {num_classes} classes including the background)"
-        )
-    raise ValueError(
-        f"targets[{image_index}]['boxes'][{box_index}] = {boxes[first].tolist()} is not a box inside the "
-        f"{w}x{h} image (need 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h})"
-    )
-
-
-class _TargetCheck:
-    """Forward pre-hook validating ``(images, targets)`` of a detector in training mode."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        images = args[0] if args else kwargs.get("images")
-        targets = args[1] if len(args) > 1 else kwargs.get("targets")
-        if targets is not None and images is not None:
-            check_detection_targets(images, targets, num_classes=self.num_classes)
-
-
-def install_target_check(model: nn.Module, num_classes: int) -> None:
-    """Register (once) a forward pre-hook running :func:`check_detection_targets` on ``model``."""
-    for hook in model._forward_pre_hooks.values():
-        if isinstance(hook, _TargetCheck):
-            hook.num_classes = num_classes
-            return
-    model.register_forward_pre_hook(_TargetCheck(num_classes), with_kwargs=True)
-
-
 def labels_from_matches(matched_idxs: Tensor, gt_labels: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     """Anchor labels (convention of :mod:`detbalance.types`) from torchvision's ``Matcher`` output.
 
@@ -306,6 +221,69 @@ def _flatten_targets(targets: Sequence[dict[str, Tensor]], device: torch.device)
     labels = torch.cat([t["labels"].to(device) for t in targets] + [torch.zeros(1, dtype=torch.int64, device=device)])
     offsets = torch.tensor([sum(counts[:i]) for i in range(len(counts))], dtype=torch.int64, device=device)
     return boxes, labels.to(torch.int64), offsets
+
+
+def match_targets(
+    targets: Sequence[dict[str, Tensor]], matched_idxs: Sequence[Tensor], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Anchor labels and matched boxes of a batch from torchvision's per-image ``Matcher`` output.
+
+    Args:
+        targets: ``B`` dicts with ``boxes: Tensor[G_b, 4]`` and ``labels: Tensor[G_b]`` (network coordinates).
+        matched_idxs: ``B`` tensors ``[A]`` as :func:`labels_from_matches` takes them.
+        device: Where the results go.
+
+    Returns:
+        ``labels: Tensor[B, A]`` (``-1``/``0``/``1..K``) and ``matched_boxes: Tensor[B, A, 4]``, the box of
+        every positive anchor (a padding box ``(0, 0, 1, 1)`` elsewhere).
+    """
+    gt_boxes, gt_labels, offsets = _flatten_targets(targets, device)
+    labels, flat_idx = labels_from_matches(torch.stack(list(matched_idxs)), gt_labels, offsets)
+    return labels, gt_boxes[flat_idx]
+
+
+def box_loss_inputs(
+    bbox_regression: Tensor, anchors: Sequence[Tensor], matched_boxes: Tensor, box_coder: BoxCoder, *, decoded: bool
+) -> tuple[Tensor, Tensor]:
+    """``(pred, target)``, both ``Tensor[B A, 4]``, for a box loss, with the head's ``box_coder``.
+
+    The predicted deltas and the matched boxes encoded against the anchors (torchvision), or, with
+    ``decoded=True`` (a loss on boxes such as GIoU), the decoded predictions and the matched boxes.
+
+    Args:
+        bbox_regression: ``Tensor[B, A, 4]`` predicted deltas.
+        anchors: ``B`` tensors ``[A, 4]``.
+        matched_boxes: ``Tensor[B, A, 4]`` from :func:`match_targets`.
+        box_coder: The head's ``BoxCoder``.
+        decoded: Whether the loss takes boxes instead of deltas.
+    """
+    b, a = bbox_regression.shape[:2]
+    anchors_flat = torch.stack(list(anchors)).reshape(b * a, 4)
+    deltas = bbox_regression.reshape(b * a, 4)
+    matched = matched_boxes.reshape(b * a, 4)
+    if decoded:
+        return box_coder.decode_single(deltas, anchors_flat), matched
+    return deltas, box_coder.encode_single(matched, anchors_flat)
+
+
+def positive_box_loss(elementwise: Tensor, positive: Tensor) -> Tensor:
+    """Per-anchor box loss ``Tensor[B, A]``: summed over coordinates, zero off the positives.
+
+    Args:
+        elementwise: A box loss's ``reduction="none"`` output, ``[B A, 4]`` or ``[B A]``.
+        positive: ``Tensor[B, A]`` bool.
+
+    Raises:
+        ValueError: if ``elementwise`` has another shape (a reducing loss).
+    """
+    b, a = positive.shape
+    n = b * a
+    if elementwise.dim() == 0 or elementwise.shape[0] != n or elementwise.numel() not in (n, n * 4):
+        raise ValueError(
+            f"box_loss returned shape {tuple(elementwise.shape)}, expected per-element [{n}, 4] "
+            f"or [{n}] (reduction='none')"
+        )
+    return torch.where(positive.reshape(-1), elementwise.reshape(n, -1).sum(-1), 0.0).reshape(b, a)
 
 
 # -------------------------------------------------------------------------------------------- head
@@ -433,8 +411,7 @@ class BalancedRetinaNetHead(RetinaNetHead):
         bbox_regression = head_outputs["bbox_regression"]
         b, a, c = cls_logits.shape
         device = cls_logits.device
-        gt_boxes, gt_labels, offsets = _flatten_targets(targets, device)
-        labels, flat_idx = labels_from_matches(torch.stack(matched_idxs), gt_labels, offsets)
+        labels, matched_boxes = match_targets(targets, matched_idxs, device)
         positive = labels > 0
         valid = labels >= 0
         num_positives = positive.sum(1)
@@ -457,26 +434,14 @@ class BalancedRetinaNetHead(RetinaNetHead):
             cls_value = _normalize(self.normalizer, per_anchor_cls.sum(1), num_positives)
 
         # Regression: positives only, torchvision's box coding.
-        anchors_flat = torch.stack(anchors).reshape(b * a, 4)
-        matched_boxes = gt_boxes[flat_idx.reshape(-1)]
-        deltas = bbox_regression.reshape(b * a, 4)
-        box_coder = self.regression_head.box_coder
-        if self.box_decoded:
-            pred, target = box_coder.decode_single(deltas, anchors_flat), matched_boxes
-        else:
-            pred, target = deltas, box_coder.encode_single(matched_boxes, anchors_flat)
+        pred, target = box_loss_inputs(
+            bbox_regression, anchors, matched_boxes, self.regression_head.box_coder, decoded=self.box_decoded
+        )
         per_anchor_box = None
         if self.box_self_normalizing:
             box_value = self.box_loss(pred, target, valid=positive.reshape(-1))
         else:
-            elementwise = self.box_loss(pred, target)
-            if elementwise.shape[0] != b * a or elementwise.numel() not in (b * a, b * a * 4):
-                raise ValueError(
-                    f"box_loss returned shape {tuple(elementwise.shape)}, expected per-element [{b * a}, 4] "
-                    f"or [{b * a}] (reduction='none')"
-                )
-            per_anchor_box = torch.where(positive.reshape(-1), elementwise.reshape(b * a, -1).sum(-1), 0.0)
-            per_anchor_box = per_anchor_box.reshape(b, a)
+            per_anchor_box = positive_box_loss(self.box_loss(pred, target), positive)
             box_value = _normalize(self.box_normalizer, per_anchor_box.sum(1), num_positives)
 
         if self.recorder is not None:
@@ -613,12 +578,11 @@ def anchor_outputs(model: RetinaNet, images: list[Tensor], targets: list[dict[st
         quality = box_ops.box_iou(targets_per_image["boxes"], anchors_per_image)
         matched.append(model.proposal_matcher(quality))
     device = head_outputs["cls_logits"].device
-    gt_boxes, gt_labels, offsets = _flatten_targets(targets_t, device)
-    labels, flat_idx = labels_from_matches(torch.stack(matched), gt_labels, offsets)
+    labels, matched_boxes = match_targets(targets_t, matched, device)
     anchors_t = torch.stack(anchors)
     b, a = labels.shape
     coder = model.head.regression_head.box_coder
-    encoded = coder.encode_single(gt_boxes[flat_idx.reshape(-1)], anchors_t.reshape(b * a, 4)).reshape(b, a, 4)
+    encoded = coder.encode_single(matched_boxes.reshape(b * a, 4), anchors_t.reshape(b * a, 4)).reshape(b, a, 4)
     target_regression = torch.where((labels > 0)[..., None], encoded, torch.zeros_like(encoded))
     level = torch.repeat_interleave(
         torch.arange(len(num_anchors_per_level), device=device), torch.tensor(num_anchors_per_level, device=device)

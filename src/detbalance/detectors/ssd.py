@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.ssd import SSD
 
+from detbalance.detectors._targets import install_target_check
 from detbalance.detectors.recorder import BalanceRecorder
 from detbalance.detectors.retinanet import (
     _BOX_FNS,
@@ -39,11 +40,11 @@ from detbalance.detectors.retinanet import (
     _SIGMOID_TYPES,
     _SOFTMAX_FNS,
     _SOFTMAX_TYPES,
-    _flatten_targets,
     _takes_decoded_boxes,
+    box_loss_inputs,
     check_loss,
-    install_target_check,
-    labels_from_matches,
+    match_targets,
+    positive_box_loss,
 )
 from detbalance.sampling import mine_hard_negatives
 
@@ -141,31 +142,17 @@ class BalancedSSD(SSD):
         cls_logits = head_outputs["cls_logits"]
         bbox_regression = head_outputs["bbox_regression"]
         b, a, c = cls_logits.shape
-        device = cls_logits.device
-        gt_boxes, gt_labels, offsets = _flatten_targets(targets, device)
-        labels, flat_idx = labels_from_matches(torch.stack(matched_idxs), gt_labels, offsets)
+        labels, matched_boxes = match_targets(targets, matched_idxs, cls_logits.device)
         positive = labels > 0
         num_fg = positive.sum().clamp(min=1).to(torch.float32)
 
         # Regression on positives.
-        anchors_flat = torch.stack(anchors).reshape(b * a, 4)
-        matched_boxes = gt_boxes[flat_idx.reshape(-1)]
-        deltas = bbox_regression.reshape(b * a, 4)
-        if self.box_decoded:
-            pred, target = self.box_coder.decode_single(deltas, anchors_flat), matched_boxes
-        else:
-            pred, target = deltas, self.box_coder.encode_single(matched_boxes, anchors_flat)
+        pred, target = box_loss_inputs(bbox_regression, anchors, matched_boxes, self.box_coder, decoded=self.box_decoded)
         per_box_loss = None
         if self.box_self_normalizing:
             box_value = self.box_loss(pred, target, valid=positive.reshape(-1))
         else:
-            elementwise = self.box_loss(pred, target)
-            if elementwise.shape[0] != b * a or elementwise.numel() not in (b * a, b * a * 4):
-                raise ValueError(
-                    f"box_loss returned shape {tuple(elementwise.shape)}, expected per-element [{b * a}, 4] "
-                    f"or [{b * a}] (reduction='none')"
-                )
-            per_box_loss = torch.where(positive.reshape(-1), elementwise.reshape(b * a, -1).sum(-1), 0.0)
+            per_box_loss = positive_box_loss(self.box_loss(pred, target), positive)
             box_value = per_box_loss.sum() / num_fg
 
         # Classification over the selected default boxes.
@@ -200,7 +187,7 @@ class BalancedSSD(SSD):
             rec.record_losses("ssd/cls_positive", per_anchor, mask=pos)
             rec.record_losses("ssd/cls_negative", per_anchor, mask=neg)
             if per_box_loss is not None:
-                rec.record_losses("ssd/box", per_box_loss, mask=pos.reshape(-1))
+                rec.record_losses("ssd/box", per_box_loss, mask=pos)
             density = getattr(self.box_loss, "last_density", None)
             if isinstance(density, Tensor):
                 rec.record_ghm_density("ssd/box", density)
