@@ -201,6 +201,7 @@ def suite_configs(
             seed=seed,
             device=device,
             log_interval=max(1, min(25, iters // 20)),
+            eval_interval=max(1, iters // 2),  # one evaluation half way, for the learning curve
             record=False,
         ),
     )

@@ -118,7 +118,8 @@ def _plot_curves(suite: dict[str, Any], path: Path) -> Path | None:
     ncols = int(has_ap) + int(has_loss)
     fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.6), constrained_layout=True, squeeze=False)
     col = 0
-    for key, ylabel, enabled in (("loss", "training loss (smoothed)", has_loss), ("AP", "test AP (%)", has_ap)):
+    curves = (("loss", "training loss, smoothed (each method's own loss)", has_loss), ("AP", "test AP (%)", has_ap))
+    for key, ylabel, enabled in curves:
         if not enabled:
             continue
         ax = axes[0, col]
@@ -187,12 +188,14 @@ def _plot_density(suite: dict[str, Any], path: Path) -> Path | None:
         counts = density["counts"]
         m = len(counts)
         total = sum(counts) or 1.0
-        centers = [(k + 0.5) / m for k in range(m)]
-        ax.plot(centers, [max(c / total, 1e-12) for c in counts], color=f"C{i}", marker=".", label=label)
+        # empty bins are left out (a log axis has no zero), so a line's gaps are bins with no example
+        pts = [((k + 0.5) / m, c / total) for k, c in enumerate(counts) if c > 0]
+        xs, ys = zip(*pts, strict=True) if pts else ((), ())
+        ax.plot(xs, ys, color=f"C{i}", marker=".", label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("gradient norm g = |sigmoid(x) - y|")
-    ax.set_ylabel("fraction of examples")
-    ax.set_title(f"{suite['title']}: gradient-norm density after training")
+    ax.set_xlabel("gradient norm g = |sigmoid(x) - y| (one (anchor, class) output)")
+    ax.set_ylabel("fraction of outputs (test images)")
+    ax.set_title(f"{suite['title']}:\ngradient-norm density of the trained models")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
