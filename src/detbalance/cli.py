@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run a comparison suite and write a report")
     p.add_argument("--suite", default="losses", help="losses | samplers | ssd | classes | noise | all")
     p.add_argument("--preset", default=None, help="built-in benchmark preset (default: each suite's own)")
-    p.add_argument("--iters", type=int, default=1500, help="iterations per run (the same for every method)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="iterations per run, the same for every method (default: compare.DEFAULT_ITERS = 700)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
     p.add_argument("--output", type=Path, default=Path("compare-out"))
     p.add_argument("--batch-size", type=int, default=16)
@@ -193,12 +194,12 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from detbalance.compare import run_compare
+    from detbalance.compare import DEFAULT_ITERS, run_compare
 
     path = run_compare(
         suite=args.suite,
         preset=args.preset,
-        iters=args.iters,
+        iters=DEFAULT_ITERS if args.iters is None else args.iters,
         seeds=args.seeds,
         output=args.output,
         batch_size=args.batch_size,

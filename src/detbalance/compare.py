@@ -49,7 +49,11 @@ from detbalance.config import (
     dump_toml,
 )
 
-__all__ = ["SUITES", "Method", "Suite", "run_compare", "suite_configs"]
+__all__ = ["DEFAULT_ITERS", "SUITES", "Method", "Suite", "run_compare", "suite_configs"]
+
+# Iterations per run of the default `detbalance compare` (RetinaNet, 5 losses, batch 16, one seed): sized
+# to finish in about 10 minutes on 2 CPU cores (see README, "What `compare` shows").
+DEFAULT_ITERS = 700
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,10 @@ class Suite:
     description: str = ""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=2e-3, weight_decay=1e-4, grad_clip=10.0))
 
+
+# RoIs back-propagated per image in the samplers suite: the OHEM paper's B = 128 over N = 2 images. (At
+# torchvision's 512 per image, RoIAlign's single-threaded CPU backward takes over half of a training step.)
+_ROIS = 64
 
 # The GHM authors' loss weights: GHM-C 1, GHM-R 10 (mmdetection configs/ghm); GHMRConfig defaults to 10.
 SUITES: dict[str, Suite] = {
@@ -101,19 +109,21 @@ SUITES: dict[str, Suite] = {
         preset="default",
         baseline="fixed",
         description=(
-            "Two-stage detector; the RoI head learns from 512 sampled RoIs per image at 1:3 (fixed ratio), "
-            "the 128 hardest after NMS at 0.7 (OHEM), 128 drawn from 4 loss strata (S-OHEM), or fixed ratio "
-            "with one round of offline bootstrapping (half the budget, mine confident false positives on "
-            "the training set, continue with them as extra background RoIs)."
+            "Two-stage detector. Every method back-propagates 64 RoIs per image, the OHEM paper's budget "
+            "(B = 128 RoIs over N = 2 images): 64 sampled at 1:3 (fixed ratio, as Fast R-CNN), the 64 "
+            "hardest by cls + loc loss after NMS at 0.7 over all ~1000 proposals (OHEM), 64 drawn from 4 "
+            "loss strata (S-OHEM), or fixed ratio with one round of offline bootstrapping (half the budget, "
+            "then mine confident false positives on the training set and continue with them as extra "
+            "background RoIs)."
         ),
         methods=(
-            Method("fixed", "fixed 1:3", RemedyConfig(roi_sampler=FixedRatioConfig())),
-            Method("ohem", "OHEM", RemedyConfig(roi_sampler=OHEMConfig())),
-            Method("sohem", "S-OHEM", RemedyConfig(roi_sampler=StratifiedOHEMConfig())),
+            Method("fixed", "fixed 1:3", RemedyConfig(roi_sampler=FixedRatioConfig(num_samples=_ROIS))),
+            Method("ohem", "OHEM", RemedyConfig(roi_sampler=OHEMConfig(num_samples=_ROIS))),
+            Method("sohem", "S-OHEM", RemedyConfig(roi_sampler=StratifiedOHEMConfig(num_samples=_ROIS))),
             Method(
                 "bootstrap",
                 "fixed 1:3 + bootstrapping",
-                RemedyConfig(roi_sampler=FixedRatioConfig(), bootstrap=BootstrapConfig(rounds=1)),
+                RemedyConfig(roi_sampler=FixedRatioConfig(num_samples=_ROIS), bootstrap=BootstrapConfig(rounds=1)),
             ),
         ),
     ),
@@ -344,7 +354,7 @@ def run_compare(
     *,
     suite: str = "losses",
     preset: str | None = None,
-    iters: int = 1500,
+    iters: int = DEFAULT_ITERS,
     seeds: int = 1,
     output: str | Path = "compare-out",
     batch_size: int = 16,
