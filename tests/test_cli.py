@@ -120,6 +120,7 @@ def test_compare_profile_plot_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyP
     calls: dict[str, dict] = {}
     compare = types.ModuleType("detbalance.compare")
     compare.run_compare = lambda **kw: calls.setdefault("compare", kw) and tmp_path / "report.md"
+    compare.DEFAULT_ITERS = 700
     profile = types.ModuleType("detbalance.analysis.profile")
     profile.run_profile = lambda **kw: calls.setdefault("profile", kw) and tmp_path / "profile.md"
     plots = types.ModuleType("detbalance.analysis.plots")
