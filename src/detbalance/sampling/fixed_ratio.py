@@ -103,40 +103,29 @@ def sample_fixed_ratio_batched(
         return [SampledIndices(empty, empty.clone()) for _ in range(num_images)]
 
     max_pos = int(num_samples * positive_fraction)
+    k = min(num_samples, num_rois)
     gen_device = generator.device if generator is not None else device
     # One key per example: u - 2 * clamp(label, -1, 1) with u ~ U[0, 1), so positives lie in [-2, -1),
     # negatives in [0, 1) and ignored examples in [2, 3). In ascending order a row lists its positives in
     # random order, then its negatives in random order, then the ignored ones.
     keys = torch.rand(num_images, num_rois, generator=generator, device=gen_device).to(device)
     keys.add_(padded.clamp(-1, 1), alpha=-2)
-    num_pos = (padded > 0).sum(dim=1)  # [B]
-    # The first num_pos + num_samples keys of a row hold every positive and then at least num_samples
-    # negatives (or all of them), so one partial sort of that many keys serves every row. With many
-    # positives (a crowded RPN batch) that is most of the row; then sort only num_samples keys and draw the
-    # negatives of the rows whose positives overflow the cap in a second pass.
-    most_pos = int(num_pos.max())  # one host sync
-    single_pass = most_pos <= 4 * num_samples
-    k = min(num_rois, most_pos + num_samples if single_pass else num_samples)
     values, order = keys.topk(k, dim=1, largest=False, sorted=True)  # [B, k]
     position = torch.arange(k, device=device)[None, :]
     is_pos = values < -1
     pos_mat = torch.where(is_pos & (position < max_pos), order, num_rois)
-    taken_pos = num_pos.clamp(max=max_pos)[:, None]
-    # negatives sit at positions num_pos, num_pos + 1, ... of a row; it takes num_samples - taken_pos of them
-    neg_slot = (values >= 0) & (values < 1) & (position < num_pos[:, None] + num_samples - taken_pos)
-    if single_pass:
-        neg_mat = torch.where(neg_slot, order, num_rois)
-    else:
-        overflow = num_pos > max_pos
-        neg_mat = torch.where(neg_slot & ~overflow[:, None], order, num_rois)
-        rows = overflow.nonzero().squeeze(1)
-        if rows.numel():
-            k_neg = min(num_samples - max_pos, num_rois)
-            sub = keys[rows]
-            sub = torch.where(sub < -1, 5.0, sub)  # positives out of the way
-            sub_values, sub_order = sub.topk(k_neg, dim=1, largest=False, sorted=True)
-            chosen = torch.where(sub_values < 1, sub_order, num_rois)
-            neg_mat[rows] = torch.nn.functional.pad(chosen, (0, k - k_neg), value=num_rois)
+    # If a row has at most max_pos positives, its first k keys are all it needs: every positive, then
+    # negatives up to the budget. Otherwise its negatives are drawn by a second topk (rare for RPN/RoI use).
+    overflow = is_pos[:, max_pos] if max_pos < k else torch.zeros(num_images, dtype=torch.bool, device=device)
+    neg_mat = torch.where((values >= 0) & (values < 1) & ~overflow[:, None], order, num_rois)
+    rows = overflow.nonzero().squeeze(1)
+    if rows.numel():
+        k_neg = min(num_samples - max_pos, num_rois)
+        sub = keys[rows]
+        sub = torch.where(sub < -1, 5.0, sub)  # positives out of the way
+        sub_values, sub_order = sub.topk(k_neg, dim=1, largest=False, sorted=True)
+        chosen = torch.where(sub_values < 1, sub_order, num_rois)
+        neg_mat[rows] = torch.nn.functional.pad(chosen, (0, k - k_neg), value=num_rois)
     picked = [m.sort(dim=1).values for m in (pos_mat, neg_mat)]  # taken first, ascending
     # One host sync for the per-image counts, needed to split the flat results.
     counts = torch.stack([(m < num_rois).sum(dim=1) for m in picked]).tolist()
