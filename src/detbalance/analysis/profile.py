@@ -68,7 +68,10 @@ class Recommendation:
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%" if x >= 0.01 or x == 0 else f"{100 * x:.2f}%"
+    """A percentage with enough digits that small non-zero shares do not print as 0 (two significant)."""
+    if x >= 0.01 or x == 0:
+        return f"{100 * x:.0f}%"
+    return f"{100 * x:.2g}%"
 
 
 def _tail_share(curve: Sequence[float], fraction: Sequence[float], top: float = 0.2) -> float:
