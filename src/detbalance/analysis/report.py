@@ -118,7 +118,7 @@ def _plot_curves(suite: dict[str, Any], path: Path) -> Path | None:
     ncols = int(has_ap) + int(has_loss)
     fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.6), constrained_layout=True, squeeze=False)
     col = 0
-    curves = (("loss", "training loss, smoothed (each method's own loss)", has_loss), ("AP", "test AP (%)", has_ap))
+    curves = (("loss", "training loss (own, smoothed)", has_loss), ("AP", "test AP (%)", has_ap))
     for key, ylabel, enabled in curves:
         if not enabled:
             continue
