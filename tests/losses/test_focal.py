@@ -205,6 +205,7 @@ def test_sigmoid_fp16_large_sum_is_finite():
     assert got.dtype == torch.float32 and torch.isfinite(got)
     assert got.item() > float(torch.finfo(torch.float16).max)  # the true sum is beyond fp16's range
     torch.testing.assert_close(got, sigmoid_focal_loss(x.float(), y.float(), reduction="sum"))
+    assert torch.isinf(tv_sigmoid_focal_loss(x, y, reduction="sum"))  # the defect we avoid
 
 
 def test_sigmoid_second_backward_with_retain_graph():
