@@ -8,6 +8,7 @@ also be built by hand in a user's own script.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,18 +19,15 @@ from detbalance.config import (
     ClassWeightsConfig,
     DataConfig,
     ExperimentConfig,
-    FixedRatioConfig,
     FocalConfig,
     GHMCConfig,
     GHMRConfig,
     GIoUConfig,
     L1Config,
-    OHEMConfig,
     OptimConfig,
     RemedyConfig,
     ScheduleConfig,
     SmoothL1Config,
-    StratifiedOHEMConfig,
 )
 from detbalance.data import DetectionDataset, eval_transform, open_dataset, train_basic, train_ssd
 from detbalance.detectors import BalanceRecorder
@@ -236,6 +234,27 @@ def _loss_weight(cfg: object | None) -> float:
 # ---------------------------------------------------------------------------------------------- model
 
 
+def build_roi_sampler(remedy: RemedyConfig) -> Any:
+    """The Faster R-CNN RoI sampler of ``remedy``: the configured one (torchvision's 512 @ 0.25 when unset);
+    with ``remedy.bootstrap`` a fixed-ratio sampler becomes a
+    :class:`~detbalance.sampling.BootstrappedSampler` (mined background first)."""
+    from detbalance.sampling import BootstrappedSampler, FixedRatioSampler
+
+    sampler = remedy.roi_sampler if remedy.roi_sampler is not None else FixedRatioSampler()
+    if remedy.bootstrap is not None and isinstance(sampler, FixedRatioSampler):
+        return BootstrappedSampler(num_samples=sampler.num_samples, positive_fraction=sampler.positive_fraction)
+    return sampler
+
+
+def build_training_hooks(cfg: ExperimentConfig) -> list[Any]:
+    """Training hooks of the remedy (offline bootstrapping's mining rounds), for the engine to call."""
+    if cfg.remedy.bootstrap is None:
+        return []
+    from detbalance.sampling import build_bootstrap_hook
+
+    return [build_bootstrap_hook(cfg.remedy.bootstrap)]
+
+
 def build_model(
     cfg: ExperimentConfig,
     *,
@@ -254,12 +273,7 @@ def build_model(
         recorder: Optional recorder handed to the adapter.
     """
     from detbalance.detectors.build import build_detector
-    from detbalance.detectors.faster_rcnn import (
-        FixedRatioRoISampler,
-        OHEMRoISampler,
-        StratifiedOHEMRoISampler,
-        balance_faster_rcnn,
-    )
+    from detbalance.detectors.faster_rcnn import balance_faster_rcnn
 
     m, r = cfg.model, cfg.remedy
     model = build_detector(
@@ -291,25 +305,18 @@ def build_model(
                 box_loss_weight=_loss_weight(r.box_loss),
             )
         case "faster_rcnn":
-            match r.roi_sampler:
-                case None:
-                    roi_sampler = FixedRatioRoISampler(num_samples=512, positive_fraction=0.25)
-                case FixedRatioConfig(num_samples=n, positive_fraction=f):
-                    roi_sampler = FixedRatioRoISampler(num_samples=n, positive_fraction=f)
-                case OHEMConfig(num_samples=n, nms_iou=nms, positive_fraction=f):
-                    roi_sampler = OHEMRoISampler(num_samples=n, nms_iou=nms, positive_fraction=f)
-                case StratifiedOHEMConfig(num_samples=n, strata=s, nms_iou=nms):
-                    roi_sampler = StratifiedOHEMRoISampler(num_samples=n, strata=s, nms_iou=nms)
-                case other:
-                    raise ValueError(f"remedy.roi_sampler: unsupported {other!r}")
-            rpn = r.rpn_sampler
-            rpn_sampler = (
-                None if rpn is None else FixedRatioRoISampler(num_samples=rpn.num_samples, positive_fraction=rpn.positive_fraction)
-            )
+            roi_sampler = build_roi_sampler(r)
+            # The config classes are the samplers (they add only a ``name``); the RPN's likewise.
+            rpn_sampler = r.rpn_sampler
+            frcnn_class_weight = None
+            if class_weight is not None and r.cls_loss is None:
+                # Plain CE with class weights: the head's per-RoI weighting, sum_i w[y_i] CE_i / N.
+                cls_loss, frcnn_class_weight = None, class_weight
             if cls_loss is not None and _loss_weight(r.cls_loss) != 1.0:
                 cls_loss = ScaledLoss(cls_loss, _loss_weight(r.cls_loss))
             return balance_faster_rcnn(
-                model, roi_sampler=roi_sampler, rpn_sampler=rpn_sampler, box_cls_loss=cls_loss, recorder=recorder
+                model, roi_sampler=roi_sampler, rpn_sampler=rpn_sampler, box_cls_loss=cls_loss,
+                class_weight=frcnn_class_weight, recorder=recorder,
             )
         case "ssd":
             from detbalance.detectors.ssd import balance_ssd
@@ -319,7 +326,8 @@ def build_model(
                 cls_loss = ScaledLoss(cls_loss, _loss_weight(r.cls_loss))
             if box_loss is not None and _loss_weight(r.box_loss) != 1.0:
                 box_loss = ScaledLoss(box_loss, _loss_weight(r.box_loss))
-            extra = {} if mining is None or mining.min_negatives is None else {"min_negatives": mining.min_negatives}
+            # min_negatives None = 0: no negative from an image without objects (the SSD paper, torchvision).
+            extra = {"min_negatives": 0 if mining is None or mining.min_negatives is None else mining.min_negatives}
             return balance_ssd(
                 model,
                 negative_ratio=3.0 if mining is None else mining.negative_ratio,

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from detbalance.sampling.roi_sampler import FixedRatioSampler, OHEMSampler, StratifiedOHEMSampler
+
 __all__ = [
     "ASL1Config",
     "BootstrapConfig",
@@ -230,67 +232,69 @@ class NormalizerConfig:
 # ------------------------------------------------------------------------------------------- samplers
 
 
+def _as_config_error(check: Any) -> None:
+    """Run a library class's own validation, re-raising its ``ValueError`` as a :class:`ConfigError`.
+
+    The samplers' messages start with the argument's name (``"num_samples must be ..."``), which becomes
+    the key.
+    """
+    try:
+        check()
+    except ConfigError:
+        raise
+    except ValueError as err:
+        key, _, rest = str(err).partition(" ")
+        raise ConfigError(key, rest) from None
+
+
+# The RoI samplers' hyperparameters are declared once, on the sampler classes of
+# detbalance.sampling.roi_sampler; a config class adds only the ``name`` that picks it in TOML.
+
+
 @dataclass(frozen=True)
-class FixedRatioConfig:
-    """Random RoI sampling at a fixed foreground fraction (Fast R-CNN: 512 per image at 0.25)."""
+class FixedRatioConfig(FixedRatioSampler):
+    """Random RoI sampling at a fixed foreground fraction (Fast R-CNN: 512 per image at 0.25);
+    see :class:`~detbalance.sampling.FixedRatioSampler`."""
 
     name: Literal["fixed_ratio"] = "fixed_ratio"
-    num_samples: int = 512
-    positive_fraction: float = 0.25
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        _require(0.0 <= self.positive_fraction <= 1.0, "positive_fraction", f"must be in [0, 1], got {self.positive_fraction}")
+        _as_config_error(super().__post_init__)
 
 
 @dataclass(frozen=True)
-class OHEMConfig:
-    """Online hard example mining (Shrivastava et al., 2016): the B highest-loss RoIs per image after NMS."""
+class OHEMConfig(OHEMSampler):
+    """Online hard example mining (Shrivastava et al., 2016); see :class:`~detbalance.sampling.OHEMSampler`."""
 
     name: Literal["ohem"] = "ohem"
-    num_samples: int = 128
-    nms_iou: float | None = 0.7
-    positive_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        _require(self.nms_iou is None or 0.0 < self.nms_iou <= 1.0, "nms_iou", f"must be in (0, 1], got {self.nms_iou}")
-        _require(
-            self.positive_fraction is None or 0.0 <= self.positive_fraction <= 1.0,
-            "positive_fraction",
-            f"must be in [0, 1], got {self.positive_fraction}",
-        )
+        _as_config_error(super().__post_init__)
 
 
 @dataclass(frozen=True)
-class StratifiedOHEMConfig:
-    """Stratified OHEM (Li et al., 2017): loss strata with weights that move from classification to
-    localisation as training progresses (the engine passes the progress each step)."""
+class StratifiedOHEMConfig(StratifiedOHEMSampler):
+    """Stratified OHEM (Li et al., 2017); the engine passes the training progress each step. See
+    :class:`~detbalance.sampling.StratifiedOHEMSampler` for which parts are the paper's and which ours."""
 
     name: Literal["sohem"] = "sohem"
-    num_samples: int = 128
-    strata: int = 4
-    nms_iou: float | None = 0.7
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        _require(self.strata >= 1, "strata", f"must be >= 1, got {self.strata}")
-        _require(self.nms_iou is None or 0.0 < self.nms_iou <= 1.0, "nms_iou", f"must be in (0, 1], got {self.nms_iou}")
+        _as_config_error(super().__post_init__)
 
 
 RoISamplerConfig = FixedRatioConfig | OHEMConfig | StratifiedOHEMConfig
 
 
 @dataclass(frozen=True)
-class RPNSamplerConfig:
+class RPNSamplerConfig(FixedRatioSampler):
     """The RPN's fixed-ratio anchor sampler (Faster R-CNN: 256 per image at 0.5)."""
 
     num_samples: int = 256
     positive_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        _require(0.0 <= self.positive_fraction <= 1.0, "positive_fraction", f"must be in [0, 1], got {self.positive_fraction}")
+        _as_config_error(super().__post_init__)
 
 
 @dataclass(frozen=True)
@@ -298,7 +302,8 @@ class SSDMiningConfig:
     """SSD hard negative mining (Liu et al., 2016): keep the highest-loss negatives at ``ratio : 1``.
 
     ``negative_ratio = None`` (``"none"`` in TOML) turns mining off: every negative counts, which is what
-    a softmax focal loss over all boxes wants.
+    a softmax focal loss over all boxes wants. ``min_negatives = None`` means 0, as the paper and
+    torchvision: an image without objects gives no negative.
     """
 
     negative_ratio: float | None = 3.0

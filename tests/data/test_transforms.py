@@ -139,3 +139,60 @@ def test_bad_arguments_raise_value_errors_naming_them():
         "RandomHorizontalFlip" in repr(train_basic())
         and repr(DetectionTransform([])) == "DetectionTransform([])"
     )
+
+
+# ------------------------------------------------------------------------------------------ mined boxes
+def _fp_scene() -> tuple[torch.Tensor, dict]:
+    """Grey 64 px image: an object (0.5) and a white 12x10 false-positive patch; the patch is the mined box."""
+    image = torch.zeros(3, 64, 64)
+    image[:, 8:24, 6:20] = 0.5
+    image[:, 30:40, 40:52] = 1.0
+    target = {"boxes": torch.tensor([[6.0, 8.0, 20.0, 24.0]]), "labels": torch.tensor([1]), "image_id": 3,
+              "mined_boxes": torch.tensor([[40.0, 30.0, 52.0, 40.0]])}
+    return image, target
+
+
+def _brightest_inside(image: torch.Tensor, box: torch.Tensor, margin: float = 0.25) -> bool:
+    """The pixels under ``box`` (its central part, ``margin`` of each side left for the resize's blur)
+    are brighter than every pixel more than a pixel away from it."""
+    g = image.mean(0)
+    x1, y1, x2, y2 = box.tolist()
+    dx, dy = margin * (x2 - x1), margin * (y2 - y1)
+    inner = g[round(y1 + dy) : round(y2 - dy), round(x1 + dx) : round(x2 - dx)]
+    outside = g.clone()
+    outside[max(0, int(y1) - 1) : int(y2) + 2, max(0, int(x1) - 1) : int(x2) + 2] = -1
+    return inner.numel() > 0 and float(inner.min()) > float(outside.max())
+
+
+def test_flip_moves_mined_boxes_onto_the_false_positive():
+    image, target = _fp_scene()
+    out_image, out = train_basic(flip=1.0)(image, target)
+    torch.testing.assert_close(out["mined_boxes"], torch.tensor([[12.0, 30.0, 24.0, 40.0]]))  # x -> 64 - x
+    x1, y1, x2, y2 = out["mined_boxes"][0].int().tolist()
+    assert bool((out_image[:, y1:y2, x1:x2] == 1).all())  # exactly the white patch, mirrored
+    assert _brightest_inside(out_image, out["mined_boxes"][0], margin=0.0)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[44.0, 8.0, 58.0, 24.0]]))
+    # without a flip they stay; an image without mined boxes gets no key
+    _, same = train_basic(flip=0.0, size=64)(image, target)
+    torch.testing.assert_close(same["mined_boxes"], target["mined_boxes"])
+    _, plain = train_basic(flip=1.0)(image, {k: v for k, v in target.items() if k != "mined_boxes"})
+    assert "mined_boxes" not in plain
+
+
+def test_ssd_crop_zoom_and_resize_keep_mined_boxes_on_the_false_positive():
+    image, target = _fp_scene()
+    moved = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out_image, out = train_ssd(size=96)(image, target)
+        # the crop is chosen from the ground truth alone: the same draw without mined boxes
+        torch.manual_seed(seed)
+        ref_image, ref = train_ssd(size=96)(image, {k: v for k, v in target.items() if k != "mined_boxes"})
+        assert torch.equal(out_image, ref_image) and torch.equal(out["boxes"], ref["boxes"])
+        assert out["mined_boxes"].shape[0] <= 1
+        if out["mined_boxes"].shape[0] == 0:
+            continue  # the crop left the patch out (its centre outside), as it would drop an object
+        box = out["mined_boxes"][0]
+        assert _brightest_inside(out_image, box), (seed, box)
+        moved += not torch.allclose(box, target["mined_boxes"][0] * 1.5)  # 64 -> 96 px alone
+    assert moved >= 10  # zoom-outs and crops did move the box, many times

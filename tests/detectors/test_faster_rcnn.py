@@ -25,15 +25,17 @@ from detbalance.detectors.faster_rcnn import (
     BalancedRoIHeads,
     BalancedRPN,
     BalancedTransform,
-    FixedRatioRoISampler,
-    OHEMRoISampler,
-    StratifiedOHEMRoISampler,
     balance_faster_rcnn,
     roi_losses,
 )
 from detbalance.detectors.recorder import BalanceRecorder
 from detbalance.losses.focal import SoftmaxFocalLoss
-from detbalance.sampling import HardNegativeSet
+from detbalance.sampling import BootstrappedSampler, RoIBatch
+from detbalance.types import SampledIndices
+from detbalance.sampling import roi_sampler as rs
+from detbalance.sampling.roi_sampler import FixedRatioSampler as FixedRatioRoISampler
+from detbalance.sampling.roi_sampler import OHEMSampler as OHEMRoISampler
+from detbalance.sampling.roi_sampler import StratifiedOHEMSampler as StratifiedOHEMRoISampler
 
 NUM_CLASSES = 4  # C = K + 1 columns: background + 3 object classes
 BIG = 10**6  # a budget above every candidate count: the samplers take everything, no randomness
@@ -97,16 +99,17 @@ class Calls:
 
 
 def spy(monkeypatch, name: str) -> list[tuple[tuple, dict, object]]:
-    """Wrap ``faster_rcnn.<name>`` and record (args, kwargs, result) of each call."""
+    """Wrap ``faster_rcnn.<name>`` (or ``roi_sampler.<name>``) and record (args, kwargs, result) of each call."""
     calls: list[tuple[tuple, dict, object]] = []
-    real = getattr(frcnn, name)
+    module = frcnn if hasattr(frcnn, name) else rs
+    real = getattr(module, name)
 
     def wrapper(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append((args, kwargs, result))
         return result
 
-    monkeypatch.setattr(frcnn, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
     return calls
 
 
@@ -248,10 +251,12 @@ def test_ohem_runs_read_only_pass_then_backprops_only_the_selection(monkeypatch,
     assert torch.equal(torch.bincount(batch_idx[chosen], minlength=3),
                        torch.tensor([b.shape[0] for b in seen.pool_boxes[1]]))
     assert torch.all(torch.bincount(batch_idx[chosen], minlength=3) <= 8)
-    # the losses back-propagated are those of the selection, recomputed with gradients
+    # the losses back-propagated are those of the selection, recomputed with gradients (S-OHEM at
+    # progress 0 weights them 1.5 cls + 0.5 loc, the same weights it ranked with)
     cls = args[0] if isinstance(sampler, OHEMRoISampler) else args[0] + args[1]  # per-RoI cls + loc
+    weighted = args[0] if isinstance(sampler, OHEMRoISampler) else 1.5 * args[0] + 0.5 * args[1]
     total = losses["loss_classifier"] + losses["loss_box_reg"]
-    torch.testing.assert_close(total, cls[chosen].sum() / num_sel, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, weighted[chosen].sum() / num_sel, rtol=1e-5, atol=1e-6)
     record = rec.to_records()[0]
     assert record["losses"]["ohem/all"]["count"] == num_rois
     assert record["losses"]["faster_rcnn/roi"]["count"] == num_sel
@@ -291,7 +296,8 @@ def test_stratified_with_one_stratum_selects_what_ohem_selects() -> None:
     images, targets = batch()
     outs, rows, boxes = [], [], []
     for sampler in (OHEMRoISampler(num_samples=8),
-                    StratifiedOHEMRoISampler(num_samples=8, strata=1, loss_weights=(1.0, 1.0))):
+                    StratifiedOHEMRoISampler(num_samples=8, strata=1, cls_weight=(1.0, 1.0),
+                                             loc_weight=(1.0, 1.0))):
         model = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=sampler)
         seen = Calls(model)
         outs.append(model(images, targets))
@@ -341,24 +347,21 @@ def test_box_cls_loss_replaces_cross_entropy() -> None:
 
 
 # -------------------------------------------------------------------------------------------- bootstrap
-def hard_negative_set() -> HardNegativeSet:
+def with_mined(targets: list[dict]) -> list[dict]:
     """Image 10 (64 px): two mined boxes away from its objects; image 12 (32 px, resized x2): one box."""
-    hns = HardNegativeSet()
-    hns.add(10, torch.tensor([[40.0, 44.0, 60.0, 62.0], [2.0, 40.0, 20.0, 60.0]]), torch.tensor([0.9, 0.8]))
-    hns.add(12, torch.tensor([[18.0, 18.0, 30.0, 30.0]]), torch.tensor([0.7]))
-    hns.add(11, torch.zeros(0, 4), torch.zeros(0))
-    return hns
+    mined = [torch.tensor([[40.0, 44.0, 60.0, 62.0], [2.0, 40.0, 20.0, 60.0]]), torch.zeros(0, 4),
+             torch.tensor([[18.0, 18.0, 30.0, 30.0]])]
+    return [dict(t, mined_boxes=m) for t, m in zip(targets, mined)]
 
 
 def test_bootstrapped_boxes_are_sampled_as_background(monkeypatch) -> None:
     calls = spy(monkeypatch, "roi_losses")
     model = balance_faster_rcnn(
-        tiny_faster_rcnn(), roi_sampler=FixedRatioRoISampler(num_samples=4, positive_fraction=0.25),
-        hard_negatives=hard_negative_set(),
+        tiny_faster_rcnn(), roi_sampler=BootstrappedSampler(num_samples=4, positive_fraction=0.25), mined_iou=None,
     )
     seen = Calls(model)
     images, targets = batch()
-    model(images, targets)
+    model(images, with_mined(targets))
     labels = calls[0][0][2]
     sampled = seen.pool_boxes[0]
     expected = {0: torch.tensor([[40.0, 44.0, 60.0, 62.0], [2.0, 40.0, 20.0, 60.0]]),
@@ -371,19 +374,139 @@ def test_bootstrapped_boxes_are_sampled_as_background(monkeypatch) -> None:
         assert torch.all(labels[offsets[i] + hits[:, 1]] == 0)
 
 
-def test_bootstrapped_boxes_are_ohem_candidates_and_can_be_swapped(monkeypatch) -> None:
+def test_bootstrapped_boxes_are_ohem_candidates_and_flagged_mined(monkeypatch) -> None:
     calls = spy(monkeypatch, "select_hard_examples")
-    model = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=OHEMRoISampler(num_samples=8))
+    rois_seen: list[RoIBatch] = []
+    ohem = OHEMRoISampler(num_samples=8)
+
+    def sampler(rois, *, losses=None, generator=None):
+        rois_seen.append(rois)
+        return ohem(rois, losses=losses, generator=generator)
+
+    sampler.needs_losses = True  # type: ignore[attr-defined]
+    model = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=sampler, mined_iou=0.5)
     images, targets = batch()
     model(images, targets)
-    model.roi_heads.set_hard_negatives(hard_negative_set())
-    model(images, targets)
+    model(images, with_mined(targets))
     (a, _, _), (b, _, _) = calls
     assert b[1].numel() == a[1].numel() + 3  # three mined boxes joined the candidates
     mined_rows = (box_iou(torch.tensor([[36.0, 36.0, 60.0, 60.0]]), b[2]) > 0.999).nonzero()[:, 1]
     assert mined_rows.numel() == 1 and int(b[3][mined_rows]) == 2 and int(b[1][mined_rows]) == 0
-    with pytest.raises(ValueError, match="hard_negatives"):
-        model.roi_heads.set_hard_negatives({10: torch.zeros(1, 4)})
+    rois = rois_seen[1]
+    assert not bool(rois_seen[0].mined.any())
+    # flagged: the mined boxes and every proposal at IoU >= 0.5 with a mined box of its image
+    mined_resized = {0: torch.tensor([[40.0, 44.0, 60.0, 62.0], [2.0, 40.0, 20.0, 60.0]]),
+                     2: torch.tensor([[36.0, 36.0, 60.0, 60.0]])}
+    for i in range(3):
+        rows = rois.batch_idx == i
+        iou = (box_iou(rois.boxes[rows], mined_resized[i]).max(1).values if i in mined_resized
+               else torch.zeros(int(rows.sum())))
+        assert torch.equal(rois.mined[rows], iou >= 0.5)
+    # max IoU with the ground truth, per RoI
+    gt = {0: targets[0]["boxes"], 2: targets[2]["boxes"] * 2.0}
+    for i in (0, 2):
+        rows = rois.batch_idx == i
+        torch.testing.assert_close(rois.max_iou[rows], box_iou(rois.boxes[rows], gt[i]).max(1).values)
+    assert torch.all(rois.max_iou[rois.batch_idx == 1] == 0)
+
+
+def test_rejects_bad_mined_boxes() -> None:
+    model = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=BootstrappedSampler())
+    images, targets = batch()
+    targets = with_mined(targets)
+    targets[0]["mined_boxes"] = torch.tensor([[1.0, 2.0, float("nan"), 4.0]])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['mined_boxes'\]"):
+        model(images, targets)
+
+
+# ------------------------------------------------------------------------------- S-OHEM's loss weights
+@pytest.mark.parametrize("progress", [0.0, 0.25, 1.0])
+def test_sohem_schedule_weights_the_gradient_of_each_rois_terms(progress: float) -> None:
+    """d loss / d L_cls,i = w_cls(t) / N and d loss / d L_loc,i = w_loc(t) / N for every selected RoI."""
+    sampler = StratifiedOHEMRoISampler(num_samples=8)
+    w_cls, w_loc = sampler.loss_weights(progress)
+    torch.testing.assert_close(torch.tensor([w_cls, w_loc]), torch.tensor([1.5 - progress, 0.5 + progress]))
+    captured: dict[str, torch.Tensor] = {}
+    real = frcnn.roi_losses
+
+    def keep(*args, **kwargs):
+        cls, loc = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            cls.retain_grad()
+            loc.retain_grad()
+            captured["cls"], captured["loc"] = cls, loc
+        return cls, loc
+
+    model = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=sampler)
+    model.roi_heads.set_progress(progress)
+    images, targets = batch()
+    try:
+        frcnn.roi_losses = keep
+        losses = model(images, targets)
+    finally:
+        frcnn.roi_losses = real
+    (losses["loss_classifier"] + losses["loss_box_reg"]).backward()
+    n = captured["cls"].numel()
+    torch.testing.assert_close(captured["cls"].grad, torch.full((n,), w_cls / n))
+    torch.testing.assert_close(captured["loc"].grad, torch.full((n,), w_loc / n))
+    # OHEM has no schedule: both terms weighted 1
+    assert rs.sampler_loss_weights(OHEMRoISampler(), progress) == (1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------- class weights
+def test_class_weights_scale_each_rois_cross_entropy() -> None:
+    """loss = sum_i w[y_i] CE_i / N (background weight 1 or explicit), N the sampled RoIs."""
+    images, targets = batch()
+    sampler = FixedRatioRoISampler(num_samples=BIG, positive_fraction=0.5)
+    weights = torch.tensor([2.0, 0.5, 3.0])
+    for background in (1.0, 0.25):
+        base = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=sampler)
+        seen = Calls(base)
+        ref = base(images, targets)
+        model = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=sampler, class_weight=weights,
+                                    background_weight=background)
+        heads = model.roi_heads
+        labels = []
+        real = frcnn.roi_losses
+
+        def keep(*args, real=real, labels=labels, **kwargs):
+            labels.append(args[2])
+            return real(*args, **kwargs)
+
+        try:
+            frcnn.roi_losses = keep
+            out = model(images, targets)
+        finally:
+            frcnn.roi_losses = real
+        lab = labels[0]
+        with torch.no_grad():
+            feats = {"0": base.backbone(base.transform(images, targets)[0].tensors)}
+            logits, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, seen.pool_boxes[0],
+                                                                              [(64, 64)] * 3)))
+        ce = F.cross_entropy(logits, lab, reduction="none")
+        w = torch.where(lab > 0, weights[(lab - 1).clamp(min=0)], torch.full_like(ce, background))
+        torch.testing.assert_close(out["loss_classifier"], (w * ce).sum() / lab.numel(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["loss_box_reg"], ref["loss_box_reg"])
+    with pytest.raises(ValueError, match="class_weight"):
+        balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=sampler, class_weight=torch.ones(5))
+
+
+# ---------------------------------------------------------------------------------- a new sampler
+def test_a_plain_function_is_a_sampler_and_gets_no_read_only_pass() -> None:
+    """Libra R-CNN-style IoU-balanced negatives as one function: the head calls it with the RoIBatch."""
+    seen_losses = []
+
+    def iou_balanced(rois, *, losses=None, generator=None):
+        seen_losses.append(losses)
+        hard = (rois.labels == 0) & (rois.max_iou >= 0.1)
+        return SampledIndices(torch.nonzero(rois.labels > 0).flatten(), torch.nonzero(hard).flatten())
+
+    model = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=iou_balanced)
+    seen = Calls(model)
+    images, targets = batch()
+    out = model(images, targets)
+    assert seen_losses == [None] and len(seen.head) == 1 and seen.head[0][0]
+    assert bool(torch.isfinite(out["loss_classifier"]))
 
 
 # ------------------------------------------------------------------------------------ one training step
@@ -392,7 +515,7 @@ REMEDIES = {
     "ohem": dict(roi_sampler=OHEMRoISampler(num_samples=16)),
     "sohem": dict(roi_sampler=StratifiedOHEMRoISampler(num_samples=16)),
     "focal": dict(roi_sampler=FixedRatioRoISampler(), box_cls_loss="focal"),
-    "bootstrap": dict(roi_sampler=OHEMRoISampler(num_samples=16), hard_negatives="set"),
+    "bootstrap": dict(roi_sampler=BootstrappedSampler(num_samples=16), hard_negatives="set"),
 }
 
 
@@ -401,10 +524,11 @@ def test_one_training_step_finite_with_gradient_everywhere(remedy: str) -> None:
     kwargs = dict(REMEDIES[remedy])
     if kwargs.get("box_cls_loss") == "focal":
         kwargs["box_cls_loss"] = SoftmaxFocalLoss(gamma=2.0)
-    if kwargs.get("hard_negatives") == "set":
-        kwargs["hard_negatives"] = hard_negative_set()
+    mined = kwargs.pop("hard_negatives", None) == "set"
     model = balance_faster_rcnn(tiny_faster_rcnn(), recorder=BalanceRecorder(), **kwargs)
     images, targets = batch()
+    if mined:
+        targets = with_mined(targets)
     losses = model(images, targets)
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     assert float(losses["loss_classifier"].detach()) > 0

@@ -27,11 +27,12 @@ def test_hand_computed_case():
 def test_image_without_positives_gets_min_negatives():
     losses = torch.tensor([[0.4, 0.9, 0.1, 0.8, 0.5], [0.4, 0.9, 0.1, 0.8, 0.5]])
     labels = torch.tensor([[0, 0, 0, 0, 0], [0, 0, 2, 0, 0]])
-    assert mine_hard_negatives(losses, labels).tolist() == [
-        [False, True, False, True, True],  # default min_negatives = 3: 0.9, 0.8, 0.5
+    assert mine_hard_negatives(losses, labels, min_negatives=3).tolist() == [
+        [False, True, False, True, True],  # min_negatives = 3: 0.9, 0.8, 0.5
         [False, True, True, True, True],  # the positive (2) and 3 of 4 negatives: 0.9, 0.8, 0.5
     ]
-    assert mine_hard_negatives(losses, labels, min_negatives=0)[0].tolist() == [False] * 5
+    # default (the SSD paper, torchvision): an image without objects gives no negative
+    assert mine_hard_negatives(losses, labels)[0].tolist() == [False] * 5
     assert mine_hard_negatives(losses, labels, min_negatives=1)[0].tolist() == [False, True, False, False, False]
 
 
@@ -112,6 +113,8 @@ def test_invariants(rows, ratio, min_negatives, seed):
         (dict(negative_ratio=-1.0), "negative_ratio"),
         (dict(min_negatives=-1), "min_negatives"),
         (dict(labels=torch.zeros(2, 5)), "labels"),
+        (dict(losses=torch.tensor([[1.0, float("nan"), 0.0, 0.0, 0.0]] * 2)), "losses"),
+        (dict(losses=torch.tensor([[1.0, float("inf"), 0.0, 0.0, 0.0]] * 2)), "losses"),
     ],
 )
 def test_bad_input_raises_naming_argument(change, name):

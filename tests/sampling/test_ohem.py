@@ -128,6 +128,10 @@ def test_invariants(seed, num_images, rois, num_samples, positive_fraction, igno
         (dict(nms_iou=1.5), "nms_iou"),
         (dict(positive_fraction=2.0), "positive_fraction"),
         (dict(labels=torch.tensor([0, 1, 2, -3])), "labels"),
+        # a NaN or inf loss is not "the hardest": OHEM picked [1, 5] over a finite 2.0 before this check
+        (dict(losses=torch.tensor([float("nan"), 2.0, 0.1, 0.3])), "losses"),
+        (dict(losses=torch.tensor([0.5, float("inf"), 0.1, 0.3])), "losses"),
+        (dict(boxes=torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3 + [[0.0, float("nan"), 1.0, 1.0]])), "boxes"),
     ],
 )
 def test_bad_input_raises_naming_argument(change, name):
@@ -240,6 +244,8 @@ def test_stratified_uses_whole_budget_per_image(seed):
         (dict(loss_weights=(1.0, -1.0)), "loss_weights"),
         (dict(num_samples=-2), "num_samples"),
         (dict(boxes=torch.tensor([[0.0, 0.0, -1.0, 1.0]] * 4)), "boxes"),
+        (dict(cls_losses=torch.tensor([float("nan"), 0.1, 0.2, 0.3])), "cls_losses"),
+        (dict(loc_losses=torch.tensor([0.0, float("-inf"), 0.2, 0.3])), "loc_losses"),
     ],
 )
 def test_stratified_bad_input_raises_naming_argument(change, name):

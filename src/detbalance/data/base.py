@@ -12,7 +12,7 @@ the evaluator and the statistics need *without decoding images*: :meth:`Detectio
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -81,11 +81,57 @@ class DetectionDataset(Dataset, ABC):
         """``K``, the number of object classes (labels run ``1..K``; 0 is background)."""
         return len(self.label_names)
 
+    def set_mined_boxes(self, boxes: Mapping[int, Tensor] | None) -> None:
+        """Attach bootstrapped boxes (confident false positives of an earlier model) to the images.
+
+        After this call every item's target carries ``target["mined_boxes"]`` (``Tensor[M, 4]`` float32,
+        xyxy, ``M = 0`` for an image not in ``boxes``), added *before* :attr:`transforms`, so a flip, crop
+        or resize moves the mined boxes exactly as it moves the ground truth. ``None`` removes the key
+        again. With ``DataLoader`` workers, call it before the loader's iterator is created.
+
+        Args:
+            boxes: ``{image_index: Tensor[M, 4]}`` in the untransformed image's pixel coordinates
+                (``image_index`` is the dataset index, as in :meth:`load_image`); replaces what was set.
+
+        Raises:
+            ValueError: on an index out of range, or boxes that are not finite ``Tensor[M, 4]`` with
+                ``x2 >= x1, y2 >= y1``, naming the index.
+        """
+        if boxes is None:
+            self._mined_boxes: dict[int, Tensor] | None = None
+            return
+        n = len(self)
+        stored: dict[int, Tensor] = {}
+        for index, b in boxes.items():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+                raise ValueError(f"set_mined_boxes: image index {index!r} out of range for {n} images")
+            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4 or not b.is_floating_point():
+                raise ValueError(f"set_mined_boxes: boxes of image {index} must be a float Tensor[M, 4], got {b!r}")
+            b = b.detach().to("cpu", torch.float32)
+            if not bool(torch.isfinite(b).all()) or bool(((b[:, 2:] - b[:, :2]) < 0).any()):
+                raise ValueError(f"set_mined_boxes: boxes of image {index} must be finite xyxy boxes, got {b.tolist()}")
+            stored[index] = b.clone()
+        self._mined_boxes = stored
+
+    def mined_boxes(self, index: int) -> Tensor | None:
+        """The untransformed mined boxes of image ``index`` (``None`` when :meth:`set_mined_boxes` is off)."""
+        mined = getattr(self, "_mined_boxes", None)
+        if mined is None:
+            return None
+        return mined.get(self._check_index(index), torch.zeros(0, 4)).clone()
+
     def __getitem__(self, index: int) -> tuple[Tensor, DetectionTarget]:
-        """``(image Tensor[3, H, W] float32 in [0, 1], target)``, with ``transforms`` applied if set."""
+        """``(image Tensor[3, H, W] float32 in [0, 1], target)``, with ``transforms`` applied if set.
+
+        The target also holds ``"mined_boxes"`` once :meth:`set_mined_boxes` was called.
+        """
         index = self._check_index(index)
         image = self.load_image(index).to(torch.float32).div_(255.0)
         target = self.target(index)
+        mined = self.mined_boxes(index)
+        if mined is not None:
+            target = dict(target)  # type: ignore[assignment]  # a DetectionTarget plus "mined_boxes"
+            target["mined_boxes"] = mined  # type: ignore[typeddict-unknown-key]
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

@@ -7,6 +7,12 @@ moves with its image by torchvision's own geometry and ``SanitizeBoundingBoxes``
 together with its label. Randomness comes from torch's global generator (``torch.manual_seed`` makes a
 preset deterministic), as in torchvision.
 
+Bootstrapped boxes (``target["mined_boxes"]``, ``Tensor[M, 4]`` xyxy, see
+:meth:`~detbalance.data.DetectionDataset.set_mined_boxes`) are wrapped as a second ``BoundingBoxes`` entry, so
+flip, zoom-out, crop and resize move them exactly as they move the ground truth; the IoU crop and the
+sanitising step handle the two box sets separately (torchvision's versions assume one box set per sample),
+and the crop is chosen from the ground truth alone, as without mined boxes.
+
 Note that torchvision detectors resize their inputs themselves (``GeneralizedRCNNTransform``) and map
 predictions back to the size of the image they were given; ``size`` here is for fixed-size training
 inputs such as SSD's.
@@ -20,6 +26,7 @@ import torch
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from detbalance.types import DetectionTarget
 
@@ -29,6 +36,8 @@ SSD_FILL: tuple[float, float, float] = (123 / 255, 117 / 255, 104 / 255)
 """Zoom-out fill of torchvision's SSD reference recipe (its uint8 mean ``(123, 117, 104)``) on the [0, 1] scale."""
 
 Size = int | tuple[int, int]
+
+MINED_BOXES_KEY = "mined_boxes"
 
 
 class DetectionTransform:
@@ -61,13 +70,18 @@ class DetectionTransform:
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"target['boxes'] must be Tensor[G, 4], got shape {tuple(boxes.shape)}")
         sample = dict(target)
-        sample["boxes"] = tv_tensors.BoundingBoxes(
-            boxes.to(torch.float32),
-            format=tv_tensors.BoundingBoxFormat.XYXY,
-            canvas_size=tuple(image.shape[-2:]),
-        )
+        keys = ["boxes"] + ([MINED_BOXES_KEY] if MINED_BOXES_KEY in target else [])
+        for key in keys:
+            if target[key].dim() != 2 or target[key].shape[-1] != 4:
+                raise ValueError(f"target[{key!r}] must be Tensor[M, 4], got shape {tuple(target[key].shape)}")
+            sample[key] = tv_tensors.BoundingBoxes(
+                target[key].to(torch.float32),
+                format=tv_tensors.BoundingBoxFormat.XYXY,
+                canvas_size=tuple(image.shape[-2:]),
+            )
         out_image, out_target = self.pipeline(tv_tensors.Image(image), sample)
-        out_target["boxes"] = out_target["boxes"].as_subclass(Tensor).to(torch.float32)
+        for key in keys:
+            out_target[key] = out_target[key].as_subclass(Tensor).to(torch.float32)
         return out_image.as_subclass(Tensor), out_target
 
     def __repr__(self) -> str:
@@ -92,6 +106,46 @@ class _SkipWithoutBoxes:
 
     def __repr__(self) -> str:
         return f"_SkipWithoutBoxes({self.transform!r})"
+
+
+class _IoUCrop(v2.RandomIoUCrop):
+    """torchvision's ``RandomIoUCrop`` (same crop, chosen from the ground truth) for every box set.
+
+    torchvision marks the boxes whose centre leaves the crop with the mask of the *first* box set; here
+    each ``BoundingBoxes`` entry gets the mask of its own centres (identical for the ground truth).
+    """
+
+    def transform(self, inpt, params):  # type: ignore[no-untyped-def]  # torchvision's signature
+        if len(params) < 1 or not isinstance(inpt, tv_tensors.BoundingBoxes):
+            return super().transform(inpt, params)
+        xyxy = F.convert_bounding_box_format(
+            inpt.as_subclass(Tensor), inpt.format, tv_tensors.BoundingBoxFormat.XYXY
+        )
+        cx, cy = 0.5 * (xyxy[..., 0] + xyxy[..., 2]), 0.5 * (xyxy[..., 1] + xyxy[..., 3])
+        left, top = params["left"], params["top"]
+        right, bottom = left + params["width"], top + params["height"]
+        within = (left < cx) & (cx < right) & (top < cy) & (cy < bottom)
+        output = F.crop(inpt, top=top, left=left, height=params["height"], width=params["width"])
+        output[~within] = 0  # degenerate: removed by the sanitising step, as in torchvision
+        return output
+
+
+class _Sanitize:
+    """``SanitizeBoundingBoxes`` on the ground truth (with its labels), then on the mined boxes alone."""
+
+    def __init__(self) -> None:
+        self.gt = v2.SanitizeBoundingBoxes()
+        self.mined = v2.SanitizeBoundingBoxes(labels_getter=None)
+
+    def __call__(self, image: Tensor, target: dict) -> tuple[Tensor, dict]:
+        mined = target.pop(MINED_BOXES_KEY, None)
+        image, target = self.gt(image, target)
+        if mined is not None:
+            target[MINED_BOXES_KEY] = self.mined({"boxes": mined})["boxes"]
+        return image, target
+
+    def __repr__(self) -> str:
+        return "SanitizeBoundingBoxes()"
 
 
 def _resize(size: Size | None) -> list[Callable]:
@@ -122,7 +176,7 @@ def train_basic(*, size: Size | None = None, flip: float | None = 0.5) -> Detect
         steps.append(v2.RandomHorizontalFlip(p=flip))
     resize = _resize(size)
     if resize:
-        steps += [*resize, v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
+        steps += [*resize, v2.ClampBoundingBoxes(), _Sanitize()]
     return DetectionTransform(steps)
 
 
@@ -155,11 +209,11 @@ def train_ssd(
     steps: list[Callable] = [
         v2.RandomPhotometricDistort(),
         v2.RandomZoomOut(fill=fill, side_range=tuple(zoom_out)),
-        _SkipWithoutBoxes(v2.RandomIoUCrop()),
+        _SkipWithoutBoxes(_IoUCrop()),
     ]
     if flip:
         steps.append(v2.RandomHorizontalFlip(p=flip))
-    steps += [*_resize(size), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
+    steps += [*_resize(size), v2.ClampBoundingBoxes(), _Sanitize()]
     return DetectionTransform(steps)
 
 

@@ -11,12 +11,7 @@
 from detbalance.detectors._targets import check_detection_targets
 from detbalance.detectors.backbones import BACKBONES, FPNBackbone, build_backbone
 from detbalance.detectors.build import ARCHS, build_detector, default_anchor_sizes, set_training_progress
-from detbalance.detectors.faster_rcnn import (
-    FixedRatioRoISampler,
-    OHEMRoISampler,
-    StratifiedOHEMRoISampler,
-    balance_faster_rcnn,
-)
+from detbalance.detectors.faster_rcnn import balance_faster_rcnn
 from detbalance.detectors.recorder import BalanceRecorder
 from detbalance.detectors.retinanet import (
     AnchorOutputs,
@@ -34,9 +29,6 @@ __all__ = [
     "BalancedRetinaNetHead",
     "BalancedSSD",
     "FPNBackbone",
-    "FixedRatioRoISampler",
-    "OHEMRoISampler",
-    "StratifiedOHEMRoISampler",
     "anchor_outputs",
     "balance_faster_rcnn",
     "balance_retinanet",

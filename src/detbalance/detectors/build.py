@@ -17,8 +17,10 @@ images) and for CPU speed:
   a positive (torchvision's convention with COCO), so labels ``1..K`` index the columns directly;
 * RetinaNet: torchvision's ``RetinaNetHead`` with ``head_convs`` (default 1, torchvision: 4) 3x3 conv
   layers per branch, no normalisation, the classifier bias at the focal-loss prior ``pi = 0.01``;
-* Faster R-CNN: torchvision's ``RPNHead``, ``MultiScaleRoIAlign`` (7x7, sampling ratio 2) on the pyramid
-  levels, ``TwoMLPHead`` with 256 units, RPN 1000 (train) / 500 (test) proposals per image;
+* Faster R-CNN: torchvision's ``RPNHead``, ``MultiScaleRoIAlign`` (sampling ratio 2) on the pyramid
+  levels and a ``TwoMLPHead``, sized by :func:`faster_rcnn_sizes` (small images: 5x5 RoIAlign, 128
+  units, RPN 600 -> 128 proposals per image in training, 300 -> 100 at test; 512 px and more:
+  torchvision's 7x7, 1024 units, 2000 -> 2000 and 1000 -> 1000);
 * SSD: torchvision's ``SSDHead`` on the pyramid levels and a ``DefaultBoxGenerator`` with scales
   ``2 s / 128`` per level (ratios 2 and 1/2 plus the two squares: 4 boxes per location), 3:1 mining.
 """
@@ -41,12 +43,51 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from detbalance.detectors.backbones import BACKBONES, Norm, build_backbone
 
-__all__ = ["ARCHS", "build_detector", "default_anchor_sizes", "set_training_progress"]
+__all__ = ["ARCHS", "LARGE_IMAGE_SIDE", "build_detector", "default_anchor_sizes", "faster_rcnn_sizes",
+           "set_training_progress"]
 
 Arch = Literal["retinanet", "faster_rcnn", "ssd"]
 
 #: Architectures accepted by :func:`build_detector`.
 ARCHS: tuple[str, ...] = ("retinanet", "faster_rcnn", "ssd")
+
+
+#: Side from which :func:`faster_rcnn_sizes` returns torchvision's own (COCO, 800 px) sizes.
+LARGE_IMAGE_SIDE = 512
+
+
+def faster_rcnn_sizes(image_size: int) -> dict[str, int]:
+    """RPN proposal counts and RoI-head sizes of :func:`build_detector`'s Faster R-CNN.
+
+    For ``image_size >= 512`` these are torchvision's defaults (``fasterrcnn_resnet50_fpn``: RPN
+    2000/2000 pre/post-NMS proposals in training, 1000/1000 at test, 7x7 RoIAlign, 1024-unit
+    ``TwoMLPHead``). Below, they are sized for the built-in benchmark (128 px images, 1-2 objects of
+    7-18 px, anchors 8-51 px on strides 4/8/16, about 12 000 anchors per image):
+
+    * ``rpn_pre_nms_top_n_train = 600`` per level, ``rpn_post_nms_top_n_train = 128`` per image: after
+      NMS at 0.7 a 128 px image holds only a few hundred distinct boxes of object size, and with 1-2
+      objects 128 proposals still give every object several foreground RoIs (IoU >= 0.5) next to ~100
+      background ones. It is twice the 64 RoIs per image that the samplers suite back-propagates, so
+      OHEM still chooses (its paper: ~2000 candidates for 64 per image at 800 px), while the read-only
+      pass of OHEM/S-OHEM covers ~130 RoIs per image instead of the ~1000 of the previous sizing.
+    * test: 300 pre-NMS per level, 100 post-NMS per image: COCO AP counts at most 100 detections.
+    * ``roi_output_size = 5``: an object of 7-18 px covers 2-5 cells of the stride-4 level; a 7x7 grid
+      samples the same few cells more finely at twice the cost of the box head's first layer.
+    * ``representation = 128`` units in ``TwoMLPHead`` (torchvision 1024 for 91 COCO classes on ResNet
+      features; 5 classes on 32-channel features need far less).
+
+    Args:
+        image_size: The training side.
+
+    Returns:
+        ``{"rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+        "rpn_post_nms_top_n_test", "roi_output_size", "representation"}``.
+    """
+    if image_size >= LARGE_IMAGE_SIDE:
+        return {"rpn_pre_nms_top_n_train": 2000, "rpn_post_nms_top_n_train": 2000, "rpn_pre_nms_top_n_test": 1000,
+                "rpn_post_nms_top_n_test": 1000, "roi_output_size": 7, "representation": 1024}
+    return {"rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 128, "rpn_pre_nms_top_n_test": 300,
+            "rpn_post_nms_top_n_test": 100, "roi_output_size": 5, "representation": 128}
 
 
 def default_anchor_sizes(strides: Sequence[int], image_size: int) -> tuple[tuple[float, ...], ...]:
@@ -168,7 +209,8 @@ def build_detector(
         names = [str(i) for i in range(len(strides))]
         if backbone in ("resnet18_fpn", "mobilenet_v3_fpn"):
             names[-1] = "pool"  # torchvision's LastLevelMaxPool level
-        representation = 256
+        size = faster_rcnn_sizes(image_size)
+        out = size["roi_output_size"]
         return FasterRCNN(
             body,
             None,  # the class count is set by box_predictor
@@ -177,14 +219,14 @@ def build_detector(
             image_mean=mean,
             image_std=std,
             rpn_anchor_generator=anchors,
-            rpn_pre_nms_top_n_train=1000,
-            rpn_post_nms_top_n_train=1000,
-            rpn_pre_nms_top_n_test=500,
-            rpn_post_nms_top_n_test=500,
-            box_roi_pool=MultiScaleRoIAlign(featmap_names=[n for n in names if n != "pool"], output_size=7,
+            rpn_pre_nms_top_n_train=size["rpn_pre_nms_top_n_train"],
+            rpn_post_nms_top_n_train=size["rpn_post_nms_top_n_train"],
+            rpn_pre_nms_top_n_test=size["rpn_pre_nms_top_n_test"],
+            rpn_post_nms_top_n_test=size["rpn_post_nms_top_n_test"],
+            box_roi_pool=MultiScaleRoIAlign(featmap_names=[n for n in names if n != "pool"], output_size=out,
                                             sampling_ratio=2),
-            box_head=TwoMLPHead(body.out_channels * 7 * 7, representation),
-            box_predictor=FastRCNNPredictor(representation, columns),
+            box_head=TwoMLPHead(body.out_channels * out * out, size["representation"]),
+            box_predictor=FastRCNNPredictor(size["representation"], columns),
         )
     features = _SSDFeatures(body)
     first = [level[0] for level in sizes]

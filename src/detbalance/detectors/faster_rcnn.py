@@ -3,16 +3,18 @@ r"""Faster R-CNN adapter: which RoIs (and RPN anchors) count, and how the RoI cl
 :func:`balance_faster_rcnn` swaps three parts of a torchvision :class:`~torchvision.models.detection.FasterRCNN`
 for subclasses built from the model's own modules (no monkeypatching, all weights shared):
 
-* ``model.roi_heads`` -> :class:`BalancedRoIHeads`: the RoI sampler (fixed ratio, OHEM, S-OHEM), the
-  per-RoI classification loss, offline bootstrapping and recording;
+* ``model.roi_heads`` -> :class:`BalancedRoIHeads`: the RoI sampler, the per-RoI classification loss
+  (optionally class-weighted), bootstrapped boxes and recording;
 * ``model.rpn`` -> :class:`BalancedRPN` (only when ``rpn_sampler`` is given): the RPN anchor sampler;
 * ``model.transform`` -> :class:`BalancedTransform`: rejects bad targets with a ``ValueError`` *before*
   torchvision's own ``AssertionError`` checks, and tells the RoI head each image's original size so that
-  bootstrapped boxes (in original image coordinates) can be resized with the image.
+  mined boxes (``target["mined_boxes"]``, in the coordinates of the image given) are resized with it.
 
-Samplers are given as frozen dataclasses of hyperparameters (:class:`FixedRatioRoISampler`,
-:class:`OHEMRoISampler`, :class:`StratifiedOHEMRoISampler`); the selection itself is done by the pure
-functions of :mod:`detbalance.sampling`.
+Both samplers follow the contract of :mod:`detbalance.sampling.roi_sampler`:
+``sampler(rois, *, losses=None, generator=None) -> SampledIndices``. The head builds the
+:class:`~detbalance.sampling.RoIBatch`, runs the read-only pass over every RoI only when the sampler
+declares ``needs_losses``, and weights the back-propagated ``cls`` and ``loc`` terms by the sampler's
+``loss_weights(progress)`` when it has one (S-OHEM). There is no branch on the sampler's type.
 
 Seeding: each adapted head owns a :class:`torch.Generator` (created on the device of the RoIs). Its seed is
 drawn once from torch's global CPU generator when the head is adapted, so ``torch.manual_seed(s)`` before
@@ -27,9 +29,8 @@ gives the very same loss dict (a test).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,32 +39,33 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import box_iou
 
 from detbalance.detectors._targets import check_detection_targets
 from detbalance.detectors.recorder import BalanceRecorder
-from detbalance.sampling import (
-    HardNegativeSet,
-    sample_fixed_ratio_batched,
-    select_hard_examples,
-    select_hard_examples_stratified,
+from detbalance.sampling.roi_sampler import (
+    RoIBatch,
+    RoILosses,
+    RoISampler,
+    sampler_loss_weights,
+    sampler_needs_losses,
 )
 from detbalance.types import SampledIndices
 
 __all__ = [
+    "MINED_BOXES_KEY",
     "ORIGINAL_SIZE_KEY",
     "BalancedRPN",
     "BalancedRoIHeads",
     "BalancedTransform",
-    "FixedRatioRoISampler",
-    "OHEMRoISampler",
-    "StratifiedOHEMRoISampler",
-    "TrainingRoIs",
     "balance_faster_rcnn",
     "roi_losses",
 ]
 
 #: Key under which :class:`BalancedTransform` stores ``Tensor[2]`` (original ``h, w``) in each target copy.
 ORIGINAL_SIZE_KEY = "original_image_size"
+#: Target key of the bootstrapped boxes ``Tensor[M, 4]`` (xyxy, coordinates of the image given).
+MINED_BOXES_KEY = "mined_boxes"
 
 BoxClsLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -73,118 +75,19 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _check_fraction(name: str, value: object, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1]{' or None' if allow_none else ''}, got {value!r}")
+def _check_sampler(name: str, sampler: object) -> None:
+    if not callable(sampler):
+        raise ValueError(f"{name} must be a callable sampler(rois, *, losses=None, generator=None), got {sampler!r}")
 
 
-@dataclass(frozen=True)
-class FixedRatioRoISampler:
-    """Random sampling at a fixed foreground fraction (torchvision's default for RPN and RoI head).
+def _class_weights(labels: Tensor, class_weight: Tensor, background_weight: float) -> Tensor:
+    """Per-RoI weights ``Tensor[N]``: ``class_weight[label - 1]`` for foreground, ``background_weight`` else.
 
-    Ren et al., "Faster R-CNN", NeurIPS 2015, https://arxiv.org/abs/1506.01497: per image, up to
-    ``int(num_samples * positive_fraction)`` foreground examples, the rest of the budget background, drawn
-    uniformly (:func:`detbalance.sampling.sample_fixed_ratio_batched`).
-
-    Args:
-        num_samples: Budget per image (RoI head 512, RPN 256 in torchvision).
-        positive_fraction: Largest fraction of the budget given to foreground (RoI 0.25, RPN 0.5).
+    Private until the library function of ``losses/weighting.py`` replaces it; the loss it gives is
+    ``sum_i w[label_i] CE_i / N`` with ``N`` the number of sampled RoIs (torchvision's mean).
     """
-
-    num_samples: int = 512
-    positive_fraction: float = 0.25
-
-    def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, minimum=1)
-        _check_fraction("positive_fraction", self.positive_fraction, allow_none=False)
-
-
-@dataclass(frozen=True)
-class OHEMRoISampler:
-    """Online hard example mining over all RoIs (Shrivastava et al., CVPR 2016, https://arxiv.org/abs/1604.03540).
-
-    The paper's recipe: per image the ``B = 128`` RoIs of highest loss ``cls + loc`` among all ~2000
-    proposals, after NMS at IoU 0.7 over the RoIs sorted by loss, background from IoU 0 upward, no
-    foreground ratio (:func:`detbalance.sampling.select_hard_examples`).
-
-    Args:
-        num_samples: ``B``, hard RoIs kept per image.
-        nms_iou: IoU of the NMS over the hard RoIs; ``None`` disables it.
-        positive_fraction: Optional cap on the foreground share of ``B``; ``None`` (paper) means no cap.
-    """
-
-    num_samples: int = 128
-    nms_iou: float | None = 0.7
-    positive_fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, minimum=1)
-        _check_fraction("nms_iou", self.nms_iou, allow_none=True)
-        _check_fraction("positive_fraction", self.positive_fraction, allow_none=True)
-
-
-@dataclass(frozen=True)
-class StratifiedOHEMRoISampler:
-    r"""Stratified OHEM (Li et al., "S-OHEM", CCBR 2017, https://arxiv.org/abs/1705.02233).
-
-    RoIs are ranked by :math:`w_{cls}(t)\,L_{cls} + w_{loc}(t)\,L_{loc}` (classification first,
-    localisation later in training; ``t`` = training progress, see :meth:`BalancedRoIHeads.set_progress`),
-    split into ``strata`` loss strata and drawn per stratum
-    (:func:`detbalance.sampling.select_hard_examples_stratified`).
-
-    Args:
-        num_samples: Hard RoIs kept per image.
-        strata: Number of loss strata.
-        loss_weights: ``(w_cls, w_loc)`` or a callable of the progress returning it; ``None`` = the
-            default schedule of :func:`~detbalance.sampling.select_hard_examples_stratified`.
-        quotas: Sampling distribution over strata (hardest first), or a callable of the progress
-            returning one; ``None`` = the sampler's default.
-        nms_iou: IoU of the NMS over the hard RoIs; ``None`` disables it.
-    """
-
-    num_samples: int = 128
-    strata: int = 4
-    loss_weights: tuple[float, float] | Callable[[float], tuple[float, float]] | None = None
-    quotas: tuple[float, ...] | Callable[[float], Sequence[float]] | None = None
-    nms_iou: float | None = 0.7
-
-    def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, minimum=1)
-        _check_int("strata", self.strata, minimum=1)
-        _check_fraction("nms_iou", self.nms_iou, allow_none=True)
-        if not (self.loss_weights is None or callable(self.loss_weights)
-                or (isinstance(self.loss_weights, tuple) and len(self.loss_weights) == 2)):
-            raise ValueError(
-                f"loss_weights must be None, a (w_cls, w_loc) tuple or a callable, got {self.loss_weights!r}"
-            )
-        if not (self.quotas is None or callable(self.quotas)
-                or (isinstance(self.quotas, tuple) and len(self.quotas) == self.strata)):
-            raise ValueError(
-                f"quotas must be None, a tuple of {self.strata} shares or a callable, got {self.quotas!r}"
-            )
-
-
-RoISampler = FixedRatioRoISampler | OHEMRoISampler | StratifiedOHEMRoISampler
-
-
-class TrainingRoIs(NamedTuple):
-    """The training RoIs of a batch, flat over images (``R`` = all RoIs of all images).
-
-    ``rois``: per image ``Tensor[R_b, 4]`` (proposals, bootstrapped boxes, ground truth, in that order);
-    ``boxes``: ``Tensor[R, 4]`` their concatenation; ``labels``: ``Tensor[R]`` (:mod:`detbalance.types`);
-    ``regression_targets``: ``Tensor[R, 4]`` (zeros where not foreground); ``batch_idx``: ``Tensor[R]``;
-    ``is_mined``: ``Tensor[R]`` bool, bootstrapped boxes; ``counts``: ``[R_b]`` per image.
-    """
-
-    rois: list[Tensor]
-    boxes: Tensor
-    labels: Tensor
-    regression_targets: Tensor
-    batch_idx: Tensor
-    is_mined: Tensor
-    counts: list[int]
+    table = torch.cat([class_weight.new_full((1,), float(background_weight)), class_weight]).to(labels.device)
+    return table[labels.clamp(min=0)]
 
 
 def roi_losses(
@@ -268,15 +171,22 @@ class _GeneratorMixin:
 class BalancedRPN(_GeneratorMixin, RegionProposalNetwork):
     """torchvision's RPN with its anchor sampler replaced (anchor matching and proposals are unchanged).
 
-    Build it with :meth:`from_rpn`; all modules (head, anchor generator) are shared with the original.
+    The sampler gets a :class:`~detbalance.sampling.RoIBatch` of all anchors of the batch (``boxes`` the
+    anchors, ``max_iou`` their largest IoU with the ground truth, ``mined`` all false); a sampler that
+    needs losses is refused (the RPN has no read-only pass). Build it with :meth:`from_rpn`; all modules
+    (head, anchor generator) are shared with the original.
     """
+
+    sampler: RoISampler
+    recorder: BalanceRecorder | None
+    progress: float
 
     @classmethod
     def from_rpn(
         cls,
         rpn: RegionProposalNetwork,
         *,
-        sampler: FixedRatioRoISampler,
+        sampler: RoISampler,
         recorder: BalanceRecorder | None = None,
         seed: int | None = None,
     ) -> BalancedRPN:
@@ -284,22 +194,23 @@ class BalancedRPN(_GeneratorMixin, RegionProposalNetwork):
 
         Args:
             rpn: The model's ``RegionProposalNetwork``.
-            sampler: Anchor budget and foreground fraction per image.
+            sampler: An anchor sampler (e.g. ``FixedRatioSampler(num_samples=256, positive_fraction=0.5)``).
             recorder: Optional sink for the sampled counts (``"faster_rcnn/rpn"``).
             seed: Seed of the sampling generator; ``None`` draws one from the global generator.
 
         Raises:
-            ValueError: If ``sampler`` is not a :class:`FixedRatioRoISampler`.
+            ValueError: If ``sampler`` is not callable or needs per-anchor losses.
         """
-        if not isinstance(sampler, FixedRatioRoISampler):
-            raise ValueError(f"rpn_sampler must be a FixedRatioRoISampler, got {sampler!r}")
+        _check_sampler("rpn_sampler", sampler)
+        if sampler_needs_losses(sampler):
+            raise ValueError(f"rpn_sampler must not need losses (the RPN has no read-only pass), got {sampler!r}")
         new = cls(
             rpn.anchor_generator,
             rpn.head,
             fg_iou_thresh=rpn.proposal_matcher.high_threshold,
             bg_iou_thresh=rpn.proposal_matcher.low_threshold,
-            batch_size_per_image=sampler.num_samples,
-            positive_fraction=sampler.positive_fraction,
+            batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
+            positive_fraction=rpn.fg_bg_sampler.positive_fraction,
             pre_nms_top_n=dict(rpn._pre_nms_top_n),
             post_nms_top_n=dict(rpn._post_nms_top_n),
             nms_thresh=rpn.nms_thresh,
@@ -310,12 +221,27 @@ class BalancedRPN(_GeneratorMixin, RegionProposalNetwork):
         new.min_size = rpn.min_size
         new.sampler = sampler
         new.recorder = recorder
+        new.progress = 0.0
+        new._anchors: list[Tensor] = []
+        new._max_iou: list[Tensor] = []
         new._init_generator(seed)
         new.train(rpn.training)
         return new
 
-    sampler: FixedRatioRoISampler
-    recorder: BalanceRecorder | None
+    def set_progress(self, progress: float) -> None:
+        """The fraction of training done, passed to the sampler in :attr:`RoIBatch.progress`."""
+        self.progress = _check_progress(progress)
+
+    def assign_targets_to_anchors(  # type: ignore[override]  # torchvision's signature
+        self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's matching; also keeps the anchors and their max IoU for :meth:`compute_loss`."""
+        self._anchors = anchors
+        self._max_iou = [
+            box_iou(a, t["boxes"].to(a)).max(dim=1).values if t["boxes"].numel() else a.new_zeros(a.shape[0])
+            for a, t in zip(anchors, targets)
+        ]
+        return super().assign_targets_to_anchors(anchors, targets)
 
     def compute_loss(  # type: ignore[override]  # same signature, typed more tightly
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -332,17 +258,20 @@ class BalancedRPN(_GeneratorMixin, RegionProposalNetwork):
             ``(objectness_loss, box_loss)``: mean BCE over the sampled anchors and smooth-L1
             (``beta = 1/9``) summed over the sampled positives divided by the number sampled.
         """
-        int_labels = torch.stack(labels).to(torch.int64)  # [B, A]
-        num_anchors = int_labels.shape[1]
-        sampled = sample_fixed_ratio_batched(
-            int_labels,
-            self.sampler.num_samples,
-            self.sampler.positive_fraction,
-            generator=self.generator(int_labels.device),
+        int_labels = torch.cat(labels).to(torch.int64)
+        device = int_labels.device
+        counts = torch.tensor([lab.shape[0] for lab in labels], device=device)
+        rois = RoIBatch(
+            labels=int_labels,
+            boxes=torch.cat(self._anchors),
+            batch_idx=torch.repeat_interleave(torch.arange(len(labels), device=device), counts),
+            max_iou=torch.cat(self._max_iou),
+            mined=torch.zeros_like(int_labels, dtype=torch.bool),
+            progress=self.progress,
+            num_images=len(labels),
         )
-        pos = torch.cat([s.positive + i * num_anchors for i, s in enumerate(sampled)])
-        neg = torch.cat([s.negative + i * num_anchors for i, s in enumerate(sampled)])
-        inds = torch.cat([pos, neg])
+        sampled = self.sampler(rois, generator=self.generator(device))
+        pos, inds = sampled.positive, sampled.all()
         flat_labels = torch.cat(labels)
         targets = torch.cat(regression_targets)
         box_loss = F.smooth_l1_loss(
@@ -350,7 +279,7 @@ class BalancedRPN(_GeneratorMixin, RegionProposalNetwork):
         ) / max(1, inds.numel())
         objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[inds], flat_labels[inds])
         if self.recorder is not None:
-            self.recorder.record_counts("faster_rcnn/rpn", pos.numel(), neg.numel())
+            self.recorder.record_counts("faster_rcnn/rpn", pos.numel(), sampled.negative.numel())
         return objectness_loss, box_loss
 
 
@@ -358,8 +287,9 @@ class BalancedTransform(GeneralizedRCNNTransform):
     """torchvision's transform that validates targets and records each image's original size.
 
     Validation raises ``ValueError`` naming the image and box (torchvision asserts, or does not check at
-    all). In each (copied) target it stores ``Tensor[2]`` ``(h, w)`` of the original image under
-    :data:`ORIGINAL_SIZE_KEY`, which :class:`BalancedRoIHeads` uses to resize bootstrapped boxes.
+    all); ``target["mined_boxes"]``, when present, must be a finite ``Tensor[M, 4]``. In each (copied)
+    target it stores ``Tensor[2]`` ``(h, w)`` of the original image under :data:`ORIGINAL_SIZE_KEY`, which
+    :class:`BalancedRoIHeads` uses to resize the mined boxes.
     """
 
     num_classes: int
@@ -384,41 +314,54 @@ class BalancedTransform(GeneralizedRCNNTransform):
         """Validate ``targets`` against ``images``, then torchvision's normalise/resize/batch."""
         if targets is not None:
             check_detection_targets(images, targets, num_classes=self.num_classes)
+            for i, t in enumerate(targets):
+                mined = t.get(MINED_BOXES_KEY)
+                if mined is None:
+                    continue
+                if not isinstance(mined, Tensor) or mined.dim() != 2 or mined.shape[1] != 4:
+                    raise ValueError(f"targets[{i}]['{MINED_BOXES_KEY}'] must be Tensor[M, 4], got {mined!r}")
+                if not mined.is_floating_point() or not bool(torch.isfinite(mined).all()):
+                    raise ValueError(f"targets[{i}]['{MINED_BOXES_KEY}'] must be finite floating-point boxes")
             targets = [dict(t) for t in targets]
             for image, t in zip(images, targets):
                 t[ORIGINAL_SIZE_KEY] = torch.tensor(image.shape[-2:], dtype=torch.float32)
         return super().forward(images, targets)
 
 
-def _image_id(target: dict[str, Any]) -> int | None:
-    image_id = target.get("image_id")
-    if image_id is None:
-        return None
-    return int(image_id)
+def _check_progress(progress: object) -> float:
+    if isinstance(progress, bool) or not isinstance(progress, int | float) or not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be a float in [0, 1], got {progress!r}")
+    return float(progress)
 
 
 class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
     """torchvision's box RoI head with an injectable RoI sampler, classification loss and bootstrapping.
 
-    Training computes, per image, the proposals plus the bootstrapped boxes plus the ground truth (as
-    torchvision adds it), matches them with the head's own matcher, then
+    Training, per image: the proposals, the mined boxes (``target["mined_boxes"]``) and the ground truth
+    (as torchvision adds it) are matched with the head's own matcher into a
+    :class:`~detbalance.sampling.RoIBatch`; the mined boxes, and proposals whose IoU with one of them is
+    at least ``mined_iou``, are flagged ``mined`` (a mined box the matcher would ignore is background).
+    If the sampler declares ``needs_losses``, the box head runs over *all* RoIs under
+    :func:`torch.no_grad` (OHEM's read-only network) and the per-RoI ``cls``/``loc`` losses
+    (:func:`roi_losses`, class-weighted like the trained loss) go to the sampler. RoI pooling and the
+    head then run *with* gradients on the sampled RoIs only, and the loss is
 
-    * :class:`FixedRatioRoISampler`: samples, then runs RoI pooling and the box head on the sample only
-      (torchvision's path);
-    * :class:`OHEMRoISampler` / :class:`StratifiedOHEMRoISampler`: runs the box head over *all* RoIs under
-      :func:`torch.no_grad` (the paper's read-only network), computes per-RoI ``cls`` and ``loc`` losses
-      (:func:`roi_losses`), selects hard RoIs, then runs RoI pooling and the head *with* gradients on the
-      selected RoIs only, so memory and backward time scale with ``B``, not ``R``.
+    .. math::
+        L = \\frac{w_{cls}(t)}{N} \\sum_i c_{y_i} L_{cls,i}, \\qquad
+        L_{box} = \\frac{w_{loc}(t)}{N} \\sum_i L_{loc,i}
 
-    Both losses are summed over the sampled RoIs and divided by their number, as ``fastrcnn_loss`` does.
-    Inference is torchvision's, unchanged. Build it with :meth:`from_roi_heads`.
+    with ``N`` the number of sampled RoIs (torchvision's mean), ``c`` the optional class weights
+    (background ``background_weight``) and ``(w_cls, w_loc)`` the sampler's ``loss_weights`` at the
+    training progress ``t`` (``(1, 1)`` for samplers without a schedule). Inference is torchvision's.
+    Build it with :meth:`from_roi_heads`.
     """
 
     sampler: RoISampler
     box_cls_loss: BoxClsLoss | None
     recorder: BalanceRecorder | None
-    hard_negatives: HardNegativeSet | None
     progress: float
+    mined_iou: float | None
+    background_weight: float
 
     @classmethod
     def from_roi_heads(
@@ -427,31 +370,32 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         *,
         sampler: RoISampler,
         box_cls_loss: BoxClsLoss | None = None,
+        class_weight: Tensor | None = None,
+        background_weight: float = 1.0,
+        mined_iou: float | None = 0.7,
         recorder: BalanceRecorder | None = None,
-        hard_negatives: HardNegativeSet | None = None,
         seed: int | None = None,
     ) -> BalancedRoIHeads:
         """A :class:`BalancedRoIHeads` sharing ``heads``' pooler, box head, predictor, matcher and coder.
 
         Args:
             heads: The model's box-only ``RoIHeads`` (mask / keypoint heads are not supported).
-            sampler: One of :class:`FixedRatioRoISampler`, :class:`OHEMRoISampler`,
-                :class:`StratifiedOHEMRoISampler`.
+            sampler: A RoI sampler (:mod:`detbalance.sampling.roi_sampler`).
             box_cls_loss: ``None`` (cross entropy) or a callable ``(logits[N, C], labels[N]) -> Tensor[N]``.
+            class_weight: ``Tensor[K]`` per-class weights of the classification term (``None``: off).
+            background_weight: Weight of a background RoI's classification term when ``class_weight`` is set.
+            mined_iou: A proposal whose IoU with a mined box is ``>= mined_iou`` is flagged mined (ours: 0.7,
+                the RPN's foreground threshold, i.e. "the same box"); ``None`` flags the mined boxes only.
             recorder: Optional sink (counts ``"faster_rcnn/roi"``, losses ``"faster_rcnn/roi"`` of the
-                selected RoIs and ``"ohem/all"`` of every RoI for OHEM, class sums ``"faster_rcnn/roi_cls"``).
-            hard_negatives: Optional :class:`~detbalance.sampling.HardNegativeSet` (offline bootstrapping).
+                selected RoIs and ``"ohem/all"`` of every RoI when the read-only pass runs, class sums
+                ``"faster_rcnn/roi_cls"``).
             seed: Seed of the sampling generator; ``None`` draws one from the global generator.
 
         Raises:
-            ValueError: On a sampler of another type, a self-normalising ``box_cls_loss``, or a head
-                with mask/keypoint branches.
+            ValueError: On a non-callable sampler, a self-normalising ``box_cls_loss``, bad class weights,
+                or a head with mask/keypoint branches.
         """
-        if not isinstance(sampler, FixedRatioRoISampler | OHEMRoISampler | StratifiedOHEMRoISampler):
-            raise ValueError(
-                "roi_sampler must be a FixedRatioRoISampler, OHEMRoISampler or StratifiedOHEMRoISampler, "
-                f"got {sampler!r}"
-            )
+        _check_sampler("roi_sampler", sampler)
         if box_cls_loss is not None and not callable(box_cls_loss):
             raise ValueError(f"box_cls_loss must be None or a callable, got {box_cls_loss!r}")
         if getattr(box_cls_loss, "self_normalizing", False):
@@ -460,17 +404,26 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
             )
         if heads.has_mask() or heads.has_keypoint():
             raise ValueError("balance_faster_rcnn supports box-only heads; got a mask or keypoint branch")
-        if hard_negatives is not None and not isinstance(hard_negatives, HardNegativeSet):
-            raise ValueError(f"hard_negatives must be a HardNegativeSet or None, got {hard_negatives!r}")
-        fixed = sampler if isinstance(sampler, FixedRatioRoISampler) else None
+        columns = int(heads.box_predictor.cls_score.out_features)
+        if class_weight is not None and (
+            not isinstance(class_weight, Tensor) or class_weight.shape != (columns - 1,)
+            or not bool(torch.isfinite(class_weight).all()) or bool((class_weight < 0).any())
+        ):
+            raise ValueError(f"class_weight must be a finite Tensor[{columns - 1}] >= 0, got {class_weight!r}")
+        if isinstance(background_weight, bool) or not isinstance(background_weight, int | float) \
+                or not background_weight >= 0:
+            raise ValueError(f"background_weight must be a number >= 0, got {background_weight!r}")
+        if mined_iou is not None and (isinstance(mined_iou, bool) or not isinstance(mined_iou, int | float)
+                                      or not 0.0 < mined_iou <= 1.0):
+            raise ValueError(f"mined_iou must be in (0, 1] or None, got {mined_iou!r}")
         new = cls(
             heads.box_roi_pool,
             heads.box_head,
             heads.box_predictor,
             fg_iou_thresh=heads.proposal_matcher.high_threshold,
             bg_iou_thresh=heads.proposal_matcher.low_threshold,
-            batch_size_per_image=fixed.num_samples if fixed else heads.fg_bg_sampler.batch_size_per_image,
-            positive_fraction=fixed.positive_fraction if fixed else heads.fg_bg_sampler.positive_fraction,
+            batch_size_per_image=heads.fg_bg_sampler.batch_size_per_image,
+            positive_fraction=heads.fg_bg_sampler.positive_fraction,
             bbox_reg_weights=heads.box_coder.weights,
             score_thresh=heads.score_thresh,
             nms_thresh=heads.nms_thresh,
@@ -480,8 +433,12 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         new.box_coder = heads.box_coder
         new.sampler = sampler
         new.box_cls_loss = box_cls_loss
+        new.register_buffer(
+            "class_weight", None if class_weight is None else class_weight.detach().to(torch.float32).clone()
+        )
+        new.background_weight = float(background_weight)
+        new.mined_iou = None if mined_iou is None else float(mined_iou)
         new.recorder = recorder
-        new.hard_negatives = hard_negatives
         new.progress = 0.0
         new._init_generator(seed)
         new.train(heads.training)
@@ -493,30 +450,20 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         return int(self.box_predictor.cls_score.out_features)
 
     def set_progress(self, progress: float) -> None:
-        """Tell S-OHEM the fraction of training done (``0`` start, ``1`` end); other samplers ignore it."""
-        if isinstance(progress, bool) or not isinstance(progress, int | float) or not 0.0 <= progress <= 1.0:
-            raise ValueError(f"progress must be a float in [0, 1], got {progress!r}")
-        self.progress = float(progress)
-
-    def set_hard_negatives(self, hard_negatives: HardNegativeSet | None) -> None:
-        """Swap the bootstrapped negatives (e.g. after a new mining round); ``None`` disables them."""
-        if hard_negatives is not None and not isinstance(hard_negatives, HardNegativeSet):
-            raise ValueError(f"hard_negatives must be a HardNegativeSet or None, got {hard_negatives!r}")
-        self.hard_negatives = hard_negatives
+        """The fraction of training done (``0`` start, ``1`` end), passed to the sampler and its schedule."""
+        self.progress = _check_progress(progress)
 
     # ----------------------------------------------------------------------------------------- training
     def _mined_boxes(self, targets: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
                      dtype: torch.dtype, device: torch.device) -> list[Tensor]:
-        """Bootstrapped boxes of each image, in the network's (resized) coordinates."""
-        empty = torch.zeros((0, 4), dtype=dtype, device=device)
-        if self.hard_negatives is None:
-            return [empty for _ in targets]
-        image_ids = [_image_id(t) for t in targets]
-        if any(i is None for i in image_ids):
-            raise ValueError("bootstrapping needs targets[i]['image_id'] to look up the mined boxes")
+        """Each image's ``target["mined_boxes"]`` in the network's (resized) coordinates."""
         out = []
-        for t, shape, boxes in zip(targets, image_shapes, self.hard_negatives.boxes_for(image_ids, device=device)):
-            boxes = boxes.to(dtype).reshape(-1, 4)
+        for t, shape in zip(targets, image_shapes):
+            boxes = t.get(MINED_BOXES_KEY)
+            if boxes is None:
+                out.append(torch.zeros((0, 4), dtype=dtype, device=device))
+                continue
+            boxes = boxes.to(device=device, dtype=dtype).reshape(-1, 4)
             original = t.get(ORIGINAL_SIZE_KEY)
             if original is not None and boxes.numel():
                 boxes = resize_boxes(boxes, original.tolist(), list(shape))
@@ -525,15 +472,19 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
 
     def prepare_training_rois(
         self, proposals: list[Tensor], image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
-    ) -> TrainingRoIs:
-        """Every training RoI of the batch (proposals, bootstrapped boxes, GT) with its label and target.
+    ) -> tuple[RoIBatch, Tensor]:
+        """Every training RoI of the batch (proposals, mined boxes, GT) and its regression target.
 
         Matching is the head's own (torchvision's ``Matcher``; the RoI head's default makes every RoI
-        below IoU 0.5 background, i.e. ``bg_lo = 0``); a bootstrapped box the matcher would ignore is
-        made background.
+        below IoU 0.5 background, i.e. ``bg_lo = 0``); a mined box the matcher would ignore is made
+        background.
+
+        Returns:
+            ``(rois, regression_targets)``: the :class:`~detbalance.sampling.RoIBatch` and
+            ``Tensor[R, 4]`` encoded targets (zeros where not foreground).
 
         Raises:
-            ValueError: On non-float boxes or non-int64 labels, or bootstrapping without ``image_id``.
+            ValueError: On non-float boxes or non-int64 labels.
         """
         for t in targets:
             if not t["boxes"].is_floating_point():
@@ -553,11 +504,17 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         batch_idx = torch.repeat_interleave(
             torch.arange(len(rois), device=device), torch.tensor(counts, device=device)
         )
-        is_mined = torch.cat([
-            torch.cat([p.new_zeros(p.shape[0], dtype=torch.bool), m.new_ones(m.shape[0], dtype=torch.bool),
-                       g.new_zeros(g.shape[0], dtype=torch.bool)])
-            for p, m, g in zip(proposals, mined, gt_boxes)
+        max_iou = torch.cat([
+            box_iou(r, g).max(dim=1).values if g.numel() else r.new_zeros(r.shape[0]) for r, g in zip(rois, gt_boxes)
         ])
+        flags = []
+        for p, m, g in zip(proposals, mined, gt_boxes):
+            near = p.new_zeros(p.shape[0], dtype=torch.bool)
+            if m.numel() and self.mined_iou is not None and p.numel():
+                near = box_iou(p, m).max(dim=1).values >= self.mined_iou
+            flags.append(torch.cat([near, m.new_ones(m.shape[0], dtype=torch.bool),
+                                    g.new_zeros(g.shape[0], dtype=torch.bool)]))
+        is_mined = torch.cat(flags)
         # A mined box is a confident false positive: anything not matched as foreground is background,
         # also when the matcher would ignore it (bg_iou_thresh < fg_iou_thresh).
         labels_flat = torch.where(is_mined & (labels_flat < 0), torch.zeros_like(labels_flat), labels_flat)
@@ -568,7 +525,17 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         regression_targets = torch.where(
             (labels_flat > 0)[:, None], regression_targets, torch.zeros_like(regression_targets)
         )
-        return TrainingRoIs(rois, boxes, labels_flat, regression_targets, batch_idx, is_mined, counts)
+        batch = RoIBatch(labels_flat, boxes, batch_idx, max_iou, is_mined, self.progress, len(rois))
+        return batch, regression_targets
+
+    def _losses(self, box_features: Tensor, labels: Tensor, regression_targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-RoI ``(cls, loc)`` of pooled features, the classification term class-weighted if set."""
+        class_logits, box_regression = self.box_predictor(self.box_head(box_features))
+        cls, loc = roi_losses(class_logits, box_regression, labels, regression_targets,
+                              box_cls_loss=self.box_cls_loss)
+        if self.class_weight is not None:
+            cls = cls * _class_weights(labels, self.class_weight, self.background_weight).to(cls.dtype)
+        return cls, loc
 
     def forward(  # type: ignore[override]  # torchvision's signature
         self,
@@ -582,97 +549,43 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
             return super().forward(features, proposals, image_shapes, targets)
         if targets is None:
             raise ValueError("targets must be given in training mode")
-        prep = self.prepare_training_rois(proposals, image_shapes, targets)
-        num_images = len(prep.rois)
-        boxes, labels_flat, regression_targets, batch_idx = (
-            prep.boxes, prep.labels, prep.regression_targets, prep.batch_idx
-        )
-
-        if isinstance(self.sampler, FixedRatioRoISampler):
-            sampled = self._sample_fixed(labels_flat, prep.is_mined, prep.counts)
-        else:
-            sampled = self._select_hard(features, prep.rois, image_shapes, boxes, labels_flat,
-                                        regression_targets, batch_idx)
+        rois, regression_targets = self.prepare_training_rois(proposals, image_shapes, targets)
+        boxes, labels = rois.boxes, rois.labels
+        all_losses = None
+        if sampler_needs_losses(self.sampler):
+            with torch.no_grad():  # OHEM's read-only RoI network
+                pooled = self.box_roi_pool(features, list(boxes.split(rois.counts())), image_shapes)
+                cls_all, loc_all = self._losses(pooled, labels, regression_targets)
+            all_losses = RoILosses(cls_all.float(), loc_all.float())
+            if self.recorder is not None:
+                self.recorder.record_losses("ohem/all", (all_losses.cls + all_losses.loc)[labels >= 0])
+        sampled: SampledIndices = self.sampler(rois, losses=all_losses, generator=self.generator(labels.device))
 
         selected = sampled.all()
-        per_image = torch.bincount(batch_idx[selected], minlength=num_images).tolist()
-        box_features = self.box_roi_pool(features, list(boxes[selected].split(per_image)), image_shapes)
-        box_features = self.box_head(box_features)
-        class_logits, box_regression = self.box_predictor(box_features)
-        sel_labels = labels_flat[selected]
-        cls, loc = roi_losses(class_logits, box_regression, sel_labels, regression_targets[selected],
-                              box_cls_loss=self.box_cls_loss)
+        per_image = torch.bincount(rois.batch_idx[selected], minlength=rois.num_images).tolist()
+        pooled = self.box_roi_pool(features, list(boxes[selected].split(per_image)), image_shapes)
+        sel_labels = labels[selected]
+        cls, loc = self._losses(pooled, sel_labels, regression_targets[selected])
+        w_cls, w_loc = sampler_loss_weights(self.sampler, self.progress)
         num = max(1, selected.numel())
-        losses = {"loss_classifier": cls.sum() / num, "loss_box_reg": loc.sum() / num}
+        losses = {"loss_classifier": cls.sum() * (w_cls / num), "loss_box_reg": loc.sum() * (w_loc / num)}
         if self.recorder is not None:
             self.recorder.record_counts("faster_rcnn/roi", sampled.positive.numel(), sampled.negative.numel())
             self.recorder.record_losses("faster_rcnn/roi", cls + loc)
             self.recorder.record_class_losses("faster_rcnn/roi_cls", sel_labels, cls, self.num_classes - 1)
         return [], losses
 
-    def _sample_fixed(self, labels: Tensor, is_mined: Tensor, counts: list[int]) -> SampledIndices:
-        """Fixed-ratio sampling; bootstrapped background RoIs fill the background budget first."""
-        sampler = self.sampler
-        assert isinstance(sampler, FixedRatioRoISampler)  # internal invariant (checked by the caller)
-        generator = self.generator(labels.device)
-        mined_bg = is_mined & (labels == 0)
-        candidates = torch.where(mined_bg, torch.full_like(labels, -1), labels)
-        sampled = sample_fixed_ratio_batched(
-            list(candidates.split(counts)), sampler.num_samples, sampler.positive_fraction, generator=generator
-        )
-        offsets = [0]
-        for c in counts[:-1]:
-            offsets.append(offsets[-1] + c)
-        positive, negative = [], []
-        for s, mined_i, offset in zip(sampled, mined_bg.split(counts), offsets):
-            neg = s.negative
-            mined_idx = torch.nonzero(mined_i).flatten()
-            if mined_idx.numel():
-                budget = sampler.num_samples - s.positive.numel()
-                take = mined_idx[torch.randperm(mined_idx.numel(), generator=generator,
-                                                device=mined_idx.device)[:budget]]
-                rest = neg[torch.randperm(neg.numel(), generator=generator, device=neg.device)
-                           [: max(0, budget - take.numel())]]
-                neg = torch.cat([take, rest]).sort().values
-            positive.append(s.positive + offset)
-            negative.append(neg + offset)
-        return SampledIndices(torch.cat(positive), torch.cat(negative))
-
-    def _select_hard(self, features: dict[str, Tensor], rois: list[Tensor], image_shapes: list[tuple[int, int]],
-                     boxes: Tensor, labels: Tensor, regression_targets: Tensor,
-                     batch_idx: Tensor) -> SampledIndices:
-        """OHEM / S-OHEM: per-RoI losses of all RoIs from the read-only (no-grad) pass, then selection."""
-        with torch.no_grad():
-            box_features = self.box_head(self.box_roi_pool(features, rois, image_shapes))
-            class_logits, box_regression = self.box_predictor(box_features)
-            cls, loc = roi_losses(class_logits, box_regression, labels, regression_targets,
-                                  box_cls_loss=self.box_cls_loss)
-            cls, loc = cls.float(), loc.float()
-        sampler = self.sampler
-        if isinstance(sampler, OHEMRoISampler):
-            sampled = select_hard_examples(
-                cls + loc, labels, boxes, batch_idx, num_samples=sampler.num_samples, nms_iou=sampler.nms_iou,
-                positive_fraction=sampler.positive_fraction, generator=self.generator(labels.device),
-            )
-        else:
-            sampled = select_hard_examples_stratified(
-                cls, loc, labels, boxes, batch_idx, num_samples=sampler.num_samples, progress=self.progress,
-                strata=sampler.strata, loss_weights=sampler.loss_weights, quotas=sampler.quotas,
-                nms_iou=sampler.nms_iou,
-            )
-        if self.recorder is not None:
-            self.recorder.record_losses("ohem/all", (cls + loc)[labels >= 0])
-        return sampled
-
 
 def balance_faster_rcnn(
     model: FasterRCNN,
     *,
     roi_sampler: RoISampler,
-    rpn_sampler: FixedRatioRoISampler | None = None,
+    rpn_sampler: RoISampler | None = None,
     box_cls_loss: BoxClsLoss | None = None,
+    class_weight: Tensor | None = None,
+    background_weight: float = 1.0,
+    mined_iou: float | None = 0.7,
     recorder: BalanceRecorder | None = None,
-    hard_negatives: HardNegativeSet | None = None,
 ) -> FasterRCNN:
     """Adapt a torchvision Faster R-CNN in place to a sampling / loss remedy and return it.
 
@@ -681,20 +594,22 @@ def balance_faster_rcnn(
 
     Args:
         model: A box-only torchvision ``FasterRCNN`` (``GeneralizedRCNN`` with ``RoIHeads``).
-        roi_sampler: :class:`FixedRatioRoISampler` (torchvision: 512 @ 0.25), :class:`OHEMRoISampler`
-            (Shrivastava et al. 2016: 128 per image, NMS 0.7) or :class:`StratifiedOHEMRoISampler`.
-        rpn_sampler: A :class:`FixedRatioRoISampler` for the RPN anchors (torchvision: 256 @ 0.5);
-            ``None`` keeps torchvision's RPN untouched.
+        roi_sampler: Any sampler of the contract of :mod:`detbalance.sampling.roi_sampler`:
+            ``FixedRatioSampler()`` (torchvision: 512 @ 0.25), ``OHEMSampler()`` (Shrivastava et al.
+            2016), ``StratifiedOHEMSampler()``, ``BootstrappedSampler()``, or your own function.
+        rpn_sampler: The RPN's anchor sampler (torchvision: ``FixedRatioSampler(256, 0.5)``); ``None``
+            keeps torchvision's RPN untouched.
         box_cls_loss: ``None`` (cross entropy) or a per-RoI loss ``(logits[N, C], labels[N]) -> Tensor[N]``
             such as ``SoftmaxFocalLoss(gamma=2.0)``.
+        class_weight: Optional ``Tensor[K]``: a RoI's classification term is weighted by its class's weight
+            (``background_weight`` for background), ``sum_i w[y_i] CE_i / N``.
+        background_weight: See ``class_weight``.
+        mined_iou: See :meth:`BalancedRoIHeads.from_roi_heads`.
         recorder: Optional :class:`~detbalance.detectors.recorder.BalanceRecorder`.
-        hard_negatives: Offline bootstrapping (Sung & Poggio 1998): a
-            :class:`~detbalance.sampling.HardNegativeSet` whose boxes (original image coordinates, looked up
-            by ``targets[i]["image_id"]``) are appended to each image's proposals; swap it between rounds
-            with ``model.roi_heads.set_hard_negatives``.
 
     Returns:
-        ``model`` itself, adapted.
+        ``model`` itself, adapted. Bootstrapped boxes arrive per image as ``target["mined_boxes"]``
+        (see :class:`~detbalance.sampling.BootstrapHook`).
 
     Raises:
         ValueError: On a model that is not a box-only Faster R-CNN, or a sampler / loss of the wrong kind.
@@ -703,11 +618,9 @@ def balance_faster_rcnn(
         raise ValueError(f"model must be a torchvision FasterRCNN, got {type(model).__name__}")
     if not isinstance(model.rpn, RegionProposalNetwork):
         raise ValueError(f"model.rpn must be a RegionProposalNetwork, got {type(model.rpn).__name__}")
-    if rpn_sampler is not None and not isinstance(rpn_sampler, FixedRatioRoISampler):
-        raise ValueError(f"rpn_sampler must be a FixedRatioRoISampler or None, got {rpn_sampler!r}")
     model.roi_heads = BalancedRoIHeads.from_roi_heads(
-        model.roi_heads, sampler=roi_sampler, box_cls_loss=box_cls_loss, recorder=recorder,
-        hard_negatives=hard_negatives,
+        model.roi_heads, sampler=roi_sampler, box_cls_loss=box_cls_loss, class_weight=class_weight,
+        background_weight=background_weight, mined_iou=mined_iou, recorder=recorder,
     )
     if rpn_sampler is not None:
         model.rpn = BalancedRPN.from_rpn(model.rpn, sampler=rpn_sampler, recorder=recorder)
@@ -716,4 +629,3 @@ def balance_faster_rcnn(
             model.transform, num_classes=model.roi_heads.num_classes
         )
     return model
-

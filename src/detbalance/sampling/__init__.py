@@ -7,11 +7,27 @@ or a mask; losses are passed in, models are never called.
 """
 
 from detbalance.sampling.assign import Assignment, assign_by_iou
-from detbalance.sampling.bootstrap import HardNegativeSet, find_hard_negatives
+from detbalance.sampling.bootstrap import (
+    BootstrapHook,
+    HardNegativeSet,
+    build_bootstrap_hook,
+    find_hard_negatives,
+)
 from detbalance.sampling.fixed_ratio import sample_fixed_ratio, sample_fixed_ratio_batched
 from detbalance.sampling.hard_negative import mine_hard_negatives
 from detbalance.sampling.ohem import select_hard_examples
 from detbalance.sampling.repeat_factor import RepeatFactorSampler, repeat_factors
+from detbalance.sampling.roi_sampler import (
+    BootstrappedSampler,
+    FixedRatioSampler,
+    OHEMSampler,
+    RoIBatch,
+    RoILosses,
+    RoISampler,
+    StratifiedOHEMSampler,
+    sampler_loss_weights,
+    sampler_needs_losses,
+)
 from detbalance.sampling.stratified_ohem import (
     default_loss_weights,
     default_stratum_distribution,
@@ -21,14 +37,25 @@ from detbalance.sampling.stratified_ohem import (
 
 __all__ = [
     "Assignment",
+    "BootstrapHook",
+    "BootstrappedSampler",
+    "FixedRatioSampler",
     "HardNegativeSet",
+    "OHEMSampler",
     "RepeatFactorSampler",
+    "RoIBatch",
+    "RoILosses",
+    "RoISampler",
+    "StratifiedOHEMSampler",
     "assign_by_iou",
+    "build_bootstrap_hook",
     "default_loss_weights",
     "default_stratum_distribution",
     "find_hard_negatives",
     "mine_hard_negatives",
     "repeat_factors",
+    "sampler_loss_weights",
+    "sampler_needs_losses",
     "sample_fixed_ratio",
     "sample_fixed_ratio_batched",
     "select_hard_examples",

@@ -135,6 +135,9 @@ def check_boxes(boxes: Tensor, name: str, *, rows: int | None = None) -> None:
     if not boxes.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {boxes.dtype}")
     if boxes.numel():
+        if not bool(torch.isfinite(boxes).all()):
+            first = int((~torch.isfinite(boxes)).any(1).nonzero()[0, 0])
+            raise ValueError(f"{name} must have finite coordinates; row {first} is {boxes[first].tolist()}")
         bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
@@ -142,6 +145,16 @@ def check_boxes(boxes: Tensor, name: str, *, rows: int | None = None) -> None:
                 f"{name} must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1; row {first} is "
                 f"{boxes[first].tolist()}"
             )
+
+
+def check_finite(values: Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``values`` holds a NaN or an infinity (one host sync)."""
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        first = int((~torch.isfinite(values)).flatten().nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must be finite, got {values.flatten()[first].item()} at flat index {first} "
+            "(a NaN or inf loss would be ranked as the hardest example)"
+        )
 
 
 def check_fraction(value: float, name: str) -> None:

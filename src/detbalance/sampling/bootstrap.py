@@ -9,8 +9,13 @@ image's pixel coordinates), and the result, a :class:`HardNegativeSet`, is used 
 * image level: :meth:`HardNegativeSet.sampling_weights` gives every image a weight ``>= 1`` that grows with
   its number of hard false positives, for ``torch.utils.data.WeightedRandomSampler`` or directly as the
   repeat factors of :class:`~detbalance.sampling.RepeatFactorSampler`;
-* RoI level: :meth:`HardNegativeSet.boxes_for` returns the mined boxes of a batch's images, to be added to
-  a two-stage detector's proposals as extra background RoIs (``balance_faster_rcnn(..., hard_negatives=)``).
+* RoI level: :class:`BootstrapHook` is the training hook that runs the mining pass on the un-augmented
+  training images at scheduled steps and hands the boxes to the dataset
+  (:meth:`~detbalance.data.DetectionDataset.set_mined_boxes`); the dataset emits them as
+  ``target["mined_boxes"]`` *before* augmentation, so they follow flips and crops, and the Faster R-CNN
+  head adds them to the proposals as extra background RoIs (sampled first by
+  :class:`~detbalance.sampling.BootstrappedSampler`). The engine only calls the hook; it does not know
+  which remedy it serves.
 
 A false positive here is a *background* error: a detection with ``score >= score_threshold`` whose IoU with
 every ground-truth box (of any class) is ``< iou``. A detection on an object of another class is a
@@ -21,15 +26,16 @@ is not mined.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from detbalance.sampling.assign import check_boxes, check_fraction
 from detbalance.types import DetectionTarget
 
-__all__ = ["HardNegativeSet", "find_hard_negatives"]
+__all__ = ["BootstrapHook", "HardNegativeSet", "build_bootstrap_hook", "find_hard_negatives"]
 
 
 def find_hard_negatives(
@@ -209,3 +215,151 @@ class HardNegativeSet:
         self._scores = dict(zip(ids.tolist(), scores.float().split(split), strict=True))
         self.iou = float(state_dict["iou"])
         self.score_threshold = float(state_dict["score_threshold"])
+
+
+class BootstrapHook:
+    """Offline bootstrapping as a training hook: mine at scheduled steps, hand the boxes to the dataset.
+
+    Implements the engine's ``TrainingHook`` protocol (``steps``, ``run``, ``state_dict``,
+    ``load_state_dict``). The training budget is split into ``rounds + 1`` equal segments and mining runs
+    after each of the first ``rounds`` (:meth:`steps`). A mining pass (:meth:`run`) evaluates the model on
+    every *un-augmented* training image (``train_set.load_image`` / ``train_set.target``), keeps the
+    confident background false positives (:func:`find_hard_negatives`) and calls
+    ``train_set.set_mined_boxes({image_index: Tensor[M, 4]})`` in original image coordinates.
+
+    Args:
+        rounds: Mining rounds.
+        iou: A detection with IoU ``>= iou`` with a ground-truth box is not a false positive.
+        score_threshold: Only detections scoring ``>= score_threshold`` are mined.
+        max_per_image: Keep at most this many per image (highest score first); ``None`` keeps all.
+        batch_size: Images per forward pass while mining.
+    """
+
+    def __init__(
+        self,
+        *,
+        rounds: int = 1,
+        iou: float = 0.5,
+        score_threshold: float = 0.5,
+        max_per_image: int | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        for name, value, minimum in (("rounds", rounds, 1), ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        check_fraction(iou, "iou")
+        check_fraction(score_threshold, "score_threshold")
+        if max_per_image is not None and (
+            isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1
+        ):
+            raise ValueError(f"max_per_image must be an int >= 1 or None, got {max_per_image!r}")
+        self.rounds = rounds
+        self.iou = float(iou)
+        self.score_threshold = float(score_threshold)
+        self.max_per_image = max_per_image
+        self.batch_size = batch_size
+        self.rounds_done = 0
+        self.mined: dict[int, Tensor] | None = None
+        self._datasets: list[Any] = []
+
+    def steps(self, total_steps: int) -> list[int]:
+        """Optimiser steps after which :meth:`run` is called: ``round(r * total / (rounds + 1))``."""
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < self.rounds + 1:
+            raise ValueError(f"total_steps must be an int >= rounds + 1 = {self.rounds + 1}, got {total_steps!r}")
+        return [round(r * total_steps / (self.rounds + 1)) for r in range(1, self.rounds + 1)]
+
+    def attach(self, train_set: Any) -> None:
+        """Give ``train_set`` the current mined boxes now and after every later :meth:`load_state_dict`."""
+        if all(d is not train_set for d in self._datasets):
+            self._datasets.append(train_set)
+        if self.mined is not None:
+            train_set.set_mined_boxes(self.mined)
+
+    @torch.no_grad()
+    def run(self, step: int, *, model: nn.Module, train_set: Any, device: torch.device) -> dict[str, Any]:
+        """Mine every training image (this rank's share under DDP, gathered) and set the dataset's boxes.
+
+        Returns:
+            The log record ``{"type": "bootstrap", "step", "round", "hard_negatives", "images"}``.
+        """
+        import torch.distributed as dist
+
+        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        was_training = net.training
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        indices = list(range(rank, len(train_set), world))
+        detections: list[dict[str, Tensor]] = []
+        targets: list[dict[str, Any]] = []
+        net.eval()
+        try:
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                images = [train_set.load_image(i).to(device=device, dtype=torch.float32).div_(255.0) for i in chunk]
+                outputs = net(images)
+                detections += [{k: v.detach().cpu() for k, v in o.items()} for o in outputs]
+                targets += [{"boxes": train_set.target(i)["boxes"], "image_id": i} for i in chunk]
+        finally:
+            net.train(was_training)
+        found = find_hard_negatives(
+            detections, targets, iou=self.iou, score_threshold=self.score_threshold,
+            max_per_image=self.max_per_image,
+        )
+        mined = {i: b for i, b in zip(indices, found.boxes_for(indices))}
+        if distributed:
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, mined)
+            mined = {k: v for part in parts for k, v in part.items()}
+        self.mined = mined
+        self.rounds_done += 1
+        self.attach(train_set)
+        return {
+            "type": "bootstrap",
+            "step": int(step),
+            "round": self.rounds_done,
+            "hard_negatives": int(sum(b.shape[0] for b in mined.values())),
+            "images": int(sum(1 for b in mined.values() if b.shape[0])),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors only (loads with ``weights_only=True``): rounds done, image indices, counts, boxes."""
+        ids = sorted(self.mined) if self.mined is not None else []
+        return {
+            "rounds_done": torch.tensor(self.rounds_done, dtype=torch.int64),
+            "has_mined": torch.tensor(self.mined is not None),
+            "image_index": torch.tensor(ids, dtype=torch.int64),
+            "counts": torch.tensor([self.mined[i].shape[0] for i in ids] if self.mined else [], dtype=torch.int64),
+            "boxes": torch.cat([self.mined[i] for i in ids]) if ids and self.mined else torch.zeros(0, 4),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the mined boxes go back to every attached dataset.
+
+        Raises:
+            ValueError: on missing keys or inconsistent shapes.
+        """
+        expected = {"rounds_done", "has_mined", "image_index", "counts", "boxes"}
+        if set(state) != expected:
+            raise ValueError(f"state must have keys {sorted(expected)}, got {sorted(state)}")
+        ids, counts, boxes = state["image_index"], state["counts"], state["boxes"]
+        if ids.shape != counts.shape or int(counts.sum()) != boxes.shape[0]:
+            raise ValueError(
+                f"state is inconsistent: image_index {tuple(ids.shape)}, counts sum {int(counts.sum())}, "
+                f"boxes {tuple(boxes.shape)}"
+            )
+        self.rounds_done = int(state["rounds_done"])
+        self.mined = (
+            dict(zip(ids.tolist(), boxes.float().split(counts.tolist()), strict=True))
+            if bool(state["has_mined"]) else None
+        )
+        for dataset in self._datasets:
+            dataset.set_mined_boxes(self.mined)
+
+
+def build_bootstrap_hook(cfg_section: Any) -> BootstrapHook:
+    """A :class:`BootstrapHook` from a ``[remedy.bootstrap]`` section (``rounds``, ``iou``,
+    ``score_threshold``, ``max_per_image``); pure, reads no file."""
+    return BootstrapHook(
+        rounds=cfg_section.rounds, iou=cfg_section.iou, score_threshold=cfg_section.score_threshold,
+        max_per_image=cfg_section.max_per_image,
+    )

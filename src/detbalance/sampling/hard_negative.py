@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from detbalance.sampling.assign import check_count
+from detbalance.sampling.assign import check_count, check_finite
 
 __all__ = ["mine_hard_negatives"]
 
@@ -21,7 +21,7 @@ def mine_hard_negatives(
     labels: Tensor,
     *,
     negative_ratio: float = 3.0,
-    min_negatives: int = 3,
+    min_negatives: int = 0,
 ) -> Tensor:
     """Per image, all positives plus the ``ceil(negative_ratio * P)`` highest-loss negatives.
 
@@ -30,10 +30,11 @@ def mine_hard_negatives(
     (0-based, by descending loss, ties by anchor index) is ``< n_b`` (so a fractional budget rounds up,
     as in torchvision). Ignored anchors (``-1``) are never selected.
 
-    ``min_negatives`` (default 3, the budget of an image with one positive at the default 3:1 ratio) lets
-    an image without any object still teach the background; the SSD paper and torchvision use 0 (such an
-    image then contributes nothing). With ``min_negatives=0`` and no ignored anchors the mask equals the
-    union of torchvision's ``foreground_idxs`` and ``background_idxs`` in ``SSD.compute_loss`` (a test).
+    ``min_negatives`` defaults to 0, as the SSD paper and torchvision: an image without any object
+    contributes no negative. A positive value (ours; 3 is the budget of an image with one positive at
+    3:1) lets such an image still teach the background. With the default and no ignored anchors the
+    mask equals the union of torchvision's ``foreground_idxs`` and ``background_idxs`` in
+    ``SSD.compute_loss`` (a test).
 
     Args:
         losses: ``Tensor[B, A]`` per-anchor classification loss (only the ranking matters; detached here).
@@ -45,7 +46,8 @@ def mine_hard_negatives(
         ``Tensor[B, A] (bool)``: the anchors that enter the classification loss.
 
     Raises:
-        ValueError: on mismatched or non-2-D shapes, a negative ratio or a negative ``min_negatives``.
+        ValueError: on mismatched or non-2-D shapes, a NaN or inf in ``losses``, a negative ratio or a
+            negative ``min_negatives``.
     """
     if losses.dim() != 2:
         raise ValueError(f"losses must have shape [B, A], got {tuple(losses.shape)}")
@@ -56,6 +58,7 @@ def mine_hard_negatives(
     if isinstance(negative_ratio, bool) or not isinstance(negative_ratio, int | float) or not negative_ratio >= 0:
         raise ValueError(f"negative_ratio must be a non-negative number, got {negative_ratio!r}")
     check_count(min_negatives, "min_negatives")
+    check_finite(losses, "losses")
 
     positive = labels > 0
     negative = labels == 0

@@ -23,6 +23,7 @@ from torchvision.ops import batched_nms
 from detbalance.sampling.assign import (
     check_boxes,
     check_count,
+    check_finite,
     check_fraction,
     check_labels,
     check_same_length,
@@ -70,12 +71,13 @@ def select_hard_examples(
         ``R`` RoIs.
 
     Raises:
-        ValueError: on mismatched lengths, ``x2 < x1`` boxes, a negative budget or a threshold or fraction
+        ValueError: on mismatched lengths, a NaN or inf loss, ``x2 < x1`` or non-finite boxes, a negative budget or a threshold or fraction
             outside ``[0, 1]``; the message names the argument.
     """
     check_labels(labels, "labels")
     num_rois = labels.shape[0]
     check_same_length(losses, "losses", num_rois, "labels")
+    check_finite(losses, "losses")
     check_boxes(boxes, "boxes", rows=num_rois)
     check_batch_idx(batch_idx, num_rois)
     check_count(num_samples, "num_samples")

@@ -41,6 +41,7 @@ from torch import Tensor
 from detbalance.sampling.assign import (
     check_boxes,
     check_count,
+    check_finite,
     check_fraction,
     check_labels,
     check_same_length,
@@ -136,13 +137,15 @@ def select_hard_examples_stratified(
         :class:`~detbalance.types.SampledIndices` ``(positive, negative)``, sorted indices into the ``R`` RoIs.
 
     Raises:
-        ValueError: on mismatched lengths, ``x2 < x1`` boxes, a negative budget, ``progress`` or ``nms_iou``
+        ValueError: on mismatched lengths, a NaN or inf loss, ``x2 < x1`` or non-finite boxes, a negative budget, ``progress`` or ``nms_iou``
             outside ``[0, 1]``, negative loss weights or a quota vector of the wrong length.
     """
     check_labels(labels, "labels")
     num_rois = labels.shape[0]
     check_same_length(cls_losses, "cls_losses", num_rois, "labels")
     check_same_length(loc_losses, "loc_losses", num_rois, "labels")
+    check_finite(cls_losses, "cls_losses")
+    check_finite(loc_losses, "loc_losses")
     check_boxes(boxes, "boxes", rows=num_rois)
     check_batch_idx(batch_idx, num_rois)
     check_count(num_samples, "num_samples")

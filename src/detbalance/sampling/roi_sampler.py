@@ -1,0 +1,352 @@
+r"""One contract for every RoI (and RPN anchor) sampler of a two-stage detector.
+
+A sampler is a callable
+
+.. code-block:: python
+
+    sampler(rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None)
+        -> SampledIndices
+
+that picks, among the ``R`` RoIs of a batch, those that enter the loss. ``rois`` carries everything a
+sampler may look at (labels, boxes, the image of each RoI, each RoI's max IoU with the ground truth, a
+mined flag and the training progress); ``losses`` are the per-RoI losses of the read-only pass, given only
+to a sampler whose ``needs_losses`` attribute is true (the detector runs that pass only then). A sampler
+may also say how the two loss terms of the back-propagated loss are weighted at a training progress
+(``loss_weights(progress) -> (w_cls, w_loc)``); without that method both weights are 1.
+
+The samplers here are frozen dataclasses of their hyperparameters (each declared once, here; the config
+classes of :mod:`detbalance.config` extend them with a ``name``):
+
+* :class:`FixedRatioSampler`: Fast/Faster R-CNN's random sampling at a fixed foreground fraction;
+* :class:`BootstrappedSampler`: fixed ratio, mined background RoIs first (offline bootstrapping);
+* :class:`OHEMSampler`: online hard example mining (Shrivastava et al., 2016);
+* :class:`StratifiedOHEMSampler`: S-OHEM (Li et al., 2017), whose schedule also weights the loss.
+
+A plain function with the signature above is a sampler too (it needs no losses and weights both terms 1);
+see the README for Libra R-CNN's IoU-balanced sampling written that way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from detbalance.sampling.fixed_ratio import sample_fixed_ratio_batched
+from detbalance.sampling.ohem import select_hard_examples
+from detbalance.sampling.stratified_ohem import select_hard_examples_stratified
+from detbalance.types import SampledIndices
+
+__all__ = [
+    "BootstrappedSampler",
+    "FixedRatioSampler",
+    "OHEMSampler",
+    "RoIBatch",
+    "RoILosses",
+    "RoISampler",
+    "StratifiedOHEMSampler",
+    "sampler_loss_weights",
+    "sampler_needs_losses",
+]
+
+
+class RoIBatch(NamedTuple):
+    """The candidate RoIs of a batch, flat over images and grouped by image (``batch_idx`` ascending).
+
+    Attributes:
+        labels: ``Tensor[R] (int64)``: ``-1`` ignore, ``0`` background, ``1..K`` foreground
+            (:mod:`detbalance.types`).
+        boxes: ``Tensor[R, 4]`` ``(x1, y1, x2, y2)`` in the network's input coordinates.
+        batch_idx: ``Tensor[R] (int64)``: the image of each RoI, non-decreasing.
+        max_iou: ``Tensor[R]`` float: each RoI's largest IoU with a ground-truth box of its image (0 if none).
+        mined: ``Tensor[R] (bool)``: the RoI is (or overlaps) a bootstrapped false positive.
+        progress: fraction of training done, in ``[0, 1]``.
+        num_images: number of images ``B`` of the batch (images may have no RoI).
+    """
+
+    labels: Tensor
+    boxes: Tensor
+    batch_idx: Tensor
+    max_iou: Tensor
+    mined: Tensor
+    progress: float
+    num_images: int
+
+    def counts(self) -> list[int]:
+        """RoIs per image (one host sync)."""
+        return torch.bincount(self.batch_idx, minlength=self.num_images).tolist()
+
+
+class RoILosses(NamedTuple):
+    """Per-RoI losses of the read-only pass: ``cls`` and ``loc``, each ``Tensor[R]``, detached.
+
+    ``loc`` is 0 for background and ignored RoIs, ``cls`` is 0 for ignored RoIs.
+    """
+
+    cls: Tensor
+    loc: Tensor
+
+
+@runtime_checkable
+class RoISampler(Protocol):
+    """The sampler contract (see the module docstring). ``needs_losses`` and ``loss_weights`` are optional."""
+
+    def __call__(
+        self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
+    ) -> SampledIndices: ...
+
+
+def sampler_needs_losses(sampler: Any) -> bool:
+    """Whether ``sampler`` wants the per-RoI losses of the read-only pass (``needs_losses``, default no)."""
+    return bool(getattr(sampler, "needs_losses", False))
+
+
+def sampler_loss_weights(sampler: Any, progress: float) -> tuple[float, float]:
+    """``(w_cls, w_loc)`` of the back-propagated loss at ``progress`` (``(1, 1)`` unless the sampler says)."""
+    fn = getattr(sampler, "loss_weights", None)
+    if fn is None:
+        return 1.0, 1.0
+    w_cls, w_loc = fn(progress)
+    return float(w_cls), float(w_loc)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_fraction(name: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1]{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_pair(name: str, value: object) -> None:
+    if not (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                    for v in value)):
+        raise ValueError(f"{name} must be a (start, end) pair of finite numbers >= 0, got {value!r}")
+
+
+def _require_losses(losses: RoILosses | None, rois: RoIBatch, who: str) -> RoILosses:
+    if losses is None:
+        raise ValueError(f"losses must be given to {who} (it ranks RoIs by their loss)")
+    n = rois.labels.shape[0]
+    if losses.cls.shape != (n,) or losses.loc.shape != (n,):
+        raise ValueError(
+            f"losses.cls and losses.loc must have shape ({n},), got {tuple(losses.cls.shape)} and "
+            f"{tuple(losses.loc.shape)}"
+        )
+    return losses
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    out = [0]
+    for c in counts[:-1]:
+        out.append(out[-1] + c)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- samplers
+
+
+@dataclass(frozen=True)
+class FixedRatioSampler:
+    """Random sampling at a fixed foreground fraction (Ren et al., "Faster R-CNN", NeurIPS 2015).
+
+    Per image, up to ``int(num_samples * positive_fraction)`` foreground RoIs, the rest of the budget
+    background, both drawn uniformly (:func:`~detbalance.sampling.sample_fixed_ratio_batched`). Defaults
+    are the RoI head's (512 at 0.25); the RPN's are 256 at 0.5.
+
+    Args:
+        num_samples: Budget per image.
+        positive_fraction: Largest share of the budget given to foreground.
+    """
+
+    needs_losses: ClassVar[bool] = False
+
+    num_samples: int = 512
+    positive_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check_int("num_samples", self.num_samples, minimum=1)
+        _check_fraction("positive_fraction", self.positive_fraction)
+
+    def __call__(
+        self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
+    ) -> SampledIndices:
+        """Sample ``rois`` (``losses`` is not used). Returns sorted indices into the ``R`` RoIs."""
+        counts = rois.counts()
+        sampled = sample_fixed_ratio_batched(
+            list(rois.labels.split(counts)), self.num_samples, self.positive_fraction, generator=generator
+        )
+        offsets = _offsets(counts)
+        empty = rois.labels.new_zeros(0)
+        pos = torch.cat([empty] + [s.positive + o for s, o in zip(sampled, offsets)])
+        neg = torch.cat([empty] + [s.negative + o for s, o in zip(sampled, offsets)])
+        return SampledIndices(pos, neg)
+
+
+@dataclass(frozen=True)
+class BootstrappedSampler:
+    """Fixed-ratio sampling in which mined background RoIs fill the background budget first.
+
+    Offline bootstrapping (Sung and Poggio, 1998; R-CNN's hard negative mining): the confident false
+    positives of an earlier model (``rois.mined``) are kept whenever the budget allows; the remainder is
+    drawn as :class:`FixedRatioSampler` draws it. With no mined RoI it is :class:`FixedRatioSampler`.
+
+    Args:
+        num_samples: Budget per image.
+        positive_fraction: Largest share of the budget given to foreground.
+    """
+
+    needs_losses: ClassVar[bool] = False
+
+    num_samples: int = 512
+    positive_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check_int("num_samples", self.num_samples, minimum=1)
+        _check_fraction("positive_fraction", self.positive_fraction)
+
+    def __call__(
+        self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
+    ) -> SampledIndices:
+        """Sample ``rois``; mined background RoIs (in random order) take the background budget first."""
+        labels = rois.labels
+        mined_bg = rois.mined & (labels == 0)
+        counts = rois.counts()
+        candidates = torch.where(mined_bg, torch.full_like(labels, -1), labels)
+        sampled = sample_fixed_ratio_batched(
+            list(candidates.split(counts)), self.num_samples, self.positive_fraction, generator=generator
+        )
+        positive, negative = [labels.new_zeros(0)], [labels.new_zeros(0)]
+        gen_device = generator.device if generator is not None else labels.device
+        for s, mined_i, offset in zip(sampled, mined_bg.split(counts), _offsets(counts)):
+            neg = s.negative
+            mined_idx = torch.nonzero(mined_i).flatten()
+            if mined_idx.numel():
+                budget = self.num_samples - s.positive.numel()
+                first = torch.randperm(mined_idx.numel(), generator=generator, device=gen_device).to(labels.device)
+                take = mined_idx[first[:budget]]
+                rest = torch.randperm(neg.numel(), generator=generator, device=gen_device).to(labels.device)
+                neg = torch.cat([take, neg[rest[: max(0, budget - take.numel())]]]).sort().values
+            positive.append(s.positive + offset)
+            negative.append(neg + offset)
+        return SampledIndices(torch.cat(positive), torch.cat(negative))
+
+
+@dataclass(frozen=True)
+class OHEMSampler:
+    """Online hard example mining (Shrivastava, Gupta and Girshick, CVPR 2016, arXiv:1604.03540).
+
+    The paper's recipe: per image, the ``B`` RoIs of highest loss ``cls + loc`` among all proposals,
+    after NMS at IoU 0.7 over the RoIs ordered by loss; background from IoU 0 upward; no foreground
+    ratio (:func:`~detbalance.sampling.select_hard_examples`). The paper uses ``B = 64`` per image
+    (128 over 2 images); we default to 128 per image.
+
+    Args:
+        num_samples: Hard RoIs kept per image.
+        nms_iou: IoU of the NMS over the hard RoIs; ``None`` disables it.
+        positive_fraction: Optional cap on the foreground share; ``None`` (the paper) means none.
+    """
+
+    needs_losses: ClassVar[bool] = True
+
+    num_samples: int = 128
+    nms_iou: float | None = 0.7
+    positive_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("num_samples", self.num_samples, minimum=1)
+        _check_fraction("nms_iou", self.nms_iou, allow_none=True)
+        _check_fraction("positive_fraction", self.positive_fraction, allow_none=True)
+
+    def __call__(
+        self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
+    ) -> SampledIndices:
+        """The hardest RoIs by ``losses.cls + losses.loc`` (``losses`` required)."""
+        losses = _require_losses(losses, rois, "OHEMSampler")
+        return select_hard_examples(
+            losses.cls + losses.loc, rois.labels, rois.boxes, rois.batch_idx, num_samples=self.num_samples,
+            nms_iou=self.nms_iou, positive_fraction=self.positive_fraction, generator=generator,
+        )
+
+
+@dataclass(frozen=True)
+class StratifiedOHEMSampler:
+    r"""Stratified OHEM (Li, Zhang, Yu, Chen and Li, arXiv:1705.02233, 2017).
+
+    From the paper (its abstract; we could not obtain the full text, so the stage schedule and the
+    per-stage sampling distribution below are ours): OHEM weights the classification and localisation
+    losses equally for the whole of training; S-OHEM weights them by the training stage, and draws the
+    hard examples by stratified sampling over loss strata with a distribution that changes over
+    training. The same weights :math:`(w_{cls}(t), w_{loc}(t))` rank the RoIs *and* weight the
+    back-propagated loss :math:`w_{cls}(t) L_{cls} + w_{loc}(t) L_{loc}` (:meth:`loss_weights`).
+
+    Ours, each a parameter: the weights move linearly in the progress ``t`` from ``cls_weight[0]``
+    to ``cls_weight[1]`` (default 1.5 -> 0.5) and from ``loc_weight[0]`` to ``loc_weight[1]``
+    (0.5 -> 1.5), so classification dominates early, localisation late, and the sum stays OHEM's 2; the
+    sampling distribution over the ``strata`` loss quantiles (hardest first) is
+    :math:`\pi_s \propto e^{-\beta(t) s}` with :math:`\beta` moving linearly from ``decay[0]`` to
+    ``decay[1]`` (default 1.0 -> 0.25: close to OHEM early, flatter late). See
+    :func:`~detbalance.sampling.select_hard_examples_stratified` for the strata and quotas.
+
+    Args:
+        num_samples: Hard RoIs kept per image.
+        strata: Number of loss strata (the paper: 4).
+        nms_iou: IoU of the NMS over the hard RoIs (OHEM's 0.7); ``None`` disables it.
+        cls_weight: ``(start, end)`` of :math:`w_{cls}`.
+        loc_weight: ``(start, end)`` of :math:`w_{loc}`.
+        decay: ``(start, end)`` of :math:`\beta`.
+    """
+
+    needs_losses: ClassVar[bool] = True
+
+    num_samples: int = 128
+    strata: int = 4
+    nms_iou: float | None = 0.7
+    cls_weight: tuple[float, float] = (1.5, 0.5)
+    loc_weight: tuple[float, float] = (0.5, 1.5)
+    decay: tuple[float, float] = (1.0, 0.25)
+
+    def __post_init__(self) -> None:
+        _check_int("num_samples", self.num_samples, minimum=1)
+        _check_int("strata", self.strata, minimum=1)
+        _check_fraction("nms_iou", self.nms_iou, allow_none=True)
+        _check_pair("cls_weight", self.cls_weight)
+        _check_pair("loc_weight", self.loc_weight)
+        _check_pair("decay", self.decay)
+
+    def loss_weights(self, progress: float) -> tuple[float, float]:
+        """``(w_cls, w_loc)`` at ``progress`` in ``[0, 1]`` (linear between start and end)."""
+        _check_fraction("progress", progress)
+        t = float(progress)
+        return (self.cls_weight[0] + t * (self.cls_weight[1] - self.cls_weight[0]),
+                self.loc_weight[0] + t * (self.loc_weight[1] - self.loc_weight[0]))
+
+    def distribution(self, progress: float) -> list[float]:
+        r"""Sampling distribution over strata (hardest first) at ``progress``: :math:`\pi_s \propto e^{-\beta s}`."""
+        _check_fraction("progress", progress)
+        beta = self.decay[0] + float(progress) * (self.decay[1] - self.decay[0])
+        weights = [math.exp(-beta * s) for s in range(self.strata)]
+        total = sum(weights)
+        return [w / total for w in weights]
+
+    def __call__(
+        self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
+    ) -> SampledIndices:
+        """Stratified selection by ``w_cls(t) cls + w_loc(t) loc`` (``losses`` required)."""
+        losses = _require_losses(losses, rois, "StratifiedOHEMSampler")
+        return select_hard_examples_stratified(
+            losses.cls, losses.loc, rois.labels, rois.boxes, rois.batch_idx, num_samples=self.num_samples,
+            progress=rois.progress, strata=self.strata, loss_weights=self.loss_weights(rois.progress),
+            quotas=self.distribution(rois.progress), nms_iou=self.nms_iou,
+        )
