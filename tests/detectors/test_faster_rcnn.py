@@ -31,11 +31,11 @@ from detbalance.detectors.faster_rcnn import (
 from detbalance.detectors.recorder import BalanceRecorder
 from detbalance.losses.focal import SoftmaxFocalLoss
 from detbalance.sampling import BootstrappedSampler, RoIBatch
-from detbalance.types import SampledIndices
 from detbalance.sampling import roi_sampler as rs
 from detbalance.sampling.roi_sampler import FixedRatioSampler as FixedRatioRoISampler
 from detbalance.sampling.roi_sampler import OHEMSampler as OHEMRoISampler
 from detbalance.sampling.roi_sampler import StratifiedOHEMSampler as StratifiedOHEMRoISampler
+from detbalance.types import SampledIndices
 
 NUM_CLASSES = 4  # C = K + 1 columns: background + 3 object classes
 BIG = 10**6  # a budget above every candidate count: the samplers take everything, no randomness
