@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn, retinanet_resnet50_fpn
 
-from detbalance.detectors import StratifiedOHEMRoISampler, balance_faster_rcnn, balance_retinanet
+from detbalance.detectors import balance_faster_rcnn, balance_retinanet
 from detbalance.losses import GHMCLoss, PositiveNormalizer, SmoothL1Loss
+from detbalance.sampling import StratifiedOHEMSampler
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     print("RetinaNet + GHM-C:", {k: round(v.item(), 4) for k, v in retina(images, targets).items()})
 
     frcnn = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=160, max_size=160)
-    frcnn = balance_faster_rcnn(frcnn, roi_sampler=StratifiedOHEMRoISampler(num_samples=64))
+    frcnn = balance_faster_rcnn(frcnn, roi_sampler=StratifiedOHEMSampler(num_samples=64))
     frcnn.roi_heads.set_progress(0.1)  # or detbalance.detectors.set_training_progress(model, p)
     print("Faster R-CNN + S-OHEM:", {k: round(v.item(), 4) for k, v in frcnn(images, targets).items()})
 
