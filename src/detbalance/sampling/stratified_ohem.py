@@ -1,6 +1,7 @@
 """Stratified online hard example mining (S-OHEM; Li, Zhang, Yu, Chen and Li, arXiv:1705.02233, 2017).
 
-What is from the paper:
+Source: we could obtain only the paper's abstract (arXiv:1705.02233; searched for the full text and found
+none we could read), plus the issue's summary of it (4 loss strata, classification first). What it states:
 
 * OHEM weights the classification and localisation losses equally for the whole of training; S-OHEM
   ranks RoIs by a *weighted* multitask loss ``l = w_cls * l_cls + w_loc * l_loc`` whose weights change
@@ -9,7 +10,8 @@ What is from the paper:
   sampling*: each stratum contributes according to a sampling distribution that is also changed over the
   course of training, after OHEM's NMS.
 
-What is ours (the paper's exact stage schedule is not given in full; every choice below is a parameter):
+What is ours (every choice below is a parameter; :class:`~detbalance.sampling.StratifiedOHEMSampler` also
+weights the *back-propagated* loss with the same ``(w_cls, w_loc)`` it ranks with):
 
 * The weights are a continuous function of ``progress`` (the fraction of training done) instead of discrete
   stages. Default (:func:`default_loss_weights`): ``w_cls = 1.5 - progress``, ``w_loc = 0.5 + progress``;
