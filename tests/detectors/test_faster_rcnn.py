@@ -584,3 +584,27 @@ def test_rejects_bad_targets(box, label, match) -> None:
     targets[1] = {"boxes": torch.tensor([box]), "labels": torch.tensor([label]), "image_id": 11}
     with pytest.raises(ValueError, match=match):
         model(images, targets)
+
+
+def test_rpn_sampler_gets_the_same_contract_with_anchors_and_their_iou() -> None:
+    seen: list[RoIBatch] = []
+    fixed = FixedRatioRoISampler(16, 0.5)
+
+    def rpn_sampler(rois, *, losses=None, generator=None):
+        seen.append(rois)
+        return fixed(rois, losses=losses, generator=generator)
+
+    model = balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=FixedRatioRoISampler(8), rpn_sampler=rpn_sampler)
+    images, targets = batch()
+    model(images, targets)
+    (rois,) = seen
+    anchors = model.rpn.anchor_generator(model.transform(images)[0], [torch.zeros(1, 16, 8, 8)])
+    assert rois.num_images == 3 and torch.equal(rois.boxes, torch.cat(anchors))
+    per_image = rois.boxes.shape[0] // 3
+    gt = targets[0]["boxes"]
+    torch.testing.assert_close(rois.max_iou[:per_image], box_iou(rois.boxes[:per_image], gt).max(1).values)
+    assert torch.all(rois.max_iou[per_image : 2 * per_image] == 0) and not bool(rois.mined.any())
+    # torchvision's anchor labels: 1 at IoU >= 0.7 (or best match), 0 below 0.3
+    assert bool((rois.labels[rois.max_iou >= 0.7] == 1).all()) and bool((rois.labels[rois.max_iou < 0.3] <= 0).all())
+    with pytest.raises(ValueError, match="rpn_sampler"):
+        balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=OHEMRoISampler(), rpn_sampler=OHEMRoISampler())

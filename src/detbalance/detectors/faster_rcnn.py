@@ -270,6 +270,7 @@ class BalancedRPN(_GeneratorMixin, RegionProposalNetwork):
             progress=self.progress,
             num_images=len(labels),
         )
+        self._anchors, self._max_iou = [], []  # only for this call
         sampled = self.sampler(rois, generator=self.generator(device))
         pos, inds = sampled.positive, sampled.all()
         flat_labels = torch.cat(labels)
