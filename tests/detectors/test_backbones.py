@@ -99,7 +99,7 @@ def test_faster_rcnn_and_ssd_configuration():
     assert isinstance(frcnn, FasterRCNN)
     assert frcnn.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2"]
     assert frcnn.roi_heads.box_predictor.cls_score.out_features == 6
-    assert frcnn.roi_heads.box_head.fc7.out_features == 256
+    assert frcnn.roi_heads.box_head.fc7.out_features == 128  # sized for 128 px (detectors/build.py)
     ssd = build_detector("ssd", num_classes=5)
     assert isinstance(ssd, SSD)
     assert ssd.head.classification_head.num_columns == 6

@@ -608,3 +608,20 @@ def test_rpn_sampler_gets_the_same_contract_with_anchors_and_their_iou() -> None
     assert bool((rois.labels[rois.max_iou >= 0.7] == 1).all()) and bool((rois.labels[rois.max_iou < 0.3] <= 0).all())
     with pytest.raises(ValueError, match="rpn_sampler"):
         balance_faster_rcnn(tiny_faster_rcnn(), roi_sampler=OHEMRoISampler(), rpn_sampler=OHEMRoISampler())
+
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_build_detector_sizes_faster_rcnn_for_small_images_and_keeps_torchvision_from_512(size: int) -> None:
+    from detbalance.detectors.build import build_detector
+
+    model = build_detector("faster_rcnn", num_classes=5, image_size=size)
+    pre, post = model.rpn._pre_nms_top_n, model.rpn._post_nms_top_n
+    out = model.roi_heads.box_roi_pool.output_size
+    width = model.roi_heads.box_head.fc7.out_features
+    if size >= 512:  # torchvision's fasterrcnn_resnet50_fpn defaults
+        assert (pre, post) == ({"training": 2000, "testing": 1000}, {"training": 2000, "testing": 1000})
+        assert (out, width) == ((7, 7), 1024)
+    else:
+        assert (pre, post) == ({"training": 600, "testing": 300}, {"training": 128, "testing": 100})
+        assert (out, width) == ((5, 5), 128)
+    assert model.roi_heads.box_head.fc6.in_features == model.backbone.out_channels * out[0] * out[1]
