@@ -39,7 +39,6 @@ from detbalance.config import (
 )
 
 __all__ = [
-    "BUDGETS",
     "DEFAULT_ITERS",
     "MIN_CURVE_POINTS",
     "SUITES",
