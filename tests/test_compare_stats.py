@@ -85,3 +85,23 @@ def test_classes_findings_speak_to_rare_class_ap():
 def test_rare_is_below_a_tenth_of_the_most_frequent():
     assert rare_classes({"0": 1000, "1": 120, "2": 99, "3": 5}) == ["2", "3"]
     assert rare_classes({}) == []
+
+
+def test_study_table_rows_come_from_the_paired_verdicts(tmp_path):
+    from detbalance.compare.study import CLAIMS, claim_rows, write_study_readme
+
+    def method(key, values):
+        return {"key": key, "label": key, "runs": [{"seed": s, "metrics": {"AP": v}} for s, v in enumerate(values)]}
+
+    losses = {"methods": [method("ce", [0.30, 0.31, 0.32]), method("alpha_ce", [0.40, 0.40, 0.41]),
+                          method("focal", [0.35, 0.36, 0.37]), method("ghm_c", [0.2, 0.2, 0.21]),
+                          method("ghm_c_r", [0.2, 0.21, 0.2])]}
+    rows = claim_rows({"suites": {"losses": losses}})
+    assert len(rows) == len(CLAIMS)
+    assert rows[0][1].startswith("focal − ce: +5.0 [+5.0, +5.0] AP (better, 3 seeds)") and rows[0][2] == "yes"
+    assert rows[1][2] == "no" and "worse" in rows[1][1]  # focal below alpha-CE here
+    assert rows[4][1:] == ["not run", "–"]
+    readme = write_study_readme({"setup": {"command": "detbalance compare --study"}, "suites": {"losses": losses}},
+                                tmp_path)
+    text = readme.read_text()
+    assert "| paper's claim | our result" in text and "detbalance compare --study" in text
