@@ -153,3 +153,14 @@ def test_bad_arguments(tmp_path):
         run_compare(data="x", iters=1, progress=False, output=tmp_path)
     with pytest.raises(ValueError, match="--budget"):
         run_compare(budget="long", progress=False, output=tmp_path)
+
+
+def test_profile_counts_pos_neg_as_compare_does(tmp_path):
+    from detbalance.analysis.profile import run_profile
+    from detbalance.compare.driver import _data_summary
+
+    (_, cfg), *_ = suite_configs("losses", preset="tiny", iters=8, seed=0)
+    summary = _data_summary(cfg)["summary"]
+    md = run_profile(data="builtin:tiny", config=None, checkpoint=None, output=tmp_path, progress=False)
+    ratio = json.loads((md.parent / "profile.json").read_text())["assignment"]["negatives_per_positive"]
+    assert summary["pos:neg (retinanet assignment, all levels)"] == f"1:{ratio:,.0f}"
