@@ -164,3 +164,27 @@ def test_profile_counts_pos_neg_as_compare_does(tmp_path):
     md = run_profile(data="builtin:tiny", config=None, checkpoint=None, output=tmp_path, progress=False)
     ratio = json.loads((md.parent / "profile.json").read_text())["assignment"]["negatives_per_positive"]
     assert summary["pos:neg (retinanet assignment, all levels)"] == f"1:{ratio:,.0f}"
+
+
+def test_an_interrupted_compare_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from detbalance.analysis.progress import Progress
+
+    kw = dict(suite="noise", preset="tiny", iters=8, seeds=1, output=tmp_path, batch_size=4, device="cpu",
+              progress=False)
+    real = Progress.set_completed
+
+    def interrupt(self, n, *, skipped=False):
+        if n == 8 + 5:  # second run (GHM-C), after its 5th step (checkpoints every step at 8 iterations)
+            raise KeyboardInterrupt
+        real(self, n, skipped=skipped)
+
+    monkeypatch.setattr(Progress, "set_completed", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(**kw)
+    partial = json.loads((tmp_path / "results.json").read_text())  # written as it goes
+    assert [len(m["runs"]) for m in partial["suites"]["noise"]["methods"]] == [1, 0]
+    monkeypatch.setattr(Progress, "set_completed", real)
+    run_compare(**kw)
+    runs = [m["runs"][0] for m in json.loads((tmp_path / "results.json").read_text())["suites"]["noise"]["methods"]]
+    assert [r["resumed"] for r in runs] == [False, True]
+    assert [p["iter"] for p in runs[1]["curve"] if "AP" in p] == list(range(1, 9))

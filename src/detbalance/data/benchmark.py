@@ -462,7 +462,7 @@ def _add_noise(images: np.ndarray, std: float, rng) -> None:
         images[k] += window.T if flip[k] and hgt == wid else window
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=6)
 def _generate_cached(spec: BenchmarkSpec, split: Split, seed: int) -> dict[str, np.ndarray]:
     """:func:`_generate`, kept for the last few (spec, split, seed): a ``compare`` run opens the same split
     for every run, its data summary and its class counts, and generates it once. The arrays are shared and
