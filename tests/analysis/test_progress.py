@@ -14,7 +14,8 @@ def test_plain_lines_without_a_terminal():
         assert "ETA" not in bar.line()
         bar.set_completed(70)
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("[compare] losses/ce seed 0: 40/100 (40 %), elapsed ")
+    assert lines[0].startswith("[compare] losses/ce seed 0: 0/100 (0 %), elapsed ")
+    assert lines[1].startswith("[compare] losses/ce seed 0: 40/100 (40 %), elapsed ")
     assert lines[-1].startswith("[compare] losses/ce seed 0: 70/100 (70 %)") and "ETA" in lines[-1]
 
 

@@ -69,6 +69,8 @@ class Progress:
             )
             self._rich.start()
             self._task = self._rich.add_task(self.description, total=self.total)
+        elif self.enabled:
+            self._line(force=True)  # say at once that work started
         return self
 
     def stage(self, description: str, *, total: int | None) -> None:
