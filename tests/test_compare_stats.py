@@ -69,6 +69,9 @@ def test_findings_are_built_from_verdicts():
     assert text.startswith("**Findings.** ")
     assert "Better AP than Base: A (+6.0 [+3.5, +8.5])" in text
     assert "No measurable difference in AP from Base: B (+2.0 [-0.5, +4.5])" in text
+    assert "cannot decide" not in text
+    low = findings(_suite([0.10, 0.11, 0.12], {"a": [0.15, 0.16, 0.17]}))[0]
+    assert "Base reaches only 11.0 AP (< 25)" in low and "cannot decide" in low
 
 
 def test_findings_with_one_seed_say_the_verdict_needs_seeds():

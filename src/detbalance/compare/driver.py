@@ -38,6 +38,10 @@ def select_suites(suite: str | None, *, user_data: bool) -> list[str]:
     return [suite]
 
 
+def _assigner(arch: str) -> str:
+    return "faster_rcnn RPN" if arch == "faster_rcnn" else arch
+
+
 def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
     """What the report says about one suite's data: sizes, classes, empty images and pos:neg per FPN level
     under the suite's own detector assignment (counted as ``profile`` counts it)."""
@@ -71,9 +75,9 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
         + (f" ({ds.imbalance_ratio:.0f}:1)" if ds.imbalance_ratio else ""),
         "rare classes": (", ".join(rare) if rare else "none")
         + f" (fewer than {RARE_FRACTION:.0%} of the most frequent class's instances)",
-        f"pos:neg ({cfg.model.arch} assignment, per level)": ", ".join(per_level)
+        f"pos:neg ({_assigner(cfg.model.arch)} assignment, per level)": ", ".join(per_level)
         + f" (on {assign.num_images} train images)",
-        f"pos:neg ({cfg.model.arch} assignment, all levels)": "–"
+        f"pos:neg ({_assigner(cfg.model.arch)} assignment, all levels)": "–"
         if assign.negatives_per_positive is None
         else f"1:{assign.negatives_per_positive:,.0f}",
     }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "MIN_BASELINE_AP",
     "MIN_SEEDS",
     "RARE_FRACTION",
     "PairedDifference",
@@ -30,6 +31,9 @@ MIN_SEEDS = 3
 
 RARE_FRACTION = 0.1
 """A class is **rare** when it has fewer than this fraction of the most frequent class's training instances."""
+
+MIN_BASELINE_AP = 0.25
+"""Below this baseline AP a suite's detector has not learnt enough for its verdicts to speak to convergence."""
 
 VERDICTS = ("better", "worse", "no measurable difference", "needs seeds")
 
@@ -200,6 +204,14 @@ def findings(suite: Mapping[str, Any]) -> list[str]:
             d = paired_difference(metric_by_seed(m, metric), clean_vals)
             drops.append(f"{m['label']} {format_difference(d)} ({d.verdict})")
         lines.append(f"Against {labels[clean]} (what the noise costs, {name}): " + "; ".join(drops) + ".")
+    base_ap = [v for v in metric_by_seed(next(m for m in suite["methods"] if m["key"] == suite["baseline"]), "AP").values()
+               if not math.isnan(v)]
+    if base_ap and sum(base_ap) / len(base_ap) < MIN_BASELINE_AP:
+        lines.append(
+            f"{base} reaches only {100 * sum(base_ap) / len(base_ap):.1f} AP (< {100 * MIN_BASELINE_AP:.0f}): at this "
+            "budget the detector has not learnt enough, so the suite cannot decide whether a remedy helps at "
+            "convergence (try `--budget full`)."
+        )
     lines.append(
         f"Intervals are 95 % Student-t intervals of the per-seed difference to {base} (AP points; arms share "
         "initial weights per seed)."
