@@ -131,10 +131,17 @@ def test_compare_profile_plot_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     assert main(["compare", "--suite", "samplers", "--iters", "5", "--seeds", "2", "--output", str(tmp_path)]) == 0
     assert calls["compare"] == {
-        "suite": "samplers", "preset": None, "iters": 5, "seeds": 2, "output": tmp_path, "batch_size": 16,
-        "device": "auto", "progress": True,
+        "suite": "samplers", "preset": None, "iters": 5, "budget": "short", "seeds": 2, "output": tmp_path,
+        "batch_size": 16, "device": "auto", "progress": True,
         "command": f"detbalance compare --suite samplers --iters 5 --seeds 2 --output {tmp_path}",
+        "optim": None, "decay": "cosine", "data": None, "val": None, "data_seed": 0, "study": False,
     }
+    calls.clear()
+    assert main(["compare", "--data", "d/train", "--val", "d/test", "--optim", "sgd", "--budget", "full",
+                 "--data-seed", "3", "--study"]) == 0
+    kw = calls["compare"]
+    assert (kw["suite"], kw["data"], kw["val"], kw["optim"], kw["budget"], kw["data_seed"], kw["study"]) == (
+        None, "d/train", "d/test", "sgd", "full", 3, True)
     assert main(["profile", "--data", "builtin:tiny", "--output", str(tmp_path), "--num-images", "3"]) == 0
     assert calls["profile"] == {"data": "builtin:tiny", "config": None, "checkpoint": None, "output": tmp_path,
                                 "num_images": 3, "progress": True}

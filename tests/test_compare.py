@@ -1,4 +1,5 @@
-"""`detbalance compare`: a controlled comparison end to end on the tiny preset, and resumable."""
+"""`detbalance compare`: controlled arms, >= 8 curve points, runs keyed by settings (never deleted),
+reuse, --data/--val on a make-data folder, and a report whose HTML renders its Markdown."""
 
 from __future__ import annotations
 
@@ -8,23 +9,30 @@ import json
 import pytest
 import torch
 
-from detbalance import compare
 from detbalance.builders import build_model
-from detbalance.compare import SUITES, run_compare, suite_configs
+from detbalance.compare import MIN_CURVE_POINTS, SUITES, run_compare, select_suites, suite_configs
+from detbalance.compare.runs import run_dir, run_key, run_one
 from detbalance.engine import seed_everything
 
 
 @pytest.mark.parametrize("suite", list(SUITES))
 def test_methods_differ_only_in_the_remedy(suite):
-    configs = suite_configs(suite, preset="tiny", iters=10, seed=3)
+    configs = suite_configs(suite, iters=10, seed=3)
     assert [m.key for m, _ in configs] == [m.key for m in SUITES[suite].methods]
-    def without_remedy(cfg):
-        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "remedy"}
 
-    base = without_remedy(configs[0][1])
-    for _, cfg in configs:
-        assert without_remedy(cfg) == base
-        assert cfg.engine.seed == 3 and cfg.engine.iterations == 10 and cfg.schedule.name == "cosine"
+    def without_remedy(cfg, method):
+        out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "remedy"}
+        if method.train_preset is not None:  # the noise suite's clean arm: other training labels only
+            assert out["data"].train == f"builtin:{method.train_preset}"
+            out["data"] = dataclasses.replace(out["data"], train=configs[0][1].data.train)
+        return out
+
+    base = without_remedy(configs[0][1], configs[0][0])
+    for method, cfg in configs:
+        assert without_remedy(cfg, method) == base
+        assert cfg.engine.seed == 3 and cfg.engine.iterations == 10 and cfg.data.val is not None
+    # an explicit preset drops the clean arm (there is no clean twin of an arbitrary preset)
+    assert "focal_clean" not in [m.key for m, _ in suite_configs(suite, preset="tiny", iters=10, seed=0)]
 
 
 @pytest.mark.parametrize("suite", ["losses", "samplers", "ssd"])
@@ -41,9 +49,47 @@ def test_same_initial_weights_for_every_method(suite):
             torch.testing.assert_close(other[k], states[0][k], rtol=0, atol=0, msg=k)
 
 
-def test_compare_end_to_end_and_reuse(tmp_path, monkeypatch):
-    report = run_compare(suite="noise", preset="tiny", iters=4, seeds=2, output=tmp_path, batch_size=4,
-                         device="cpu", progress=False, command="detbalance compare --suite noise")
+@pytest.mark.parametrize("iters", [8, 9, 15, 700, 3000, 10_001])
+def test_every_learning_curve_has_at_least_8_evaluations(iters):
+    (_, cfg), *_ = suite_configs("losses", iters=iters, seed=0)
+    assert iters // cfg.engine.eval_interval >= MIN_CURVE_POINTS
+    assert cfg.engine.checkpoint_interval == cfg.engine.eval_interval  # resumable near where it stopped
+
+
+def test_run_folders_are_keyed_by_the_settings(tmp_path):
+    (_, a), *_ = suite_configs("losses", iters=100, seed=0)
+    (_, b), *_ = suite_configs("losses", iters=200, seed=0)
+    (_, c), *_ = suite_configs("losses", iters=100, seed=1)
+    (_, d), *_ = suite_configs("losses", iters=100, seed=0, optim="sgd")
+    (_, e), *_ = suite_configs("losses", iters=100, seed=0, data_seed=1)
+    assert run_key(a) == run_key(c) and len({run_key(x) for x in (a, b, d, e)}) == 4
+    assert run_dir(tmp_path, "losses", "ce", a).parent == run_dir(tmp_path, "losses", "ce", c).parent
+    assert run_dir(tmp_path, "losses", "ce", c).name == "seed1"
+    # a folder holding another configuration is refused, never overwritten
+    folder = run_dir(tmp_path, "losses", "ce", a)
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"config": "something else"}))
+    with pytest.raises(ValueError, match="another configuration"):
+        run_one(folder, a, on_step=lambda m: None, rare=[])
+    (folder / "result.json").write_text('{"config": "torn')
+    with pytest.raises(ValueError, match="result.json: not valid JSON"):
+        run_one(folder, a, on_step=lambda m: None, rare=[])
+
+
+def test_suite_selection():
+    assert select_suites(None, user_data=False) == ["losses"]
+    assert select_suites(None, user_data=True) == ["losses", "samplers", "ssd", "classes"]
+    assert select_suites("all", user_data=False) == list(SUITES)
+    with pytest.raises(ValueError, match="needs the built-in benchmark"):
+        select_suites("noise", user_data=True)
+    with pytest.raises(ValueError, match="--suite must be one of"):
+        select_suites("nope", user_data=False)
+
+
+def test_compare_end_to_end_reuse_and_keying(tmp_path, monkeypatch):
+    kw = dict(suite="noise", preset="tiny", seeds=2, output=tmp_path, batch_size=4, device="cpu", progress=False,
+              command="detbalance compare --suite noise")
+    report = run_compare(iters=8, **kw)
     text = report.read_text()
     results = json.loads((tmp_path / "results.json").read_text())
     suite = results["suites"]["noise"]
@@ -51,32 +97,94 @@ def test_compare_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert all(len(m["runs"]) == 2 for m in suite["methods"])
     for m in suite["methods"]:
         for run in m["runs"]:
-            assert 0.0 <= run["metrics"]["AP"] <= 1.0
-            assert run["grad_density"]["bins"] == 30 and sum(run["grad_density"]["counts"]) > 0
-            assert any("AP" in p for p in run["curve"]) and any("loss" in p for p in run["curve"])
-    assert "| focal (2, 0.25) |" in text and "| GHM-C |" in text and "pos:neg" in text
+            assert 0.0 <= run["metrics"]["AP"] <= 1.0 and run["wall_s"] > 0
+            assert run["grad_density"]["split"] == "train" and sum(run["grad_density"]["counts"]) > 0
+            assert len([p for p in run["curve"] if "AP" in p]) >= MIN_CURVE_POINTS
+            assert len(run["load_average"]) == 2 and run["images_per_s"] > 0
+            assert (tmp_path / run["folder"] / "checkpoint.pt").is_file()
+    assert "| focal (2, 0.25) |" in text and "| GHM-C |" in text and "pos:neg (retinanet assignment, per level)" in text
+    assert "| seeds | 2 (0, 1) |" in text and "verdict (AP)" in text and "needs seeds" in text
+    assert "**Runs used.**" in text and "runs/noise/ghm_c/" in text
     for png in ("noise_ap.png", "noise_curves.png", "noise_per_class.png", "noise_grad_density.png"):
-        assert (tmp_path / png).stat().st_size > 5000
-        assert f"]({png})" in text
-    assert (tmp_path / "report.html").exists()
+        assert (tmp_path / png).stat().st_size > 5000 and f"]({png})" in text
+    page = (tmp_path / "report.html").read_text()
+    assert "<strong>Findings.</strong>" in page and "**" not in page and "<code>runs/noise/" in page
+    wall = results["setup"]["wall time"]
+    summed = sum(r["wall_s"] for m in suite["methods"] for r in m["runs"]) / 60
+    assert wall.startswith(f"{summed:.1f} min summed over the 4 runs used")
 
-    # A second run reuses every finished run instead of training again.
+    # A second run reuses every finished run; the wall time is still the sum over the runs used.
     def no_training(*args, **kwargs):
         raise AssertionError("fit() called for a finished run")
 
     monkeypatch.setattr("detbalance.engine.fit", no_training)
-    again = run_compare(suite="noise", preset="tiny", iters=4, seeds=2, output=tmp_path, batch_size=4,
-                        device="cpu", progress=False, command="detbalance compare --suite noise")
-    assert json.loads((tmp_path / "results.json").read_text())["suites"]["noise"]["methods"] == suite["methods"]
-    assert again == report
+    again = run_compare(iters=8, **kw)
+    results2 = json.loads((tmp_path / "results.json").read_text())
+    assert results2["suites"]["noise"]["methods"] == suite["methods"] and again == report
+    assert results2["setup"]["wall time"].startswith(f"{summed:.1f} min summed over the 4 runs used")
+
+    # Other settings go to other folders: the finished runs are never touched.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    with pytest.raises(AssertionError, match="fit"):
+        run_compare(iters=9, **kw)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
-def test_bad_arguments():
+def test_compare_on_a_make_data_folder(tmp_path):
+    from detbalance.cli import main
+
+    assert main(["make-data", "--preset", "tiny", "--output", str(tmp_path / "d")]) == 0
+    report = run_compare(suite="ssd", data=str(tmp_path / "d" / "train"), val=str(tmp_path / "d" / "test"),
+                         iters=2, output=tmp_path / "out", batch_size=2, device="cpu", progress=False)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    summary = results["suites"]["ssd"]["data_summary"]
+    assert summary["images"].startswith("64 train / 16 validation")
+    assert summary["rare classes"].startswith("3, 4 ") and "pos:neg (ssd assignment, per level)" in summary
+    assert all(r["config"].count(str(tmp_path / "d")) == 2 for m in results["suites"]["ssd"]["methods"] for r in m["runs"])
+    assert "Suite `ssd`" in report.read_text() and "(test split)" in summary["validation"]
+
+
+def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="--suite must be one of"):
-        run_compare(suite="nope", iters=1, progress=False)
+        run_compare(suite="nope", iters=1, progress=False, output=tmp_path)
     with pytest.raises(ValueError, match="--iters must be >= 1"):
-        run_compare(iters=0, progress=False)
+        run_compare(iters=0, progress=False, output=tmp_path)
+    with pytest.raises(ValueError, match="--data needs --val"):
+        run_compare(data="x", iters=1, progress=False, output=tmp_path)
+    with pytest.raises(ValueError, match="--budget"):
+        run_compare(budget="long", progress=False, output=tmp_path)
 
 
-def test_rare_classes_are_below_a_tenth_of_the_most_frequent():
-    assert compare._rare_classes({"0": 1000, "1": 120, "2": 99, "3": 5}) == ["2", "3"]
+def test_profile_counts_pos_neg_as_compare_does(tmp_path):
+    from detbalance.analysis.profile import run_profile
+    from detbalance.compare.driver import _data_summary
+
+    (_, cfg), *_ = suite_configs("losses", preset="tiny", iters=8, seed=0)
+    summary = _data_summary(cfg)["summary"]
+    md = run_profile(data="builtin:tiny", config=None, checkpoint=None, output=tmp_path, progress=False)
+    ratio = json.loads((md.parent / "profile.json").read_text())["assignment"]["negatives_per_positive"]
+    assert summary["pos:neg (retinanet assignment, all levels)"] == f"1:{ratio:,.0f}"
+
+
+def test_an_interrupted_compare_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from detbalance.analysis.progress import Progress
+
+    kw = dict(suite="noise", preset="tiny", iters=8, seeds=1, output=tmp_path, batch_size=4, device="cpu",
+              progress=False)
+    real = Progress.set_completed
+
+    def interrupt(self, n, *, skipped=False):
+        if n == 8 + 5:  # second run (GHM-C), after its 5th step (checkpoints every step at 8 iterations)
+            raise KeyboardInterrupt
+        real(self, n, skipped=skipped)
+
+    monkeypatch.setattr(Progress, "set_completed", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(**kw)
+    partial = json.loads((tmp_path / "results.json").read_text())  # written as it goes
+    assert [len(m["runs"]) for m in partial["suites"]["noise"]["methods"]] == [1, 0]
+    monkeypatch.setattr(Progress, "set_completed", real)
+    run_compare(**kw)
+    runs = [m["runs"][0] for m in json.loads((tmp_path / "results.json").read_text())["suites"]["noise"]["methods"]]
+    assert [r["resumed"] for r in runs] == [False, True]
+    assert [p["iter"] for p in runs[1]["curve"] if "AP" in p] == list(range(1, 9))

@@ -11,6 +11,8 @@ Examples::
     torchrun --nproc_per_node=2 -m detbalance train --config configs/focal.toml --output runs/ddp
     detbalance eval --checkpoint runs/ghm/checkpoint.pt --data builtin:default
     detbalance make-data --preset default --output data/bench
+    detbalance compare --data data/bench/train --val data/bench/test --seeds 3
+    detbalance compare --suite all --seeds 3 --budget full --study --output docs/study
 """
 
 from __future__ import annotations
@@ -71,15 +73,32 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_cmd_make_data)
 
-    p = sub.add_parser("compare", help="run a comparison suite and write a report")
-    p.add_argument("--suite", default="losses", help="losses | samplers | ssd | classes | noise | all")
+    p = sub.add_parser(
+        "compare",
+        help="run comparison suites and write a report",
+        description="Train every arm of a suite (same data, same initial weights per seed, same recipe) and "
+        "write report.md / report.html with paired 95 %% intervals and verdicts. Rerunning a command reuses "
+        "its finished runs and resumes interrupted ones; other settings go to other run folders.",
+    )
+    p.add_argument("--suite", default=None,
+                   help="losses | samplers | ssd | classes | noise | all (default: losses; with --data every "
+                   "suite that fits the data)")
+    p.add_argument("--data", default=None, help="training data: a COCO .json or a folder (as make-data writes)")
+    p.add_argument("--val", default=None, help="validation data, required with --data")
     p.add_argument("--preset", default=None, help="built-in benchmark preset (default: each suite's own)")
-    p.add_argument("--iters", type=int, default=None,
-                   help="iterations per run, the same for every method (default: compare.DEFAULT_ITERS = 700)")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
+    p.add_argument("--data-seed", type=int, default=0, help="draw another instance of the built-in benchmark")
+    p.add_argument("--budget", choices=("short", "full"), default="short",
+                   help="iterations per run: short (default, minutes) or full (each suite's plateau)")
+    p.add_argument("--iters", type=int, default=None, help="iterations per run, overriding --budget")
+    p.add_argument("--optim", choices=("sgd", "adamw"), default=None,
+                   help="training recipe (default: each suite's own; see the report)")
+    p.add_argument("--decay", choices=("cosine", "step"), default="cosine", help="learning-rate decay")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...); verdicts need 3")
     p.add_argument("--output", type=Path, default=Path("compare-out"))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--study", action="store_true",
+                   help="also write README.md with the paper-claims table (docs/study)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     common(p)
     p.set_defaults(func=_cmd_compare)
@@ -194,18 +213,25 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from detbalance.compare import DEFAULT_ITERS, run_compare
+    from detbalance.compare import run_compare
 
     path = run_compare(
         suite=args.suite,
         preset=args.preset,
-        iters=DEFAULT_ITERS if args.iters is None else args.iters,
+        iters=args.iters,
+        budget=args.budget,
         seeds=args.seeds,
         output=args.output,
         batch_size=args.batch_size,
         device=args.device,
         progress=args.progress,
         command=args.command_line,
+        optim=args.optim,
+        decay=args.decay,
+        data=args.data,
+        val=args.val,
+        data_seed=args.data_seed,
+        study=args.study,
     )
     print(f"report: {path}")
     return 0

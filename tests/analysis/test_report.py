@@ -65,13 +65,14 @@ def test_single_seed_std_is_nan():
     assert math.isnan(s.std["AP"])
 
 
-def test_report_marks_noise_and_writes_files(tmp_path):
-    # focal +1 AP point over CE, with a seed spread of 5 points: within noise.
+def test_report_gives_paired_intervals_and_writes_files(tmp_path):
+    # focal - CE per seed: +6, -4, +1 AP points: mean +1.0, no measurable difference.
     path = write_report(_results([0.20, 0.25, 0.30], [0.26, 0.21, 0.31]), tmp_path)
     text = path.read_text()
     assert "| focal | 26.0 ± 5.0 |" in text
-    assert "+1.0 (within seed noise)" in text
-    assert (tmp_path / "report.html").read_text().count("<table>") == 2  # setup + one suite
+    assert "| +1.0 [-11.4, +13.4] | no measurable difference |" in text
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<table>") == 2 and "<strong>Findings.</strong>" in html and "**" not in html
     for suffix in ("ap", "curves", "per_class", "grad_density"):
         png = tmp_path / f"losses_{suffix}.png"
         assert png.stat().st_size > 5000
@@ -80,9 +81,21 @@ def test_report_marks_noise_and_writes_files(tmp_path):
 
 def test_report_does_not_hide_a_clear_difference(tmp_path):
     text = write_report(_results([0.20, 0.21, 0.22], [0.40, 0.41, 0.42]), tmp_path).read_text()
-    assert "+20.0 |" in text and "within seed noise" not in text
+    assert "| +20.0 [+20.0, +20.0] | better |" in text and "Better AP than CE: focal" in text
 
 
-def test_one_seed_says_spread_unknown(tmp_path):
+def test_one_seed_says_the_verdict_needs_seeds(tmp_path):
     text = write_report(_results([0.2], [0.3]), tmp_path).read_text()
-    assert "+10.0 (1 seed: spread unknown)" in text
+    assert "| +10.0 (1 seed) | needs seeds |" in text and "With 1 seed there is no verdict" in text
+
+
+def test_inline_markdown_renders_to_escaped_html():
+    from detbalance.analysis.report import inline_html
+
+    assert inline_html("**Findings.** a <b> `x*y` *it*") == (
+        "<strong>Findings.</strong> a &lt;b&gt; <code>x*y</code> <em>it</em>"
+    )
+    assert inline_html("[report](report.md) and [study](https://x.org/a)") == (
+        '<a href="report.md">report</a> and <a href="https://x.org/a">study</a>'
+    )
+    assert inline_html("[x](javascript:alert(1)) 3 * 4") == "[x](javascript:alert(1)) 3 * 4"

@@ -43,7 +43,7 @@ def test_presets_match_the_documented_benchmark():
     assert (d.distractors_per_image, d.strokes_per_image, d.long_tail_ratio) == ((1, 4), (0, 3), 100.0)
     assert (d.num_train, d.num_test, d.label_noise) == (8000, 500, 0.0)
     assert PRESETS["balanced"] == dataclasses.replace(d, long_tail_ratio=None)
-    assert PRESETS["noisy"] == dataclasses.replace(d, label_noise=0.1, box_noise=0.1)
+    assert PRESETS["noisy"] == dataclasses.replace(d, long_tail_ratio=None, label_noise=0.1, box_noise=0.1)
     tiny = PRESETS["tiny"]
     assert (tiny.image_size, tiny.num_train, tiny.num_test) == (64, 64, 16)
 
@@ -233,3 +233,27 @@ def test_empty_split_and_describe():
     d = make_benchmark("tiny").describe()
     assert d["preset"] == "tiny" and d["num_images"] == 64 and sum(d["class_counts"]) == d["num_objects"]
     assert PRESETS["tiny"].describe()["objects_per_image"] == [1, 2]
+
+
+def test_noisy_preset_does_not_single_out_any_class():
+    # Uniform flips on a 100:1 long tail make most of the rarest class's labels wrong; the noisy preset has
+    # balanced classes, so every class's share of wrong labels stays near the 10 % noise rate.
+    tail = make_benchmark(dataclasses.replace(SMALL, long_tail_ratio=100.0, label_noise=0.3))
+    flat = make_benchmark(dataclasses.replace(SMALL, long_tail_ratio=None, label_noise=0.3))
+
+    def wrong_share(ds, label):
+        given = ds.labels == label
+        return float((ds.noisy_label & given).sum() / given.sum())
+
+    assert wrong_share(tail, 5) > 0.8
+    assert all(0.2 < wrong_share(flat, c) < 0.4 for c in range(1, 6))
+    assert PRESETS["noisy"].long_tail_ratio is None
+
+
+def test_a_split_is_generated_once_per_process():
+    from detbalance.data import benchmark
+
+    benchmark._generate_cached.cache_clear()
+    a = make_benchmark(SMALL)
+    b = make_benchmark(SMALL)
+    assert a.images is b.images and benchmark._generate_cached.cache_info().hits == 1

@@ -1,10 +1,13 @@
 """Diagnostics of sample imbalance: statistics (dataclasses), figures, the ``profile`` report.
 
-* :mod:`~detbalance.analysis.stats`: pure functions -> frozen dataclasses: :func:`dataset_stats`
-  (class frequency, box sizes, repeat factors), :func:`assignment_stats` / :func:`detector_assignment_stats`
-  (positives / negatives / ignored anchors per level, boxes no anchor matches), :func:`gradient_stats` /
-  :class:`GradientAccumulator` (gradient-norm density, easy/hard quadrants, gradient shares under CE /
-  focal / GHM-C, loss CDFs) and :func:`per_class_ap`;
+* pure functions -> frozen dataclasses, by topic: :mod:`~detbalance.analysis.dataset` (:func:`dataset_stats`:
+  class frequency, box sizes, repeat factors), :mod:`~detbalance.analysis.assignment`
+  (:func:`assignment_stats` / :func:`detector_assignment_stats` / :func:`dataset_assignment_stats`:
+  positives / negatives / ignored anchors per level, boxes no anchor matches, with torchvision's matchers)
+  and :mod:`~detbalance.analysis.gradients` (:func:`gradient_stats` / :class:`GradientAccumulator` /
+  :func:`probe_gradients`: gradient-norm density, easy/hard quadrants, gradient shares under CE / focal /
+  GHM-C, loss CDFs; :func:`per_class_ap`); :mod:`~detbalance.analysis.stats` re-exports them all;
+* :mod:`~detbalance.analysis.progress`: the one progress display (rich bar or plain log lines);
 * :mod:`~detbalance.analysis.plots`: one matplotlib ``Figure`` per diagnostic, and :func:`plot_run` for a
   training run folder (``detbalance plot RUN_DIR``);
 * :mod:`~detbalance.analysis.profile`: :func:`run_profile` (``detbalance profile``).
@@ -39,6 +42,7 @@ from detbalance.analysis.stats import (
     gradient_stats,
     match_anchors,
     per_class_ap,
+    probe_gradients,
     sigmoid_targets,
 )
 
@@ -55,6 +59,7 @@ __all__ = [
     "gradient_stats",
     "match_anchors",
     "per_class_ap",
+    "probe_gradients",
     "plot_assignment",
     "plot_box_sizes",
     "plot_class_ap",

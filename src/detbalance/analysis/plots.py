@@ -24,7 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detbalance.analysis.stats import QUADRANTS, AssignmentStats, DatasetStats, GradientStats
+from detbalance.analysis.assignment import AssignmentStats
+from detbalance.analysis.dataset import DatasetStats
+from detbalance.analysis.gradients import QUADRANTS, GradientStats
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -30,16 +30,10 @@ from typing import Any
 import torch
 
 from detbalance.analysis import plots
-from detbalance.analysis.stats import (
-    AssignmentStats,
-    DatasetStats,
-    GradientAccumulator,
-    GradientStats,
-    dataset_stats,
-    detector_assignment_stats,
-    per_class_ap,
-    sigmoid_targets,
-)
+from detbalance.analysis.assignment import AssignmentStats, dataset_assignment_stats
+from detbalance.analysis.dataset import DatasetStats, dataset_stats
+from detbalance.analysis.gradients import GradientStats, per_class_ap, probe_gradients
+from detbalance.analysis.progress import Progress
 
 __all__ = ["Recommendation", "readings", "recommendations", "run_profile"]
 
@@ -313,29 +307,6 @@ def recommendations(
 # ----------------------------------------------------------------------------------------- the pipeline
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def _load_checkpoint(checkpoint: Path) -> dict[str, Any]:
     from detbalance.engine.checkpoint import load_checkpoint
 
@@ -358,17 +329,16 @@ def _checkpoint_config(state: dict[str, Any], checkpoint: Path) -> Any:
     )
 
 
-def _build(cfg: Any, dataset: Any, state: dict[str, Any] | None, checkpoint: Path | None) -> torch.nn.Module:
+def _build(cfg: Any, dataset: Any, checkpoint: Path | None) -> torch.nn.Module:
+    """The model: the checkpoint's (the package's one loader, :func:`detbalance.engine.load_trained_model`),
+    or a freshly initialised one of ``cfg``."""
     from detbalance.builders import build_model, class_counts, resolve_image_size
 
-    counts = class_counts(dataset) if cfg.remedy.class_weights is not None else None
-    image_size = resolve_image_size(cfg, dataset)
-    if state is not None and isinstance(state.get("image_size"), int):
-        image_size = state["image_size"]  # the size the checkpoint was trained at
-    model = build_model(cfg, num_classes=dataset.num_classes, image_size=image_size, counts=counts)
-    if state is not None:
+    if checkpoint is not None:
+        from detbalance.engine.run import load_trained_model
+
         try:
-            model.load_state_dict(state["model"])
+            model, _, _ = load_trained_model(checkpoint)
         except RuntimeError as err:
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
             detail = " ".join(lines[:3])
@@ -376,54 +346,24 @@ def _build(cfg: Any, dataset: Any, state: dict[str, Any] | None, checkpoint: Pat
                 f"checkpoint {str(checkpoint)!r} does not fit a {cfg.model.arch} model with "
                 f"{dataset.num_classes} classes (backbone {cfg.model.backbone!r}): {detail[:400]}"
             ) from None
-    model.eval()
-    return model
-
-
-def _sample(n: int, k: int, seed: int) -> list[int]:
-    if k >= n:
-        return list(range(n))
-    g = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n, generator=g)[:k].tolist())
-
-
-@torch.no_grad()
-def _gradient_stats(
-    model: torch.nn.Module,
-    dataset: Any,
-    indices: Sequence[int],
-    progress: Any,
-    *,
-    batch_size: int,
-    easy_threshold: float,
-) -> GradientStats:
-    from detbalance.detectors import anchor_outputs
-
-    acc = GradientAccumulator(easy_threshold=easy_threshold)
-    task = progress.add_task("model: gradient norms", total=len(indices))
-    for start in range(0, len(indices), batch_size):
-        batch = [dataset[i] for i in indices[start : start + batch_size]]
-        images = [b[0] for b in batch]
-        targets = [b[1] for b in batch]
-        out = anchor_outputs(model, images, targets)
-        tgt, valid = sigmoid_targets(out.labels, out.cls_logits.shape[-1], background_column=True)
-        acc.update(out.cls_logits, tgt, valid)
-        progress.advance(task, len(batch))
-    return acc.result()
+        return model
+    counts = class_counts(dataset) if cfg.remedy.class_weights is not None else None
+    model = build_model(cfg, num_classes=dataset.num_classes, image_size=resolve_image_size(cfg, dataset), counts=counts)
+    return model.eval()
 
 
 @torch.no_grad()
 def _class_ap(
     model: torch.nn.Module, dataset: Any, indices: Sequence[int], progress: Any, *, batch_size: int
 ) -> list[float | None]:
-    task = progress.add_task("model: per-class AP (test split)", total=len(indices))
+    progress.stage("model: per-class AP (test split)", total=len(indices))
     preds, targets, sizes = [], [], []
     for start in range(0, len(indices), batch_size):
         batch = [dataset[i] for i in indices[start : start + batch_size]]
         preds += model([b[0] for b in batch])
         targets += [b[1] for b in batch]
         sizes += [tuple(b[0].shape[-2:]) for b in batch]
-        progress.advance(task, len(batch))
+        progress.advance(len(batch))
     return per_class_ap(preds, targets, num_classes=dataset.num_classes, image_sizes=sizes)
 
 
@@ -499,63 +439,54 @@ def run_profile(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
 
-    with _progress(progress) as bar:
-        task = bar.add_task(f"dataset: open {data}", total=None)
+    with Progress(progress, total=None, description=f"dataset: open {data}") as bar:
         train = open_dataset(data, split="train", seed=cfg.data.seed)
         n = len(train)
         if n == 0:
             raise ValueError(f"dataset {data!r} has no images to profile")
-        bar.update(task, description="dataset: targets", total=n)
+        bar.stage("dataset: targets", total=n)
         targets = []
         for i in range(n):
             targets.append(train.target(i))
             if i % 500 == 499:
-                bar.update(task, completed=i + 1)
-        bar.update(task, completed=n)
+                bar.advance(500)
         dstats = dataset_stats(targets, num_classes=train.num_classes, class_names=train.label_names)
 
-        model = _build(cfg, train, state, checkpoint)
-        idx = _sample(n, assignment_images, seed)
-        task = bar.add_task("anchors: assignment", total=1)
-        astats = detector_assignment_stats(
-            model, [targets[i] for i in idx], [train.image_size(i) for i in idx]
-        )
-        bar.update(task, completed=1)
+        model = _build(cfg, train, Path(checkpoint) if checkpoint is not None else None)
+        bar.stage("anchors: assignment", total=None)
+        astats = dataset_assignment_stats(model, train, num_images=assignment_images, seed=seed, targets=targets)
 
         gstats: GradientStats | None = None
         notes: list[str] = []
-        if arch == "retinanet":
-            gstats = _gradient_stats(
-                model,
-                train,
-                _sample(n, num_images, seed + 1),
-                bar,
-                batch_size=16,
-                easy_threshold=easy_threshold,
+        if state is None:
+            notes.append(
+                "No checkpoint: only what is meaningful at initialisation is shown (the data and the anchor "
+                "assignment). Gradient-norm density, easy/hard shares and loss CDFs describe a trained model "
+                "(at initialisation every output sits at the prior p = 0.01), and per-class AP is skipped."
             )
-            if state is None:
-                notes.append(
-                    "No checkpoint: the model statistics are those of the freshly initialised RetinaNet "
-                    "(classifier bias at the prior π = 0.01, so every output starts at p ≈ 0.01): the situation "
-                    "at the first training step (focal paper, section 3.3)."
-                )
+        elif arch == "retinanet":
+            from detbalance.analysis.assignment import sample_indices
+
+            indices = sample_indices(n, num_images, seed + 1)
+            bar.stage("model: gradient norms", total=len(indices))
+            gstats = probe_gradients(model, train, indices, batch_size=16, easy_threshold=easy_threshold,
+                                     on_batch=bar.advance)
         else:
             notes.append(
                 f"Gradient statistics are computed for RetinaNet's sigmoid classifier; {arch} is skipped."
             )
         class_ap: list[float | None] | None = None
         if state is not None:
+            from detbalance.analysis.assignment import sample_indices
+
             test = open_dataset(data, split="test", seed=cfg.data.seed)
             if len(test):
                 class_ap = _class_ap(
-                    model, test, _sample(len(test), num_images, seed + 2), bar, batch_size=16
+                    model, test, sample_indices(len(test), num_images, seed + 2), bar, batch_size=16
                 )
-        else:
-            notes.append("No checkpoint: per-class AP is skipped.")
 
-        task = bar.add_task("figures", total=None)
+        bar.stage("figures", total=None)
         figures = _figures(dstats, astats, gstats, class_ap, output)
-        bar.update(task, total=len(figures), completed=len(figures))
 
     lines = readings(dstats, astats, gstats, class_ap)
     recs = recommendations(dstats, astats, gstats, arch=arch, trained=state is not None)
@@ -566,7 +497,7 @@ def run_profile(
         "arch": arch,
         "cls_loss": None if cfg.remedy.cls_loss is None else getattr(cfg.remedy.cls_loss, "name", None),
         "num_images": num_images,
-        "assignment_images": len(idx),
+        "assignment_images": astats.num_images,
         "seed": seed,
         "dataset": dstats,
         "assignment": astats,

@@ -1,19 +1,22 @@
 """The `compare` report: tables and plots from a ``results.json``, as Markdown and HTML with the same content.
 
 The report is built as a list of blocks (heading, paragraph, table, image) and rendered twice, so the two
-files cannot drift. Every number comes from ``results.json``; nothing is computed here but summaries
-(mean, standard deviation over seeds, differences to the suite's baseline).
+files cannot drift; the HTML renders the inline Markdown the blocks use (``**bold**``, ``*italic*``,
+`` `code` ``, ``[text](url)``) with a small escaping converter (:func:`inline_html`). Every number comes
+from ``results.json``; nothing is computed here but summaries (mean, standard deviation over seeds) and the
+paired differences and findings of :mod:`detbalance.compare.stats`.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MethodSummary", "summarize_method", "write_report"]
+__all__ = ["MethodSummary", "inline_html", "summarize_method", "write_report"]
 
 # Columns of each suite's table: (key in a run's metrics, header).
 _METRIC_COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("APs", "APs"), ("rare_AP", "rare-class AP"))
@@ -65,18 +68,6 @@ def _fmt(mean: float, std: float, *, scale: float = 100.0) -> str:
     return f"{mean * scale:.1f} ± {std * scale:.1f}"
 
 
-def _difference_note(diff: float, spread: float, num_seeds: int) -> str:
-    """How to read a difference to the baseline: noise is the larger of the two methods' seed spreads."""
-    if math.isnan(diff):
-        return "–"
-    text = f"{diff * 100:+.1f}"
-    if num_seeds < 2 or math.isnan(spread):
-        return text + " (1 seed: spread unknown)"
-    if abs(diff) <= spread:
-        return text + " (within seed noise)"
-    return text
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg, imported lazily)
 
@@ -101,7 +92,9 @@ def _plot_ap(suite: dict[str, Any], path: Path) -> Path:
         ax.hlines(mean, i - 0.3, i + 0.3, color="C3", lw=2, zorder=4, label="mean" if i == 0 else None)
     ax.set_xticks(range(len(methods)), [m["label"] for m in methods], rotation=20, ha="right")
     ax.set_ylabel("COCO AP (%)")
-    ax.set_title(f"{suite['title']}: AP per method ({len(methods[0]['runs'])} seed(s))")
+    ax.set_ylim(bottom=0)  # from 0, so that the gaps are not exaggerated
+    n_seeds = max(len(m["runs"]) for m in methods)
+    ax.set_title(f"{suite['title']}: AP per method ({n_seeds} seed{'s' if n_seeds != 1 else ''})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.savefig(path, dpi=120)
@@ -110,37 +103,27 @@ def _plot_ap(suite: dict[str, Any], path: Path) -> Path:
 
 
 def _plot_curves(suite: dict[str, Any], path: Path) -> Path | None:
+    """Validation AP against training iteration, every seed of every arm (the loss panel is left out: each
+    arm's own loss is a different function, so the values are not comparable across arms)."""
     plt = _pyplot()
     has_ap = any(p.get("AP") is not None for m in suite["methods"] for r in m["runs"] for p in r.get("curve", []))
-    has_loss = any(p.get("loss") is not None for m in suite["methods"] for r in m["runs"] for p in r.get("curve", []))
-    if not (has_ap or has_loss):
+    if not has_ap:
         return None
-    ncols = int(has_ap) + int(has_loss)
-    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.6), constrained_layout=True, squeeze=False)
-    col = 0
-    curves = (("loss", "training loss (own, smoothed)", has_loss), ("AP", "test AP (%)", has_ap))
-    for key, ylabel, enabled in curves:
-        if not enabled:
-            continue
-        ax = axes[0, col]
-        col += 1
-        for i, method in enumerate(suite["methods"]):
-            for j, run in enumerate(method["runs"]):
-                pts = [(p["iter"], p[key]) for p in run.get("curve", []) if p.get(key) is not None]
-                if not pts:
-                    continue
-                xs, ys = zip(*pts, strict=True)
-                if key == "AP":
-                    ys = [y * 100 for y in ys]
-                ax.plot(xs, ys, color=f"C{i}", alpha=0.85, lw=1.4, label=method["label"] if j == 0 else None,
-                        marker="o" if key == "AP" else None, ms=3)
-        ax.set_xlabel("training iteration")
-        ax.set_ylabel(ylabel)
-        if key == "loss":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{suite['title']}: learning curves")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), constrained_layout=True)
+    for i, method in enumerate(suite["methods"]):
+        for j, run in enumerate(method["runs"]):
+            pts = [(p["iter"], p["AP"] * 100) for p in run.get("curve", []) if p.get("AP") is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.85, lw=1.4, marker="o", ms=3,
+                    label=method["label"] if j == 0 else None)
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("validation AP (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{suite['title']}: learning curves (one line per seed)")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -194,7 +177,7 @@ def _plot_density(suite: dict[str, Any], path: Path) -> Path | None:
         ax.plot(xs, ys, color=f"C{i}", marker=".", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("gradient norm g = |sigmoid(x) - y| (one (anchor, class) output)")
-    ax.set_ylabel("fraction of outputs (test images)")
+    ax.set_ylabel("fraction of outputs (training images)")
     ax.set_title(f"{suite['title']}:\ngradient-norm density of the trained models")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -207,24 +190,64 @@ def _plot_density(suite: dict[str, Any], path: Path) -> Path | None:
 # Blocks and rendering
 
 
+def _runs_line(method: dict[str, Any]) -> str:
+    parts = []
+    for run in method["runs"]:
+        load = run.get("load_average") or [None, None]
+        wall = run.get("wall_s")
+        parts.append(
+            f"seed {run['seed']}: `{run.get('folder', '?')}`"
+            + (f", {wall / 60:.1f} min" if wall else "")
+            + (f", load {load[0]}–{load[1]}" if load[0] is not None else "")
+        )
+    return f"{method['label']}: " + "; ".join(parts)
+
+
+def _throughput(s: MethodSummary, method: dict[str, Any]) -> str:
+    if math.isnan(s.images_per_s):
+        return "–"
+    loads = [x for r in method["runs"] for x in (r.get("load_average") or []) if x is not None]
+    return f"{s.images_per_s:.0f}" + (f" (load {max(loads):.1f})" if loads else "")
+
+
 def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple]:
+    from detbalance.compare.stats import findings, format_difference, suite_differences
+
     blocks: list[tuple] = [("h2", f"Suite `{name}`: {suite['title']}"), ("p", suite.get("description", ""))]
+    if suite.get("recipe"):
+        blocks.append(("p", suite["recipe"]))
+    if suite.get("data_summary"):
+        blocks.append(("table", ["data", "value"], [[k, str(v)] for k, v in suite["data_summary"].items()]))
     summaries = [summarize_method(m) for m in suite["methods"]]
     base = next((s for s in summaries if s.key == suite["baseline"]), summaries[0])
-    header = ["method", *[h for _, h in _METRIC_COLUMNS], f"ΔAP vs {base.label}", "train img/s"]
+    primary = suite.get("primary", "AP")
+    diff_metrics = ["AP"] + (["rare_AP"] if primary == "rare_AP" else [])
+    diffs = {metric: suite_differences(suite, metric) for metric in diff_metrics}
+    header = ["method", *[h for _, h in _METRIC_COLUMNS]]
+    for metric in diff_metrics:
+        label = "AP" if metric == "AP" else "rare AP"
+        header += [f"Δ{label} vs {base.label} [95 % CI]", f"verdict ({label})"]
+    header += ["seeds", "train img/s (load)"]
     rows = []
-    for s in summaries:
+    for s, method in zip(summaries, suite["methods"], strict=True):
         cells = [s.label] + [_fmt(s.mean[k], s.std[k]) for k, _ in _METRIC_COLUMNS]
-        if s is base:
-            cells.append("baseline")
-        else:
-            spread = max(s.std["AP"], base.std["AP"])
-            cells.append(_difference_note(s.mean["AP"] - base.mean["AP"], spread, min(s.num_seeds, base.num_seeds)))
-        cells.append("–" if math.isnan(s.images_per_s) else f"{s.images_per_s:.0f}")
+        for metric in diff_metrics:
+            if s is base:
+                cells += ["baseline", "–"]
+            else:
+                d = diffs[metric][s.key]
+                cells += [format_difference(d), d.verdict]
+        cells += [str(s.num_seeds), _throughput(s, method)]
         rows.append(cells)
     blocks.append(("table", header, rows))
-    blocks.append(("p", "AP columns are COCO AP in %, mean ± sample std over seeds (faster-coco-eval on the test split)."))
-    for text in suite.get("findings", []):
+    blocks.append((
+        "p",
+        "AP columns are COCO AP in %, mean ± sample std over seeds (faster-coco-eval on the validation split). "
+        "Δ is the mean per-seed difference to the baseline (arms share initial weights per seed) with its 95 % "
+        "Student-t interval; a verdict needs 3 seeds. Throughput is training images/s, with the highest "
+        "1-minute load average seen at the start or end of the runs.",
+    ))
+    for text in suite.get("findings") or findings(suite):
         blocks.append(("p", text))
     for maker, suffix, alt in (
         (_plot_ap, "ap", "AP per method"),
@@ -235,6 +258,7 @@ def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple
         png = maker(suite, out_dir / f"{name}_{suffix}.png")
         if png is not None:
             blocks.append(("img", png.name, f"{suite['title']}: {alt}"))
+    blocks.append(("p", "**Runs used.** " + " ".join(_runs_line(m) + "." for m in suite["methods"])))
     return blocks
 
 
@@ -261,10 +285,29 @@ def _render_md(blocks: list[tuple]) -> str:
     return "\n".join(out)
 
 
-def _inline_html(text: str) -> str:
-    # Only the inline markup the report uses: `code` spans.
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+_INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|\*([^*\s][^*]*?)\*|\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def inline_html(text: str) -> str:
+    """HTML of the inline Markdown the report uses: `` `code` ``, ``**bold**``, ``*italic*``, ``[text](url)``;
+    everything else is escaped (a ``javascript:`` link is left as text)."""
+    out, pos = [], 0
+    for m in _INLINE.finditer(text):
+        out.append(html.escape(text[pos : m.start()]))
+        code, bold, italic, label, url = m.groups()
+        if code is not None:
+            out.append(f"<code>{html.escape(code)}</code>")
+        elif bold is not None:
+            out.append(f"<strong>{inline_html(bold)}</strong>")
+        elif italic is not None:
+            out.append(f"<em>{inline_html(italic)}</em>")
+        elif url.lower().startswith(("http://", "https://", "#")) or ":" not in url:
+            out.append(f"<a href=\"{html.escape(url)}\">{inline_html(label)}</a>")
+        else:
+            out.append(html.escape(m.group(0)))
+        pos = m.end()
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
 
 
 def _render_html(blocks: list[tuple], title: str) -> str:
@@ -278,15 +321,15 @@ def _render_html(blocks: list[tuple], title: str) -> str:
     for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2"):
-            out.append(f"<{kind}>{_inline_html(block[1])}</{kind}>")
+            out.append(f"<{kind}>{inline_html(block[1])}</{kind}>")
         elif kind == "p" and block[1]:
-            out.append(f"<p>{_inline_html(block[1])}</p>")
+            out.append(f"<p>{inline_html(block[1])}</p>")
         elif kind == "code":
             out.append(f"<pre><code>{html.escape(block[1])}</code></pre>")
         elif kind == "table":
-            out.append("<table><tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in block[1]) + "</tr>")
+            out.append("<table><tr>" + "".join(f"<th>{inline_html(h)}</th>" for h in block[1]) + "</tr>")
             for row in block[2]:
-                out.append("<tr>" + "".join(f"<td>{_inline_html(str(c))}</td>" for c in row) + "</tr>")
+                out.append("<tr>" + "".join(f"<td>{inline_html(str(c))}</td>" for c in row) + "</tr>")
             out.append("</table>")
         elif kind == "img":
             out.append(f"<p><img src='{html.escape(block[1])}' alt='{html.escape(block[2])}'></p>")
@@ -309,10 +352,10 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     setup = results["setup"]
     blocks: list[tuple] = [("h1", "detbalance compare: imbalance remedies side by side")]
     blocks.append(("p", "Every method of a suite trains on the same data, from the same initial weights per seed, "
-                        "for the same number of iterations with a cosine schedule, and is evaluated with the "
-                        "official COCO metric on the same test split."))
+                        "for the same number of iterations with the same recipe, and is evaluated with the "
+                        "official COCO metric on the same validation split, never on its training images."))
     blocks.append(("h2", "Setup"))
-    rows = [[k, str(v)] for k, v in setup.items() if k not in ("command", "data")]
+    rows = [[k, ", ".join(v) if isinstance(v, list) else str(v)] for k, v in setup.items() if k not in ("command", "data")]
     for k, v in setup.get("data", {}).items():
         rows.append([f"data: {k}", str(v)])
     blocks.append(("table", ["item", "value"], rows))

@@ -1,0 +1,247 @@
+"""``detbalance compare``: plan the runs of the chosen suites, train what is missing, write the report.
+
+Resumable at any point: each run's folder is keyed by its settings (:mod:`detbalance.compare.runs`),
+finished runs are reused, interrupted ones resume from their last checkpoint (every evaluation), and
+``results.json`` is rewritten atomically after every run. Rerunning the same command finishes the work.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detbalance import __version__
+from detbalance.compare.runs import load_average, run_dir, run_one, write_json_atomic
+from detbalance.compare.stats import RARE_FRACTION, findings, rare_classes
+from detbalance.compare.suites import SUITES, Budget, Decay, Optimizer, suite_configs
+
+__all__ = ["run_compare", "select_suites"]
+
+
+def select_suites(suite: str | None, *, user_data: bool) -> list[str]:
+    """The suites to run: ``suite`` (``all`` for every one); with ``--data`` and no ``--suite`` every suite
+    that fits a user's dataset (the noise suite needs the built-in benchmark's controlled noise)."""
+    if suite is None:
+        return [n for n, s in SUITES.items() if not s.builtin_only] if user_data else ["losses"]
+    if suite == "all":
+        return [n for n, s in SUITES.items() if not (user_data and s.builtin_only)]
+    if suite not in SUITES:
+        raise ValueError(f"--suite must be one of {', '.join([*SUITES, 'all'])}; got {suite!r}")
+    if user_data and SUITES[suite].builtin_only:
+        raise ValueError(f"--suite {suite} needs the built-in benchmark (it controls the label noise); drop --data")
+    return [suite]
+
+
+def _assigner(arch: str) -> str:
+    return "faster_rcnn RPN" if arch == "faster_rcnn" else arch
+
+
+def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
+    """What the report says about one suite's data: sizes, classes, empty images and pos:neg per FPN level
+    under the suite's own detector assignment (counted as ``profile`` counts it)."""
+    from detbalance.analysis.assignment import dataset_assignment_stats
+    from detbalance.analysis.dataset import dataset_stats
+    from detbalance.builders import build_model, class_counts, resolve_image_size
+    from detbalance.data import open_dataset
+
+    train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed)
+    val = open_dataset(cfg.data.val or cfg.data.train, split="test", seed=cfg.data.seed)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"--data {cfg.data.train!r} / --val {cfg.data.val!r}: a split has no images")
+    targets = [train.target(i) for i in range(len(train))]
+    ds = dataset_stats(targets, num_classes=train.num_classes, class_names=train.label_names)
+    size = resolve_image_size(cfg, train)
+    counts = class_counts(train) if cfg.remedy.class_weights is not None else None
+    model = build_model(cfg, num_classes=train.num_classes, image_size=size, counts=counts)
+    assign = dataset_assignment_stats(model, train, num_images=sample, targets=targets)
+    per_level = []
+    for name, pos, neg in zip(assign.level_names, assign.positives_per_level, assign.negatives_per_level, strict=True):
+        per_level.append(f"{name} 1:{neg / pos:,.0f}" if pos else f"{name} no positives")
+    class_freq = {c: int(k) for c, k in zip(ds.class_names, ds.instance_counts, strict=True)}
+    rare = rare_classes(class_freq)
+    summary = {
+        "train": cfg.data.train + (f" (data seed {cfg.data.seed})" if cfg.data.train.startswith("builtin") else ""),
+        "validation": f"{cfg.data.val or cfg.data.train} (test split)",
+        "images": f"{len(train)} train / {len(val)} validation, model input {size} px",
+        "empty train images": f"{ds.num_empty_images} of {ds.num_images}",
+        "objects per train image": f"{ds.objects_per_image_mean:.2f}",
+        "train instances per class": ", ".join(f"{c}: {k}" for c, k in class_freq.items())
+        + (f" ({ds.imbalance_ratio:.0f}:1)" if ds.imbalance_ratio else ""),
+        "rare classes": (", ".join(rare) if rare else "none")
+        + f" (fewer than {RARE_FRACTION:.0%} of the most frequent class's instances)",
+        f"pos:neg ({_assigner(cfg.model.arch)} assignment, per level)": ", ".join(per_level)
+        + f" (on {assign.num_images} train images)",
+        f"pos:neg ({_assigner(cfg.model.arch)} assignment, all levels)": "–"
+        if assign.negatives_per_positive is None
+        else f"1:{assign.negatives_per_positive:,.0f}",
+    }
+    if hasattr(train, "describe") and cfg.data.train.startswith("builtin"):
+        d = train.describe()
+        summary["benchmark"] = (
+            f"preset {d.get('preset')}, label noise {d.get('label_noise')}, box noise {d.get('box_noise')}, "
+            f"long tail {d.get('long_tail_ratio')}, noisy labels {d.get('noisy_labels')}"
+        )
+    return {"summary": summary, "class_frequency": class_freq, "rare": rare}
+
+
+def _setup(command: str, seeds: list[int], batch_size: int, device: str) -> dict[str, Any]:
+    return {
+        "command": command,
+        "batch size": batch_size,
+        "seeds": f"{len(seeds)} ({', '.join(map(str, seeds))})",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        + ("CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else "CPU"),
+        "load average at start": str(load_average()),
+        "versions": f"detbalance {__version__}, torch {torch.__version__}, python {platform.python_version()}",
+    }
+
+
+def run_compare(
+    *,
+    suite: str | None = "losses",
+    preset: str | None = None,
+    iters: int | None = None,
+    budget: Budget = "short",
+    seeds: int = 1,
+    output: str | Path = "compare-out",
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = True,
+    command: str | None = None,
+    optim: Optimizer | None = None,
+    decay: Decay = "cosine",
+    data: str | None = None,
+    val: str | None = None,
+    data_seed: int = 0,
+    study: bool = False,
+) -> Path:
+    """Train every arm of the chosen suites for ``seeds`` seeds and write the report.
+
+    Args:
+        suite: ``losses`` | ``samplers`` | ``ssd`` | ``classes`` | ``noise`` | ``all`` | ``None`` (with
+            ``data``: every suite that fits it; else ``losses``).
+        preset: built-in benchmark preset for every suite (``None``: each suite's own).
+        iters: iterations per run (``None``: the suite's ``budget``).
+        budget: ``short`` (the default, minutes) or ``full`` (the plateau budget of the study).
+        seeds: number of seeds (0, 1, ...); verdicts need 3.
+        output: report folder; runs are kept under ``output/runs``.
+        batch_size: images per iteration.
+        device: ``auto`` | ``cpu`` | ``cuda[:N]``.
+        progress: show progress (a bar on a terminal, log lines otherwise).
+        command: the command line to print in the report (default: this process's argv).
+        optim: ``sgd`` | ``adamw`` (``None``: each suite's default).
+        decay: ``cosine`` | ``step``.
+        data: a COCO json or folder to train on (with ``val``).
+        val: the validation COCO json or folder (required with ``data``).
+        data_seed: the built-in benchmark's generation seed.
+        study: also write ``README.md`` with the paper-claims table (the committed study).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    from detbalance.analysis.progress import Progress
+    from detbalance.analysis.report import write_report
+
+    if iters is not None and iters < 1:
+        raise ValueError(f"--iters must be >= 1, got {iters}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if budget not in ("short", "full"):
+        raise ValueError(f"--budget must be 'short' or 'full', got {budget!r}")
+    if data_seed < 0:
+        raise ValueError(f"--data-seed must be >= 0, got {data_seed}")
+    if (data is None) != (val is None):
+        raise ValueError("--data needs --val (a validation set: never evaluate on the training images)")
+    if data is not None and preset is not None:
+        raise ValueError("--preset picks a built-in benchmark; it cannot go with --data")
+    names = select_suites(suite, user_data=data is not None)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    seed_list = list(range(seeds))
+    command = command or "detbalance " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    results: dict[str, Any] = {"setup": _setup(command, seed_list, batch_size, device), "suites": {}}
+
+    plan = []
+    for name in names:
+        s = SUITES[name]
+        n_iters = iters if iters is not None else s.budgets[budget]
+        per_seed = [
+            suite_configs(name, preset=preset, iters=n_iters, seed=seed, batch_size=batch_size, device=device,
+                          optim=optim, decay=decay, data=data, val=val, data_seed=data_seed)
+            for seed in seed_list
+        ]
+        base_cfg = next(cfg for m, cfg in per_seed[0] if m.key == s.baseline)
+        info = _data_summary(base_cfg)
+        if name == "classes" and not info["rare"]:
+            if suite in (None, "all"):
+                results["setup"].setdefault("skipped suites", []).append("classes (the data has no rare class)")
+                continue
+        opt = base_cfg.optim
+        sched = base_cfg.schedule
+        recipe_text = (
+            f"Recipe: {opt.name.upper() if opt.name == 'sgd' else 'AdamW'} lr {opt.lr:g}"
+            + (f", momentum {opt.momentum:g}" if opt.name == "sgd" else "")
+            + f", weight decay {opt.weight_decay:g}, gradient clip {opt.grad_clip:g}, linear warm-up "
+            f"{sched.warmup_iters} steps, {sched.name} decay, {n_iters} iterations at batch {batch_size} "
+            f"(`--optim {optim or s.optim}`; the suite's default is `{s.optim}`: {s.optim_evidence})"
+        )
+        results["suites"][name] = {
+            "title": s.title,
+            "description": s.description,
+            "recipe": recipe_text,
+            "arch": s.arch,
+            "iterations": n_iters,
+            "optim": opt.name,
+            "baseline": s.baseline,
+            "primary": s.primary,
+            "clean": s.clean if any(m.key == s.clean for m, _ in per_seed[0]) else None,
+            "data_summary": info["summary"],
+            "train_class_frequency": info["class_frequency"],
+            "rare_classes": info["rare"],
+            "methods": [{"key": m.key, "label": m.label, "runs": []} for m, _ in per_seed[0]],
+        }
+        for seed_cfgs in per_seed:
+            for method, cfg in seed_cfgs:
+                plan.append((name, method, cfg))
+
+    total = sum(cfg.engine.iterations for _, _, cfg in plan)
+    t0 = time.perf_counter()
+    with Progress(progress, total=total, description="compare", name="compare") as bar:
+        for name, method, cfg in plan:
+            entry = results["suites"][name]
+            mentry = next(m for m in entry["methods"] if m["key"] == method.key)
+            bar.describe(f"{name}/{method.key} seed {cfg.engine.seed}")
+            done_before = bar.completed
+            folder = run_dir(output, name, method.key, cfg)
+
+            def on_step(m: Any, _base: int = done_before) -> None:
+                bar.set_completed(_base + int(m.step))
+
+            run, reused = run_one(folder, cfg, on_step=on_step, rare=entry["rare_classes"])
+            run = {**run, "folder": str(folder.relative_to(output))}
+            bar.set_completed(done_before + cfg.engine.iterations, skipped=reused)
+            mentry["runs"].append(run)
+            write_json_atomic(output / "results.json", results)
+
+    runs = [r for e in results["suites"].values() for m in e["methods"] for r in m["runs"]]
+    wall = sum(float(r.get("wall_s") or 0.0) for r in runs)
+    results["setup"]["wall time"] = (
+        f"{wall / 60:.1f} min summed over the {len(runs)} runs used "
+        f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min)"
+    )
+    results["setup"]["load average at end"] = str(load_average())
+    for entry in results["suites"].values():
+        entry["findings"] = findings(entry)
+    write_json_atomic(output / "results.json", results)
+    report = write_report(results, output)
+    if study:
+        from detbalance.compare.study import write_study_readme
+
+        write_study_readme(results, output)
+    return report

@@ -1,0 +1,154 @@
+"""One compare run on disk: its folder keyed by the settings, never deleted, resumed where it stopped.
+
+A run lives in ``OUTPUT/runs/<suite>/<method>/<key>/seed<k>/`` where ``<key>`` is a short hash of the
+run's whole resolved config except the seed. Different settings (``--iters``, ``--optim``, ``--budget``,
+another dataset, ...) therefore go to another folder, and a finished run is never deleted: rerunning a
+command reuses its finished runs (``result.json``) and resumes the interrupted ones from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detbalance.config import ExperimentConfig, dump_toml, load_toml
+
+__all__ = ["load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
+
+
+def run_key(cfg: ExperimentConfig) -> str:
+    """A 10-hex-digit key of the resolved config with the run seed set aside (the seed names the folder
+    below it; the data seed, which picks the benchmark instance, stays in the key)."""
+    text = dump_toml(replace(cfg, engine=replace(cfg.engine, seed=0)))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def run_dir(output: Path, suite: str, method: str, cfg: ExperimentConfig) -> Path:
+    """``output/runs/<suite>/<method>/<key>/seed<k>``."""
+    return Path(output) / "runs" / suite / method / run_key(cfg) / f"seed{cfg.engine.seed}"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves a torn file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _curve(metrics_file: Path) -> list[dict[str, Any]]:
+    """Learning-curve points from a run's ``metrics.jsonl``: the training loss (EMA-smoothed) and any AP."""
+    points: list[dict[str, Any]] = []
+    smooth = None
+    lines = metrics_file.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # a torn last line (a crash mid-write): the run resumed past it
+                break
+            raise ValueError(f"{metrics_file}:{number}: not valid JSON ({err})") from None
+        if rec.get("type") == "train" and rec.get("loss") is not None and math.isfinite(rec["loss"]):
+            smooth = rec["loss"] if smooth is None else 0.7 * smooth + 0.3 * rec["loss"]
+            points.append({"iter": int(rec["step"]), "loss": smooth})
+        elif rec.get("type") == "eval" and rec.get("metrics", {}).get("AP") is not None:
+            points.append({"iter": int(rec["step"]), "AP": float(rec["metrics"]["AP"])})
+    # one AP point per step (a resumed run may have evaluated a step twice): keep the last
+    seen: dict[int, int] = {}
+    for i, p in enumerate(points):
+        if "AP" in p:
+            seen[p["iter"]] = i
+    return [p for i, p in enumerate(points) if "AP" not in p or seen[p["iter"]] == i]
+
+
+@torch.no_grad()
+def _grad_density(run: Path, *, num_images: int = 64, bins: int = 30) -> dict[str, Any] | None:
+    """Gradient-norm density g = |sigmoid(x) - y| of a trained RetinaNet on its own training images
+    (without augmentation: for the noise suite, the noisy labels it trained on)."""
+    from detbalance.analysis.assignment import sample_indices
+    from detbalance.analysis.gradients import probe_gradients
+    from detbalance.data import eval_transform, open_dataset
+    from detbalance.engine.run import load_trained_model
+
+    model, cfg, _ = load_trained_model(run / "checkpoint.pt")
+    if cfg.model.arch != "retinanet":
+        return None
+    train = open_dataset(cfg.data.train, split="train", transforms=eval_transform(), seed=cfg.data.seed)
+    indices = sample_indices(len(train), num_images, 0)
+    stats = probe_gradients(model, train, indices, bins=bins)
+    return {"counts": [float(c) for c in stats.density], "bins": bins, "images": len(indices), "split": "train"}
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A run's ``result.json``, or ``None`` when missing; a corrupt one is an error naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); delete it to re-evaluate this run") from None
+
+
+def run_one(
+    folder: Path, cfg: ExperimentConfig, *, on_step: Callable[[Any], None], rare: list[str]
+) -> tuple[dict[str, Any], bool]:
+    """Train (or resume, or reuse) one run; returns ``(result, reused)``.
+
+    Raises:
+        ValueError: the folder holds a run of another configuration (a key collision; nothing is deleted).
+    """
+    from detbalance.engine import fit
+
+    config_text = dump_toml(cfg)
+    saved = read_result(folder / "result.json")
+    if saved is not None:
+        if saved.get("config") != config_text:
+            raise ValueError(f"{folder}: holds a run of another configuration; refusing to overwrite it")
+        return saved, True
+    config_file = folder / "config.toml"
+    resume = (folder / "checkpoint.pt").exists() and config_file.exists()
+    if resume and load_toml(config_file.read_text(), source=str(config_file)) != cfg:
+        raise ValueError(f"{folder}: holds a run of another configuration; refusing to overwrite it")
+    load_before = load_average()
+    t0 = time.perf_counter()
+    res = fit(cfg, output=folder, resume=resume, on_step=on_step, progress=False)
+    train_s = time.perf_counter() - t0
+    metrics = dict(res.metrics)
+    per_class = metrics.get("per_class", {})
+    rare_aps = [per_class[c] for c in rare if c in per_class and not math.isnan(per_class[c])]
+    metrics["rare_AP"] = sum(rare_aps) / len(rare_aps) if rare_aps else math.nan
+    t1 = time.perf_counter()
+    density = _grad_density(folder)
+    out = {
+        "config": config_text,
+        "seed": cfg.engine.seed,
+        "folder": str(folder),
+        "metrics": metrics,
+        "images_per_s": res.images_per_s,
+        "load_average": [load_before, load_average()],
+        "threads": torch.get_num_threads(),
+        "wall_s": train_s + (time.perf_counter() - t1),
+        "resumed": resume,
+        "curve": _curve(res.metrics_file),
+        "grad_density": density,
+    }
+    write_json_atomic(folder / "result.json", out)
+    return out, False

@@ -1,0 +1,224 @@
+"""Paired statistics of a suite: each arm against the baseline, seed by seed, and the verdict it supports.
+
+Arms of a suite share their initial weights and data order per seed, so the per-seed difference
+``d_s = metric(arm, s) - metric(baseline, s)`` removes what the seed does to both. The report gives the
+mean difference with a two-sided 95 % Student-t interval over the seeds,
+``mean(d) ± t_{0.975, n-1} · sd(d) / sqrt(n)``, and one verdict word: ``better`` (the interval lies above
+0), ``worse`` (below 0) or ``no measurable difference`` (it contains 0). A verdict needs at least
+:data:`MIN_SEEDS` seeds; with fewer the verdict is ``needs seeds``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "MIN_BASELINE_AP",
+    "MIN_SEEDS",
+    "RARE_FRACTION",
+    "PairedDifference",
+    "findings",
+    "paired_difference",
+    "rare_classes",
+    "t_quantile_975",
+]
+
+MIN_SEEDS = 3
+"""Seeds needed for a verdict (with 2 the t interval has one degree of freedom and is 12.7 sd wide)."""
+
+RARE_FRACTION = 0.1
+"""A class is **rare** when it has fewer than this fraction of the most frequent class's training instances."""
+
+MIN_BASELINE_AP = 0.25
+"""Below this baseline AP a suite's detector has not learnt enough for its verdicts to speak to convergence."""
+
+VERDICTS = ("better", "worse", "no measurable difference", "needs seeds")
+
+# t_{0.975, df} for df = 1..30 (the usual table, 4 decimals; beyond 30 the Cornish-Fisher series below
+# is within 1e-4 of the exact quantile).
+_T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df >= 1`` degrees of freedom (two-sided 95 % intervals)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / df + g2 / df**2 + g3 / df**3
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Arm minus baseline over the seeds both have.
+
+    Attributes:
+        seeds: the paired seeds.
+        diffs: per-seed differences (same order as ``seeds``).
+        mean: mean difference (``nan`` without pairs).
+        low, high: the 95 % t interval (``nan`` with fewer than 2 pairs).
+        verdict: one of ``better``, ``worse``, ``no measurable difference``, ``needs seeds``.
+    """
+
+    seeds: list[int]
+    diffs: list[float]
+    mean: float
+    low: float
+    high: float
+    verdict: str
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+def paired_difference(
+    arm: Mapping[int, float], baseline: Mapping[int, float], *, min_seeds: int = MIN_SEEDS
+) -> PairedDifference:
+    """Mean per-seed difference ``arm - baseline`` with its 95 % t interval and verdict.
+
+    Args:
+        arm: metric per seed of the arm (``nan`` values are left out).
+        baseline: metric per seed of the baseline.
+        min_seeds: pairs needed for a verdict.
+
+    Returns:
+        :class:`PairedDifference`.
+    """
+    seeds = sorted(s for s in arm if s in baseline and not _nan(arm[s]) and not _nan(baseline[s]))
+    diffs = [float(arm[s]) - float(baseline[s]) for s in seeds]
+    n = len(diffs)
+    if n == 0:
+        return PairedDifference([], [], math.nan, math.nan, math.nan, "needs seeds")
+    mean = sum(diffs) / n
+    if n < 2:
+        return PairedDifference(seeds, diffs, mean, math.nan, math.nan, "needs seeds")
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    low, high = mean - half, mean + half
+    if n < min_seeds:
+        verdict = "needs seeds"
+    elif low > 0:
+        verdict = "better"
+    elif high < 0:
+        verdict = "worse"
+    else:
+        verdict = "no measurable difference"
+    return PairedDifference(seeds, diffs, mean, low, high, verdict)
+
+
+def _nan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def rare_classes(class_counts: Mapping[str, int]) -> list[str]:
+    """The classes with fewer than :data:`RARE_FRACTION` of the most frequent class's training instances."""
+    top = max(class_counts.values(), default=0)
+    return [name for name, n in class_counts.items() if top > 0 and n < RARE_FRACTION * top]
+
+
+def metric_by_seed(method: Mapping[str, Any], metric: str) -> dict[int, float]:
+    """``{seed: value}`` of one metric over a method's runs in ``results.json``."""
+    out = {}
+    for run in method["runs"]:
+        v = run["metrics"].get(metric)
+        out[int(run["seed"])] = math.nan if v is None else float(v)
+    return out
+
+
+def suite_differences(suite: Mapping[str, Any], metric: str) -> dict[str, PairedDifference]:
+    """Every non-baseline arm's :class:`PairedDifference` to the suite's baseline, by method key."""
+    methods = {m["key"]: m for m in suite["methods"]}
+    base = metric_by_seed(methods[suite["baseline"]], metric)
+    return {k: paired_difference(metric_by_seed(m, metric), base) for k, m in methods.items() if k != suite["baseline"]}
+
+
+_METRIC_NAMES = {"AP": "AP", "rare_AP": "rare-class AP"}
+
+
+def format_difference(d: PairedDifference, *, scale: float = 100.0) -> str:
+    """``+1.2 [−0.3, +2.7]`` (AP points), or ``+1.2 (1 seed)`` without an interval."""
+    if math.isnan(d.mean):
+        return "–"
+    if math.isnan(d.low):
+        return f"{d.mean * scale:+.1f} ({d.n} seed)"
+    return f"{d.mean * scale:+.1f} [{d.low * scale:+.1f}, {d.high * scale:+.1f}]"
+
+
+def findings(suite: Mapping[str, Any]) -> list[str]:
+    """The findings paragraph(s) of a suite, built from the verdicts of its primary metric.
+
+    Used by ``compare`` and by the report (the one findings function). For the ``classes`` suite the primary
+    metric is rare-class AP and the rare classes are named; for a suite with a clean arm (noise) each arm's
+    drop from the clean arm is given too.
+    """
+    metric = suite.get("primary", "AP")
+    name = _METRIC_NAMES.get(metric, metric)
+    labels = {m["key"]: m["label"] for m in suite["methods"]}
+    base = labels[suite["baseline"]]
+    diffs = suite_differences(suite, metric)
+    clean = suite.get("clean")
+    lines: list[str] = []
+    seeds = max((d.n for d in diffs.values()), default=0)
+    if metric == "rare_AP":
+        rare = suite.get("rare_classes") or []
+        lines.append(
+            f"Rare classes (fewer than {RARE_FRACTION:.0%} of the most frequent class's training instances): "
+            + (", ".join(rare) if rare else "none, so rare-class AP is undefined")
+            + "."
+        )
+    by_verdict: dict[str, list[str]] = {v: [] for v in VERDICTS}
+    for key, d in diffs.items():
+        if key == clean:
+            continue
+        by_verdict[d.verdict].append(f"{labels[key]} ({format_difference(d)})")
+    if by_verdict["better"]:
+        lines.append(f"Better {name} than {base}: " + "; ".join(by_verdict["better"]) + ".")
+    if by_verdict["worse"]:
+        lines.append(f"Worse {name} than {base}: " + "; ".join(by_verdict["worse"]) + ".")
+    if by_verdict["no measurable difference"]:
+        lines.append(f"No measurable difference in {name} from {base}: " + "; ".join(by_verdict["no measurable difference"]) + ".")
+    if by_verdict["needs seeds"]:
+        lines.append(
+            f"Difference in {name} from {base}: " + "; ".join(by_verdict["needs seeds"])
+            + f". With {seeds} seed{'s' if seeds != 1 else ''} there is no verdict: it needs at least {MIN_SEEDS} "
+            f"seeds (`--seeds {MIN_SEEDS}`) for a 95 % interval."
+        )
+    if clean is not None and clean in labels:
+        clean_vals = metric_by_seed(next(m for m in suite["methods"] if m["key"] == clean), metric)
+        drops = []
+        for m in suite["methods"]:
+            if m["key"] == clean:
+                continue
+            d = paired_difference(metric_by_seed(m, metric), clean_vals)
+            drops.append(f"{m['label']} {format_difference(d)} ({d.verdict})")
+        lines.append(f"Against {labels[clean]} (what the noise costs, {name}): " + "; ".join(drops) + ".")
+    base_ap = [v for v in metric_by_seed(next(m for m in suite["methods"] if m["key"] == suite["baseline"]), "AP").values()
+               if not math.isnan(v)]
+    if base_ap and sum(base_ap) / len(base_ap) < MIN_BASELINE_AP:
+        lines.append(
+            f"{base} reaches only {100 * sum(base_ap) / len(base_ap):.1f} AP (< {100 * MIN_BASELINE_AP:.0f}): at this "
+            "budget the detector has not learnt enough, so the suite cannot decide whether a remedy helps at "
+            "convergence (try `--budget full`)."
+        )
+    lines.append(
+        f"Intervals are 95 % Student-t intervals of the per-seed difference to {base} (AP points; arms share "
+        "initial weights per seed)."
+    )
+    return ["**Findings.** " + " ".join(lines)]
+
+
+def differences_table(suite: Mapping[str, Any], metrics: Sequence[str] = ("AP", "rare_AP")) -> dict[str, dict[str, PairedDifference]]:
+    """``{metric: {method key: PairedDifference}}`` for the report's table."""
+    return {metric: suite_differences(suite, metric) for metric in metrics}

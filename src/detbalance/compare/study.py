@@ -1,0 +1,126 @@
+"""The committed study: every suite at its plateau budget with 3 seeds, set against the papers' claims.
+
+One command writes it (resumable: rerun it after an interruption)::
+
+    detbalance compare --suite all --seeds 3 --budget full --study --output docs/study
+
+:func:`write_study_readme` writes ``README.md`` there: the command, the wall time, and the table
+"paper's claim | our result | agrees?" built from the paired verdicts in ``results.json``. Where a row
+disagrees, the lead writes the evidence for why under the table (never an untested guess).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detbalance.compare.stats import format_difference, metric_by_seed, paired_difference
+
+__all__ = ["CLAIMS", "Claim", "claim_rows", "write_study_readme"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim as a paired comparison: ``arm`` vs ``reference`` in ``suite`` on ``metric``.
+
+    ``expected`` is the verdict the paper's claim predicts (``better`` or ``no measurable difference``).
+    """
+
+    claim: str
+    source: str
+    suite: str
+    arm: str
+    reference: str
+    metric: str = "AP"
+    expected: str = "better"
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("FL above CE with prior initialisation (34.0 vs 30.2 AP)", "Lin et al. 2017, table 1", "losses", "focal", "ce"),
+    Claim("FL above the best alpha-balanced CE (alpha = 0.75)", "Lin et al. 2017, table 1a/1b", "losses", "focal", "alpha_ce"),
+    Claim("GHM-C above FL", "Li et al. 2019 (GHM), classification-loss comparison", "losses", "ghm_c", "focal"),
+    Claim("GHM-R added to GHM-C improves AP", "Li et al. 2019 (GHM), GHM-C + GHM-R", "losses", "ghm_c_r", "ghm_c"),
+    Claim("OHEM above fixed 1:3 sampling", "Shrivastava et al. 2016", "samplers", "ohem", "fixed"),
+    Claim("S-OHEM above OHEM", "Li et al. 2017 (S-OHEM)", "samplers", "sohem", "ohem"),
+    Claim("3:1 hard-negative mining above all negatives", "Liu et al. 2016 (SSD), sec. 2.2", "ssd", "mining", "all"),
+    Claim(
+        "softmax focal loss can replace SSD's hard-negative mining",
+        "Lin et al. 2017 (focal loss as the alternative to sampling heuristics)",
+        "ssd",
+        "focal",
+        "mining",
+        expected="no measurable difference",
+    ),
+    Claim("repeat-factor sampling raises rare-class AP", "Gupta et al. 2019 (LVIS), sec. 4", "classes", "repeat", "none", "rare_AP"),
+    Claim("class-frequency weights raise rare-class AP", "Cui et al. 2019 (effective number)", "classes", "weights", "none", "rare_AP"),
+    Claim("GHM-C above FL under 10 % label noise (outliers down-weighted)", "Li et al. 2019 (GHM), sec. 3", "noise", "ghm_c", "focal"),
+)
+"""The rows of the study's table (issue 12, item 5)."""
+
+
+def _agrees(expected: str, verdict: str) -> str:
+    if verdict == "needs seeds":
+        return "undecided (needs 3 seeds)"
+    if verdict == expected:
+        return "yes"
+    if expected == "no measurable difference" and verdict == "better":
+        return "yes (better)"
+    return "no"
+
+
+def claim_rows(results: dict[str, Any]) -> list[list[str]]:
+    """``[claim (source), our result, agrees?]`` for every claim whose suite is in ``results``."""
+    rows = []
+    for c in CLAIMS:
+        suite = results.get("suites", {}).get(c.suite)
+        if suite is None:
+            rows.append([f"{c.claim} ({c.source})", "not run", "–"])
+            continue
+        methods = {m["key"]: m for m in suite["methods"]}
+        if c.arm not in methods or c.reference not in methods:
+            rows.append([f"{c.claim} ({c.source})", "arm missing", "–"])
+            continue
+        d = paired_difference(metric_by_seed(methods[c.arm], c.metric), metric_by_seed(methods[c.reference], c.metric))
+        metric = "rare-class AP" if c.metric == "rare_AP" else "AP"
+        ours = (
+            f"{methods[c.arm]['label']} − {methods[c.reference]['label']}: {format_difference(d)} {metric} "
+            f"({d.verdict}, {d.n} seeds)"
+        )
+        rows.append([f"{c.claim} ({c.source})", ours, _agrees(c.expected, d.verdict)])
+    return rows
+
+
+def write_study_readme(results: dict[str, Any], output: Path) -> Path:
+    """Write ``output/README.md``: the command, the wall time, the claims table, and a link to the report."""
+    setup = results["setup"]
+    rows = claim_rows(results)
+    lines = [
+        "# The study: every suite at its plateau budget, 3 seeds, against the papers",
+        "",
+        "Written by the command below (resumable: rerun it after an interruption; finished runs are reused):",
+        "",
+        "```",
+        setup.get("command", ""),
+        "```",
+        "",
+        f"Wall time: {setup.get('wall time', '–')}. Machine: {setup.get('machine', '–')}; load average "
+        f"{setup.get('load average at start', '–')} at start, {setup.get('load average at end', '–')} at end.",
+        "",
+        "| paper's claim | our result (arm − reference, mean [95 % t-interval]) | agrees? |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+        "Differences are paired per seed (arms share initial weights), in AP points. Where a row says **no**, "
+        "the evidence for why follows below, after the loss and sampler reference checks.",
+        "",
+        "## Where we disagree, and why",
+        "",
+        "TODO(lead): one paragraph per disagreeing row, with the measurement that explains it.",
+        "",
+        "The full report with every table, curve and plot: [report.md](report.md).",
+        "",
+    ]
+    path = Path(output) / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,331 @@
+"""The suites of ``detbalance compare`` and the training recipe they share with ``configs/``.
+
+A suite is a set of arms (methods) compared on one detector. Within a suite every arm trains on the same
+data, from the same initial weights for a given seed (the model is built right after seeding, and the
+remedies add no parameters), for the same number of iterations with the same recipe, and is evaluated with
+the official COCO metric (faster-coco-eval) on the same validation split. Seeds change the initial weights
+and the data order.
+
+The recipe (optimiser, learning rate, warm-up, decay, gradient clipping) is defined once, by
+:func:`recipe`; the shipped ``configs/*.toml`` use the ``sgd`` recipe at their batch size, so training a
+shipped config reproduces its compare arm run with ``--optim sgd`` (``tests/test_compare_recipes.py``
+holds them to it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from detbalance.config import (
+    BootstrapConfig,
+    CEConfig,
+    ClassWeightsConfig,
+    DataConfig,
+    EngineConfig,
+    ExperimentConfig,
+    FixedRatioConfig,
+    FocalConfig,
+    GHMCConfig,
+    GHMRConfig,
+    ModelConfig,
+    OHEMConfig,
+    OptimConfig,
+    RemedyConfig,
+    RepeatFactorConfig,
+    ScheduleConfig,
+    SSDMiningConfig,
+    StratifiedOHEMConfig,
+)
+
+__all__ = [
+    "DEFAULT_ITERS",
+    "MIN_CURVE_POINTS",
+    "SUITES",
+    "Method",
+    "Suite",
+    "recipe",
+    "suite_configs",
+]
+
+Optimizer = Literal["sgd", "adamw"]
+Decay = Literal["cosine", "step"]
+Budget = Literal["short", "full"]
+
+# Iterations per run of the default `detbalance compare` (RetinaNet, 5 losses, batch 16, one seed): sized
+# to finish in about 10 minutes on 2 CPU cores (see README, "What `compare` shows").
+DEFAULT_ITERS = 700
+
+MIN_CURVE_POINTS = 8
+"""Every run is evaluated at least this many times (evenly spaced), so each learning curve has >= 8 points."""
+
+
+def recipe(
+    optim: Optimizer, *, batch_size: int, iters: int, decay: Decay = "cosine"
+) -> tuple[OptimConfig, ScheduleConfig]:
+    """The training recipe shared by every compare suite and the shipped configs.
+
+    * ``sgd``: the papers' recipe (focal paper sec. 5, GHM / mmdetection ``retinanet_r50_fpn_1x``): SGD,
+      momentum 0.9, weight decay 1e-4, lr 0.01 x ``batch_size`` / 16 (linear scaling), gradient clipping at
+      global norm 35 (mmdetection's GHM config).
+    * ``adamw``: AdamW, lr 2e-3 (not scaled with the batch), weight decay 1e-4, clipping at norm 10: trains the
+      small CPU detectors quickly, but a constant scale on a loss term largely cancels under Adam, so remedies
+      that act through loss scale show less of their effect than under SGD.
+
+    Both warm up linearly from 0.001 x lr over ``min(100, iters // 10)`` steps, then decay: ``cosine`` to 0, or
+    ``step`` x 0.1 at 8/12 and 11/12 of the run (mmdetection's 1x schedule).
+
+    Args:
+        optim: ``"sgd"`` or ``"adamw"``.
+        batch_size: images per optimiser step (sets SGD's lr).
+        iters: optimiser steps of the run (sets the warm-up and the step milestones).
+        decay: ``"cosine"`` or ``"step"``.
+
+    Returns:
+        ``(OptimConfig, ScheduleConfig)``.
+    """
+    if optim == "sgd":
+        opt = OptimConfig(name="sgd", lr=0.01 * batch_size / 16, momentum=0.9, weight_decay=1e-4, grad_clip=35.0)
+    elif optim == "adamw":
+        opt = OptimConfig(name="adamw", lr=2e-3, weight_decay=1e-4, grad_clip=10.0)
+    else:
+        raise ValueError(f"--optim must be 'sgd' or 'adamw', got {optim!r}")
+    warmup = min(100, max(1, iters // 10))
+    if decay == "cosine":
+        sched = ScheduleConfig(name="cosine", warmup_iters=warmup)
+    elif decay == "step":
+        milestones = tuple(sorted({max(1, iters * 8 // 12), max(2, iters * 11 // 12)}))
+        sched = ScheduleConfig(name="step", warmup_iters=warmup, milestones=milestones, gamma=0.1)
+    else:
+        raise ValueError(f"--decay must be 'cosine' or 'step', got {decay!r}")
+    return opt, sched
+
+
+@dataclass(frozen=True)
+class Method:
+    """One arm of a suite: a key, a label for tables, the remedy it trains with.
+
+    ``train_preset`` trains this arm on another built-in preset than the suite's (the noise suite's clean
+    arm); it is evaluated on the suite's validation split like every other arm.
+    """
+
+    key: str
+    label: str
+    remedy: RemedyConfig
+    description: str = ""
+    train_preset: str | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A set of methods compared on one detector; ``baseline`` is the arm every other is paired against.
+
+    Attributes:
+        primary: the metric the suite's findings speak to (``"AP"``, or ``"rare_AP"`` for ``classes``).
+        optim: the default optimiser of the suite's recipe (``--optim`` overrides it).
+        optim_evidence: why that default (the learning-curve study's evidence, filled in by the study).
+        budgets: iterations per run for ``--budget short`` and ``--budget full`` (the plateau).
+        builtin_only: the suite needs the built-in benchmark (it controls the label noise), so it does not
+            run on a user's ``--data``.
+        clean: an arm trained on clean data, the reference for robustness (noise suite).
+    """
+
+    title: str
+    arch: str
+    preset: str
+    baseline: str
+    methods: tuple[Method, ...]
+    description: str = ""
+    primary: str = "AP"
+    optim: Optimizer = "adamw"
+    optim_evidence: str = "TODO(lead): learning-curve study, SGD vs AdamW, not yet run."
+    budgets: dict[str, int] = field(default_factory=lambda: {"short": DEFAULT_ITERS, "full": 3000})
+    builtin_only: bool = False
+    clean: str | None = None
+
+
+# RoIs back-propagated per image in the samplers suite: the OHEM paper's B = 128 over N = 2 images. (At
+# torchvision's 512 per image, RoIAlign's single-threaded CPU backward takes over half of a training step.)
+_ROIS = 64
+
+# The GHM authors' loss weights: GHM-C 1, GHM-R 10 (mmdetection configs/ghm); GHMRConfig defaults to 10.
+SUITES: dict[str, Suite] = {
+    "losses": Suite(
+        title="RetinaNet: loss re-weighting",
+        arch="retinanet",
+        preset="default",
+        baseline="ce",
+        description=(
+            "Dense one-stage detector, every anchor counts. CE uses the focal paper's prior initialisation "
+            "(pi = 0.01) so that it trains at all; alpha-CE uses alpha = 0.75 (focal paper, table 1a); focal "
+            "gamma = 2, alpha = 0.25; GHM-C M = 30 bins, momentum 0.75; GHM-R mu = 0.02, M = 10, weight 10."
+        ),
+        methods=(
+            Method("ce", "CE", RemedyConfig(cls_loss=CEConfig())),
+            Method("alpha_ce", "alpha-CE (0.75)", RemedyConfig(cls_loss=CEConfig(alpha=0.75))),
+            Method("focal", "focal (2, 0.25)", RemedyConfig(cls_loss=FocalConfig(alpha=0.25, gamma=2.0))),
+            Method("ghm_c", "GHM-C", RemedyConfig(cls_loss=GHMCConfig())),
+            Method("ghm_c_r", "GHM-C + GHM-R", RemedyConfig(cls_loss=GHMCConfig(), box_loss=GHMRConfig())),
+        ),
+    ),
+    "samplers": Suite(
+        title="Faster R-CNN: RoI selection",
+        arch="faster_rcnn",
+        preset="default",
+        baseline="fixed",
+        description=(
+            "Two-stage detector. Every method back-propagates 64 RoIs per image, the OHEM paper's budget "
+            "(B = 128 RoIs over N = 2 images): 64 sampled at 1:3 (fixed ratio, as Fast R-CNN), the 64 "
+            "hardest by cls + loc loss after NMS at 0.7 over all ~1000 proposals (OHEM), 64 drawn from 4 "
+            "loss strata (S-OHEM), or fixed ratio with one round of offline bootstrapping (half the budget, "
+            "then mine confident false positives on the training set and continue with them as extra "
+            "background RoIs)."
+        ),
+        methods=(
+            Method("fixed", "fixed 1:3", RemedyConfig(roi_sampler=FixedRatioConfig(num_samples=_ROIS))),
+            Method("ohem", "OHEM", RemedyConfig(roi_sampler=OHEMConfig(num_samples=_ROIS))),
+            Method("sohem", "S-OHEM", RemedyConfig(roi_sampler=StratifiedOHEMConfig(num_samples=_ROIS))),
+            Method(
+                "bootstrap",
+                "fixed 1:3 + bootstrapping",
+                RemedyConfig(roi_sampler=FixedRatioConfig(num_samples=_ROIS), bootstrap=BootstrapConfig(rounds=1)),
+            ),
+        ),
+    ),
+    "ssd": Suite(
+        title="SSD: negatives",
+        arch="ssd",
+        preset="default",
+        baseline="mining",
+        description="SSD with 3:1 hard negative mining, with every negative (no mining), and softmax focal loss over all anchors.",
+        methods=(
+            Method("mining", "3:1 hard negatives", RemedyConfig(ssd_mining=SSDMiningConfig(negative_ratio=3.0))),
+            Method("all", "all negatives (CE)", RemedyConfig(ssd_mining=SSDMiningConfig(negative_ratio=None))),
+            Method(
+                "focal",
+                "softmax focal",
+                RemedyConfig(cls_loss=FocalConfig(alpha=0.25, gamma=2.0), ssd_mining=SSDMiningConfig(negative_ratio=None)),
+            ),
+        ),
+    ),
+    "classes": Suite(
+        title="Long-tailed classes",
+        arch="retinanet",
+        preset="default",
+        baseline="none",
+        primary="rare_AP",
+        description=(
+            "RetinaNet with focal loss on the long-tailed training split (100:1), balanced test split. "
+            "Class-frequency weights: effective number (beta 0.999) on the classification loss; repeat-factor "
+            "sampling r(c) = max(1, sqrt(t / f(c))) with t = 0.3, so the rarer classes' images repeat. "
+            "The findings speak to rare-class AP."
+        ),
+        methods=(
+            Method("none", "no remedy", RemedyConfig(cls_loss=FocalConfig())),
+            Method(
+                "weights",
+                "class weights",
+                RemedyConfig(cls_loss=FocalConfig(), class_weights=ClassWeightsConfig(method="effective_number")),
+            ),
+            Method("repeat", "repeat factor", RemedyConfig(cls_loss=FocalConfig(), repeat_factor=RepeatFactorConfig(threshold=0.3))),
+            Method(
+                "both",
+                "weights + repeat factor",
+                RemedyConfig(
+                    cls_loss=FocalConfig(),
+                    class_weights=ClassWeightsConfig(method="effective_number"),
+                    repeat_factor=RepeatFactorConfig(threshold=0.3),
+                ),
+            ),
+        ),
+    ),
+    "noise": Suite(
+        title="Label noise (outliers)",
+        arch="retinanet",
+        preset="noisy",
+        baseline="focal",
+        clean="focal_clean",
+        builtin_only=True,
+        description=(
+            "Trained on the `noisy` preset: balanced classes (so the noise singles out no class), 10 % of "
+            "training labels flipped uniformly to another class and 10 % of boxes jittered; the validation "
+            "split is clean. These are the outliers GHM-C claims to down-weight. The clean arm trains focal "
+            "loss on the same images with their clean annotations (`balanced` preset): the drop from it is "
+            "what the noise costs. The gradient-norm density is probed on the noisy training images."
+        ),
+        methods=(
+            Method("focal", "focal (2, 0.25)", RemedyConfig(cls_loss=FocalConfig())),
+            Method("ghm_c", "GHM-C", RemedyConfig(cls_loss=GHMCConfig())),
+            Method("focal_clean", "focal, clean labels", RemedyConfig(cls_loss=FocalConfig()), train_preset="balanced"),
+        ),
+    ),
+}
+
+
+def suite_configs(
+    name: str,
+    *,
+    preset: str | None = None,
+    iters: int,
+    seed: int,
+    batch_size: int = 16,
+    device: str = "auto",
+    optim: Optimizer | None = None,
+    decay: Decay = "cosine",
+    data: str | None = None,
+    val: str | None = None,
+    data_seed: int = 0,
+) -> list[tuple[Method, ExperimentConfig]]:
+    """The experiment of every arm of suite ``name`` for one seed (identical apart from the remedy).
+
+    Args:
+        name: a key of :data:`SUITES`.
+        preset: built-in benchmark preset (``None``: the suite's own).
+        iters: optimiser steps per run.
+        seed: the run seed (initial weights, data order).
+        batch_size: images per step.
+        device: ``auto`` | ``cpu`` | ``cuda[:N]``.
+        optim: ``sgd`` | ``adamw`` (``None``: the suite's default).
+        decay: ``cosine`` | ``step``.
+        data: a COCO json or folder to train on instead of the built-in benchmark (needs ``val``).
+        val: the validation COCO json or folder (with ``data``).
+        data_seed: the built-in benchmark's generation seed.
+
+    Returns:
+        ``[(method, config), ...]`` in the suite's order.
+    """
+    suite = SUITES[name]
+    if (data is None) != (val is None):
+        raise ValueError("--data and --val go together: a validation set is required, never the training images")
+    opt, sched = recipe(optim or suite.optim, batch_size=batch_size, iters=iters, decay=decay)
+    data_preset = preset if preset is not None else suite.preset
+    if data is not None:
+        data_cfg = DataConfig(train=str(data), val=str(val))
+    else:
+        data_cfg = DataConfig(train=f"builtin:{data_preset}", val=f"builtin:{data_preset}", seed=data_seed)
+    interval = max(1, iters // MIN_CURVE_POINTS)
+    base = ExperimentConfig(
+        data=data_cfg,
+        model=ModelConfig(arch=suite.arch),
+        optim=opt,
+        schedule=sched,
+        engine=EngineConfig(
+            iterations=iters,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            log_interval=max(1, min(25, iters // 20)),
+            eval_interval=interval,  # >= 8 evenly spaced evaluations: the learning curve
+            checkpoint_interval=interval,  # so that an interrupted run resumes near where it stopped
+            record=False,
+        ),
+    )
+    out = []
+    for m in suite.methods:
+        cfg = replace(base, remedy=m.remedy)
+        if m.train_preset is not None:
+            if data is not None or preset is not None:
+                continue  # a clean arm exists only for the suite's own built-in preset
+            cfg = replace(cfg, data=replace(cfg.data, train=f"builtin:{m.train_preset}"))
+        out.append((m, cfg))
+    return out

@@ -1,0 +1,110 @@
+"""Paired statistics of compare: hand-computed t-intervals, verdicts, findings built from them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from detbalance.compare.stats import MIN_SEEDS, findings, paired_difference, rare_classes, t_quantile_975
+
+
+def test_paired_interval_by_hand():
+    # arm - baseline per seed: 0.01, 0.03, 0.02 -> mean 0.02, sd 0.01, t_{0.975, 2} = 4.3027
+    # half width = 4.3027 * 0.01 / sqrt(3) = 0.024841
+    d = paired_difference({0: 0.31, 1: 0.33, 2: 0.32}, {0: 0.30, 1: 0.30, 2: 0.30})
+    assert d.seeds == [0, 1, 2] and d.diffs == pytest.approx([0.01, 0.03, 0.02])
+    assert d.mean == pytest.approx(0.02)
+    assert (d.low, d.high) == (pytest.approx(0.02 - 0.0248414, abs=1e-6), pytest.approx(0.02 + 0.0248414, abs=1e-6))
+    assert d.verdict == "no measurable difference"
+    better = paired_difference({0: 0.35, 1: 0.36, 2: 0.37}, {0: 0.30, 1: 0.30, 2: 0.30})
+    assert better.low == pytest.approx(0.06 - 0.0248414, abs=1e-6) and better.verdict == "better"
+    worse = paired_difference({0: 0.30, 1: 0.30, 2: 0.30}, {0: 0.35, 1: 0.36, 2: 0.37})
+    assert worse.high == pytest.approx(-0.06 + 0.0248414, abs=1e-6) and worse.verdict == "worse"
+
+
+def test_pairing_removes_the_seed_effect():
+    # a large seed effect shared by both arms: unpaired spreads overlap, the paired difference is exact
+    base = {0: 0.10, 1: 0.30, 2: 0.50}
+    arm = {s: v + 0.01 for s, v in base.items()}
+    d = paired_difference(arm, base)
+    assert d.mean == pytest.approx(0.01) and d.high - d.low == pytest.approx(0.0, abs=1e-9)
+    assert d.verdict == "better"
+
+
+def test_too_few_seeds_give_no_verdict():
+    one = paired_difference({0: 0.4}, {0: 0.3})
+    assert one.mean == pytest.approx(0.1) and math.isnan(one.low) and one.verdict == "needs seeds"
+    two = paired_difference({0: 0.4, 1: 0.5}, {0: 0.3, 1: 0.3})
+    assert not math.isnan(two.low) and two.verdict == "needs seeds" and MIN_SEEDS == 3
+    # unpaired seeds and nan values are left out
+    d = paired_difference({0: 0.4, 1: math.nan, 5: 0.1}, {0: 0.3, 1: 0.3, 2: 0.3})
+    assert d.seeds == [0]
+
+
+def test_t_quantiles():
+    assert t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile_975(2) == pytest.approx(4.3027, abs=1e-4)
+    # beyond the table: Cornish-Fisher, against the textbook values
+    for df, t in ((40, 2.0211), (60, 2.0003), (120, 1.9799)):
+        assert t_quantile_975(df) == pytest.approx(t, abs=1e-4)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 5, 9, 29, 30, 31, 50, 200):
+        assert t_quantile_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-4)
+    with pytest.raises(ValueError, match="df"):
+        t_quantile_975(0)
+
+
+def _suite(base, arms, *, primary="AP", rare=None):
+    def runs(values):
+        return [{"seed": s, "metrics": {"AP": v, "rare_AP": v / 2}} for s, v in enumerate(values)]
+
+    methods = [{"key": "base", "label": "Base", "runs": runs(base)}]
+    methods += [{"key": k, "label": k.upper(), "runs": runs(v)} for k, v in arms.items()]
+    return {"baseline": "base", "primary": primary, "rare_classes": rare or [], "methods": methods}
+
+
+def test_findings_are_built_from_verdicts():
+    text = findings(_suite([0.30, 0.30, 0.30], {"a": [0.35, 0.36, 0.37], "b": [0.31, 0.33, 0.32]}))[0]
+    assert text.startswith("**Findings.** ")
+    assert "Better AP than Base: A (+6.0 [+3.5, +8.5])" in text
+    assert "No measurable difference in AP from Base: B (+2.0 [-0.5, +4.5])" in text
+    assert "cannot decide" not in text
+    low = findings(_suite([0.10, 0.11, 0.12], {"a": [0.15, 0.16, 0.17]}))[0]
+    assert "Base reaches only 11.0 AP (< 25)" in low and "cannot decide" in low
+
+
+def test_findings_with_one_seed_say_the_verdict_needs_seeds():
+    text = findings(_suite([0.30], {"a": [0.40]}))[0]
+    assert "With 1 seed there is no verdict" in text and "--seeds 3" in text and "Better" not in text
+
+
+def test_classes_findings_speak_to_rare_class_ap():
+    text = findings(_suite([0.30, 0.30, 0.30], {"a": [0.35, 0.36, 0.37]}, primary="rare_AP", rare=["3", "4"]))[0]
+    assert "Rare classes (fewer than 10% of the most frequent class's training instances): 3, 4." in text
+    assert "Better rare-class AP than Base: A (+3.0" in text
+
+
+def test_rare_is_below_a_tenth_of_the_most_frequent():
+    assert rare_classes({"0": 1000, "1": 120, "2": 99, "3": 5}) == ["2", "3"]
+    assert rare_classes({}) == []
+
+
+def test_study_table_rows_come_from_the_paired_verdicts(tmp_path):
+    from detbalance.compare.study import CLAIMS, claim_rows, write_study_readme
+
+    def method(key, values):
+        return {"key": key, "label": key, "runs": [{"seed": s, "metrics": {"AP": v}} for s, v in enumerate(values)]}
+
+    losses = {"methods": [method("ce", [0.30, 0.31, 0.32]), method("alpha_ce", [0.40, 0.40, 0.41]),
+                          method("focal", [0.35, 0.36, 0.37]), method("ghm_c", [0.2, 0.2, 0.21]),
+                          method("ghm_c_r", [0.2, 0.21, 0.2])]}
+    rows = claim_rows({"suites": {"losses": losses}})
+    assert len(rows) == len(CLAIMS)
+    assert rows[0][1].startswith("focal − ce: +5.0 [+5.0, +5.0] AP (better, 3 seeds)") and rows[0][2] == "yes"
+    assert rows[1][2] == "no" and "worse" in rows[1][1]  # focal below alpha-CE here
+    assert rows[4][1:] == ["not run", "–"]
+    readme = write_study_readme({"setup": {"command": "detbalance compare --study"}, "suites": {"losses": losses}},
+                                tmp_path)
+    text = readme.read_text()
+    assert "| paper's claim | our result" in text and "detbalance compare --study" in text
