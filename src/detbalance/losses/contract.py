@@ -13,6 +13,7 @@ Every loss the adapters accept is a :class:`DetectionLoss`. Its class (or instan
 * ``decoded_boxes``: a box loss on decoded ``(x1, y1, x2, y2)`` boxes (GIoU) instead of encoded deltas.
 * ``per_level``: a self-normalising loss that the RetinaNet adapter calls once per FPN level (level losses
   summed, as mmdetection's ``AnchorHead.loss_by_feat`` does) instead of once for all levels.
+* ``reference_weight``: the loss weight its authors use when the adapter is given none (GHM-R: 10).
 * ``last_density``: the gradient-density histogram of the latest call (GHM), else ``None``, for recorders.
 
 Classification losses accept ``weight=`` (per element or per row) for per-sample class weights. A plain
@@ -44,6 +45,8 @@ class DetectionLoss(nn.Module):
         self_normalizing: Whether ``forward`` returns the normalised scalar (and takes ``valid=``).
         decoded_boxes: Box loss on decoded boxes rather than encoded deltas.
         per_level: Called once per FPN level by the RetinaNet adapter (self-normalising losses only).
+        reference_weight: Loss weight used by an adapter that is given none.
+        reduction: ``"none"`` for a per-element loss (what the adapters need unless ``self_normalizing``).
         last_density: GHM's density of the latest call, else ``None``.
     """
 
@@ -51,6 +54,8 @@ class DetectionLoss(nn.Module):
     self_normalizing: bool = False
     decoded_boxes: bool = False
     per_level: bool = False
+    reference_weight: float = 1.0
+    reduction: str = "none"
     last_density: Tensor | None = None
 
 
@@ -115,7 +120,8 @@ class ScaledLoss(DetectionLoss):
     """``scale * loss(...)``: the one place where a loss weight is applied (builders wrap every loss with it).
 
     Linear, so it commutes with the adapters' normalisation and with the per-level sum. The contract
-    (``kind``, ``self_normalizing``, ``decoded_boxes``, ``per_level``, ``last_density``) is the wrapped loss's.
+    (``kind``, ``self_normalizing``, ``decoded_boxes``, ``per_level``, ``last_density``) is the wrapped loss's;
+    ``reference_weight`` is 1 (the weight is already applied).
 
     Args:
         loss: A :class:`DetectionLoss`.
@@ -133,6 +139,7 @@ class ScaledLoss(DetectionLoss):
         self.self_normalizing = loss.self_normalizing
         self.decoded_boxes = loss.decoded_boxes
         self.per_level = loss.per_level
+        self.reduction = loss.reduction
 
     @property
     def last_density(self) -> Tensor | None:  # type: ignore[override]
@@ -162,7 +169,10 @@ def check_slot(loss: object, *, slot: str, kind: LossKind) -> DetectionLoss:
             f"declare_loss(fn, kind={kind!r}) for your own callable), got {name}"
         )
     if loss.kind != kind:
+        raise ValueError(f"{slot} needs a {kind} loss, got {type(loss).__name__} (kind {loss.kind!r})")
+    if not loss.self_normalizing and loss.reduction != "none":
         raise ValueError(
-            f"{slot} needs a {kind} loss, got {type(loss).__name__} (kind {loss.kind!r})"
+            f"{slot}={type(loss).__name__} has reduction={loss.reduction!r}; a loss that is not self-normalising "
+            "must return per-element losses (reduction='none')"
         )
     return loss

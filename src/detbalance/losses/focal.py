@@ -412,7 +412,8 @@ class SigmoidFocalLoss(DetectionLoss):
     ``reduction='none'``; the detector adapter sums them per image and divides by the positive count.
     """
 
-    self_normalizing: bool = False
+    kind = "sigmoid"
+    self_normalizing = False
 
     def __init__(
         self, *, alpha: float | None = 0.25, gamma: float = 2.0, reduction: Reduction = "none"

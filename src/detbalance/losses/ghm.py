@@ -49,8 +49,8 @@ from detbalance.losses._reduction import (
     check_positive,
     check_reduction,
     check_same_shape,
-    compute_dtype,
     check_targets_in_unit_interval,
+    compute_dtype,
     elementwise_mask,
     should_validate,
 )
@@ -624,6 +624,7 @@ class GHMRLoss(_GHMBase):
     )
 
     kind = "box"
+    reference_weight = 10.0
 
     def __init__(
         self,

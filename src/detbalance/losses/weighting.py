@@ -128,6 +128,7 @@ class ClassWeightedLoss(DetectionLoss):
         self.kind = loss.kind
         self.self_normalizing = loss.self_normalizing
         self.per_level = loss.per_level
+        self.reduction = loss.reduction
         self.background_weight = float(background_weight)
         self.register_buffer("class_weight", class_weight.detach().to(torch.float32).clone())
 
