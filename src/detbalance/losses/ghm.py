@@ -43,7 +43,6 @@ from torch.autograd.function import once_differentiable
 
 from detbalance.losses._reduction import (
     check_bins,
-    check_finite,
     check_floating,
     check_momentum,
     check_positive,
@@ -254,9 +253,16 @@ def _ghm_c_prepare(
     valid = elementwise_mask("valid", valid, logits)
     weight = elementwise_mask("weight", weight, logits)
     if validate:
-        check_finite("logits", logits)
+        # NaN logits are caught from the histogram's NaN count and +-inf from the loss (no extra pass here)
         check_targets_in_unit_interval("targets", targets)
     return (None if valid is None else valid.bool()), weight
+
+
+def _check_loss_finite(loss: Tensor, name: str, validate: bool) -> Tensor:
+    """With ``validate``, raise if the loss is not finite (which a finite input never gives). One host sync."""
+    if validate and not bool(torch.isfinite(loss).all()):
+        raise ValueError(f"{name} must be finite, got NaN/inf input (the loss is {loss.sum().item()})")
+    return loss
 
 
 def _ghm_c_apply(
@@ -336,29 +342,56 @@ def ghm_c_loss(
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     with torch.no_grad():
         idx, counts, diff = _ghm_c_histogram(logits, targets, valid, bins, need_grad)
-    hist = counts[:bins]
-    return _ghm_c_apply(logits, targets, idx, diff, hist, density, weight, bins, normalization, reduction)
+    hist = _split_nan(counts, bins, "logits", validate)
+    loss = _ghm_c_apply(logits, targets, idx, diff, hist, density, weight, bins, normalization, reduction)
+    return _check_loss_finite(loss, "logits", validate)
 
 
 def _ghm_r_histogram(
     pred: Tensor, target: Tensor, valid: Tensor | None, mu: float, bins: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``d = pred - target`` (compute dtype), the region index of ``g = |d| / sqrt(d^2 + mu^2)``, and the counts."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """No-grad sweep: ``d = pred - target``, ``d^2``, ``s = sqrt(d^2 + mu^2)`` (compute dtype), regions, counts."""
     dtype = compute_dtype(pred, target)
-    with torch.autocast(pred.device.type, enabled=False):
-        d = pred.to(dtype) - target.to(dtype)
-        with torch.no_grad():
-            dd = d.detach()
-            g = dd.abs().div_(torch.sqrt(dd * dd + mu * mu))
-            idx = torch.empty(g.shape, dtype=torch.int32, device=g.device)
-            v = None if valid is None else valid.bool().expand(pred.shape)
-            _bin_index_(g, bins, idx, None if v is None else ~v)
-            counts = _fold_counts(idx, bins)
-    return d, idx, counts
+    with torch.no_grad(), torch.autocast(pred.device.type, enabled=False):
+        d = torch.sub(pred.detach().to(dtype), target.detach().to(dtype))
+        dd = torch.mul(d, d)
+        s = torch.add(dd, mu * mu).sqrt_()
+        g = torch.abs(d).div_(s)
+        idx = torch.empty(g.shape, dtype=torch.int32, device=g.device)
+        v = None if valid is None else valid.bool().expand(pred.shape)
+        _bin_index_(g, bins, idx, None if v is None else ~v)
+        counts = _fold_counts(idx, bins)
+    return d, dd, s, idx, counts
+
+
+class _GHMRFunction(torch.autograd.Function):
+    """ASL1 weighted by the region table; the gradient ``w d / s`` is computed in the forward sweep (float32)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, pred: Tensor, d: Tensor, dd: Tensor, s: Tensor, w: Tensor, mu: float, reduction: str
+    ) -> Tensor:
+        # ASL1 = s - mu = d^2 / (s + mu) (no cancellation for |d| << mu), in place on d^2
+        loss = dd.div_(torch.add(s, mu))
+        out = torch.mul(loss, w) if reduction == "none" else torch.dot(loss.reshape(-1), w.reshape(-1))
+        if ctx.needs_input_grad[0]:
+            ctx.grad = d.div_(s).mul_(w)  # w d / s, in place on d
+        ctx.in_dtype = pred.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        grad = (ctx.grad * grad_output.to(ctx.grad.dtype)).to(ctx.in_dtype)
+        return grad, None, None, None, None, None, None
 
 
 def _ghm_r_apply(
+    pred: Tensor,
+    target: Tensor,
     d: Tensor,
+    dd: Tensor,
+    s: Tensor,
     idx: Tensor,
     hist: Tensor,
     density: Tensor | None,
@@ -368,12 +401,15 @@ def _ghm_r_apply(
     reduction: str,
     nonempty_hist: Tensor | None = None,
 ) -> Tensor:
-    with torch.autocast(d.device.type, enabled=False):
-        with torch.no_grad():
-            table, _ = _weight_table(hist, density, bins, normalization, reduction, nonempty_hist)
-            w = table.to(d.dtype)[idx]
-        loss = _asl1(d, mu) * w
-    return loss if reduction == "none" else loss.sum()
+    with torch.no_grad():
+        table, _ = _weight_table(hist, density, bins, normalization, reduction, nonempty_hist)
+        w = torch.index_select(table.to(d.dtype), 0, idx.reshape(-1)).view(idx.shape)
+    if target.requires_grad:  # rare: plain autograd so that target gets its gradient too
+        with torch.autocast(pred.device.type, enabled=False):
+            diff = pred.to(d.dtype) - target.to(d.dtype)
+            loss = _asl1(diff, mu) * w
+        return loss if reduction == "none" else loss.sum()
+    return _GHMRFunction.apply(pred, d, dd, s, w, mu, reduction)
 
 
 def _check_ghm_r(pred: Tensor, target: Tensor, mu: float, bins: int, normalization: str, reduction: str) -> None:
@@ -423,9 +459,9 @@ def ghm_r_loss(
     _check_ghm_r(pred, target, mu, bins, normalization, reduction)
     _check_density(density, bins)
     valid = elementwise_mask("valid", valid, pred)
-    d, idx, counts = _ghm_r_histogram(pred, target, valid, float(mu), bins)
+    d, dd, s, idx, counts = _ghm_r_histogram(pred, target, valid, float(mu), bins)
     hist = _split_nan(counts, bins, "pred", should_validate(validate_args, pred))
-    return _ghm_r_apply(d, idx, hist, density, float(mu), bins, normalization, reduction)
+    return _ghm_r_apply(pred, target, d, dd, s, idx, hist, density, float(mu), bins, normalization, reduction)
 
 
 def _all_reduce_mean_(hist: Tensor) -> Tensor:
@@ -595,11 +631,12 @@ class GHMCLoss(_GHMBase):
         need_grad = pred.requires_grad and torch.is_grad_enabled()
         with torch.no_grad():
             idx, counts, diff = _ghm_c_histogram(pred, target, valid, self.bins, need_grad)
-        hist = counts[: self.bins]
+        hist = _split_nan(counts, self.bins, "logits", validate)
         density, reduced = self._density(hist)
-        return _ghm_c_apply(
+        loss = _ghm_c_apply(
             pred, target, idx, diff, hist, density, weight, self.bins, self.normalization, "mean", reduced
         )
+        return _check_loss_finite(loss, "logits", validate)
 
 
 class GHMRLoss(_GHMBase):
@@ -653,10 +690,12 @@ class GHMRLoss(_GHMBase):
     def forward(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
         _check_ghm_r(pred, target, self.mu, self.bins, self.normalization, "mean")
         v = elementwise_mask("valid", valid, pred)
-        d, idx, counts = _ghm_r_histogram(pred, target, v, self.mu, self.bins)
+        d, dd, s, idx, counts = _ghm_r_histogram(pred, target, v, self.mu, self.bins)
         hist = _split_nan(counts, self.bins, "pred", should_validate(self.validate_args, pred))
         density, reduced = self._density(hist)
-        return _ghm_r_apply(d, idx, hist, density, self.mu, self.bins, self.normalization, "mean", reduced)
+        return _ghm_r_apply(
+            pred, target, d, dd, s, idx, hist, density, self.mu, self.bins, self.normalization, "mean", reduced
+        )
 
     def extra_repr(self) -> str:
         return f"mu={self.mu}, " + super().extra_repr()
