@@ -41,7 +41,8 @@ class DetectionLoss(nn.Module):
     """Base class of every loss an adapter accepts; subclasses set the class attributes below.
 
     Attributes:
-        kind: ``"sigmoid"``, ``"softmax"`` or ``"box"`` (the slot it fills).
+        kind: ``"sigmoid"``, ``"softmax"`` or ``"box"`` (the slot it fills); a subclass that declares none
+            fits no slot.
         self_normalizing: Whether ``forward`` returns the normalised scalar (and takes ``valid=``).
         decoded_boxes: Box loss on decoded boxes rather than encoded deltas.
         per_level: Called once per FPN level by the RetinaNet adapter (self-normalising losses only).
@@ -50,7 +51,7 @@ class DetectionLoss(nn.Module):
         last_density: GHM's density of the latest call, else ``None``.
     """
 
-    kind: LossKind = "box"
+    kind: LossKind | None = None  # a subclass must declare it
     self_normalizing: bool = False
     decoded_boxes: bool = False
     per_level: bool = False
