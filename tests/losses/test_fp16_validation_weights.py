@@ -233,3 +233,25 @@ def test_per_batch_positives_are_all_reduced_before_clamping(monkeypatch):
     # single process over both ranks' images (this rank: loss 8, the other: 0): 8 / max(1, 1) = 8;
     # DDP averages the two ranks' gradients, so this rank must return 2 * 8 / 1 = 16
     assert float(out) == 16.0
+
+
+def test_ssd_class_weights_per_box_turn_the_trunk_and_keep_the_mining():
+    """SSD (softmax): each default box weighted by its class, background by background_weight."""
+    from detbalance.detectors import balance_ssd
+
+    torch.manual_seed(0)
+    base = build_detector("ssd", num_classes=3, image_size=SIZE)
+    images, targets = make_batch()
+    plain = balance_ssd(copy.deepcopy(base), cls_loss=SoftmaxFocalLoss(gamma=0.0))
+    weighted = balance_ssd(
+        copy.deepcopy(base),
+        cls_loss=ClassWeightedLoss(SoftmaxFocalLoss(gamma=0.0), torch.tensor([1.0, 10.0, 1.0]), background_weight=0.5),
+    )
+    g0, g1 = _trunk_gradient(plain, images, targets), _trunk_gradient(weighted, images, targets)
+    assert float(torch.nn.functional.cosine_similarity(g0, g1, dim=0)) < 0.95
+    # per-box weights: the selected boxes' losses equal the unweighted ones times w[label]
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([0, 1, 2, 3, -1, 0])
+    got = weighted.cls_loss(logits, labels)
+    expected = SoftmaxFocalLoss(gamma=0.0)(logits, labels) * torch.tensor([0.5, 1.0, 10.0, 1.0, 0.0, 0.5])
+    torch.testing.assert_close(got, expected)
