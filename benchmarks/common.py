@@ -61,6 +61,53 @@ def time_us(
     return {"median_us": m.median * 1e6, "iqr_us": m.iqr * 1e6, "runs": len(m.times) * m.number_per_run}
 
 
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    reps: int = 15,
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    smoke: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Time every function once per repetition, in rotating order, in this process; median and IQR per function.
+
+    Repetition ``r`` runs the functions starting at the ``r mod m``-th, so each method is measured at every
+    position of the cycle, and a change of machine load (other jobs, page faults, frequency) during the run
+    hits all methods alike instead of whichever ran in that window. One call per sample, device synchronised
+    inside the timed region, ``time.perf_counter``. ``warmup`` untimed rounds first (allocator, first-touch
+    page faults). ``smoke=True`` runs each function once and returns ``None`` timings.
+
+    Returns:
+        ``name -> {"median_us", "iqr_us", "runs", "samples_us"}``.
+    """
+    import time
+
+    names = list(fns)
+    if smoke:
+        for name in names:
+            fns[name]()
+        synchronize(device)
+        return {n: {"median_us": None, "iqr_us": None, "runs": 1, "samples_us": []} for n in names}
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+            synchronize(device)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    m = len(names)
+    for r in range(reps):
+        for name in names[r % m :] + names[: r % m]:
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) * 1e6)
+    out: dict[str, dict[str, Any]] = {}
+    for name, xs in samples.items():
+        t = torch.tensor(xs, dtype=torch.float64)
+        q25, q50, q75 = (float(v) for v in torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+        out[name] = {"median_us": q50, "iqr_us": q75 - q25, "runs": len(xs), "samples_us": xs}
+    return out
+
+
 def peak_memory_bytes(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> int:
     """Peak bytes allocated by ``fn()`` above what was live before it (tensors alive before are not counted).
 

@@ -33,8 +33,6 @@ from detbalance.data import DetectionDataset, eval_transform, open_dataset, trai
 from detbalance.detectors import BalanceRecorder
 
 __all__ = [
-    "ClassWeightedLoss",
-    "ScaledLoss",
     "WarmupSchedule",
     "build_box_loss",
     "build_class_weights",
@@ -115,62 +113,16 @@ def build_class_weights(cfg: ClassWeightsConfig | None, counts: Tensor) -> Tenso
 # --------------------------------------------------------------------------------------------- losses
 
 
-class ScaledLoss(nn.Module):
-    """``scale * loss(...)``: a loss weight for adapters that take none (linear, so it commutes with the
-    adapter's normalisation)."""
-
-    def __init__(self, loss: nn.Module, scale: float) -> None:
-        super().__init__()
-        self.loss = loss
-        self.scale = float(scale)
-        self.self_normalizing = bool(getattr(loss, "self_normalizing", False))
-
-    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
-        return self.loss(pred, target) * self.scale
-
-
-class ClassWeightedLoss(nn.Module):
-    """A sigmoid classification loss with per-class column weights ``Tensor[K]`` folded into its ``weight``.
-
-    Column ``k`` (class ``k``) of ``logits[N, C]`` is multiplied by ``class_weight[k - 1]``; with
-    ``C = K + 1`` columns (torchvision's RetinaNet, column 0 never positive) column 0 keeps weight 1.
-    Called like the wrapped loss: ``(logits, targets)`` for per-element losses, ``(logits, targets,
-    valid=...)`` for self-normalising ones (GHM-C).
-    """
-
-    def __init__(self, loss: nn.Module, class_weight: Tensor) -> None:
-        super().__init__()
-        self.loss = loss
-        self.self_normalizing = bool(getattr(loss, "self_normalizing", False))
-        self.register_buffer("class_weight", class_weight.detach().to(torch.float32).clone())
-
-    def column_weights(self, logits: Tensor) -> Tensor:
-        """``Tensor[N, C]``: the class weight of every column, broadcast over the rows of ``logits``."""
-        cw = self.class_weight.to(logits.device)
-        if logits.shape[-1] == cw.numel() + 1:
-            cw = torch.cat([cw.new_ones(1), cw])
-        elif logits.shape[-1] != cw.numel():
-            raise ValueError(f"class weights have {cw.numel()} classes but logits have {logits.shape[-1]} columns")
-        return cw.expand_as(logits)
-
-    def forward(self, logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
-        weight = self.column_weights(logits)
-        if self.self_normalizing:
-            return self.loss(logits, targets, valid=valid, weight=weight)
-        if valid is not None:
-            raise ValueError("valid= is only passed to self-normalising losses")
-        return self.loss(logits, targets, weight=weight)
-
-
 def build_cls_loss(remedy: RemedyConfig, arch: str, *, class_weight: Tensor | None = None) -> nn.Module | None:
     """The classification loss module for ``arch`` (``None``: the detector's own cross-entropy).
 
-    Sigmoid forms for RetinaNet (``K + 1`` columns, one-vs-all), softmax forms (``K + 1`` classes, column 0
-    background) for the Faster R-CNN box head and SSD. Class-frequency weights become per-column weights
-    (sigmoid) or a per-class ``alpha`` (softmax, background weight 1). The loss weight is *not* applied
-    here (see :func:`build_model`).
+    Sigmoid forms for RetinaNet (one-vs-all over the ``K`` classes), softmax forms (``K + 1`` classes, column 0
+    background) for the Faster R-CNN box head and SSD. Class-frequency weights weight every sample by its
+    ground-truth class, background 1 (Cui et al., CVPR 2019): a :class:`~detbalance.losses.ClassWeightedLoss`
+    (sigmoid) or a per-class ``alpha`` (softmax, ``alpha_t = alpha[label]``, the same per-sample weight). The
+    loss weight is applied by :func:`_weighted`, the one place that does.
     """
-    from detbalance.losses import GHMCLoss, SigmoidFocalLoss, SoftmaxFocalLoss
+    from detbalance.losses import ClassWeightedLoss, GHMCLoss, SigmoidFocalLoss, SoftmaxFocalLoss
 
     c = remedy.cls_loss
     if arch == "retinanet":
@@ -181,8 +133,22 @@ def build_cls_loss(remedy: RemedyConfig, arch: str, *, class_weight: Tensor | No
                 loss = SigmoidFocalLoss(alpha=alpha, gamma=gamma)
             case CEConfig(alpha=alpha):
                 loss = SigmoidFocalLoss(alpha=alpha, gamma=0.0)
-            case GHMCConfig(bins=bins, momentum=momentum, normalization=normalization):
-                loss = GHMCLoss(bins=bins, momentum=momentum, normalization=normalization)
+            case GHMCConfig(
+                bins=bins,
+                momentum=momentum,
+                normalization=normalization,
+                bias_correction=bias_correction,
+                empty_bins=empty_bins,
+                per_level=per_level,
+            ):
+                loss = GHMCLoss(
+                    bins=bins,
+                    momentum=momentum,
+                    normalization=normalization,
+                    bias_correction=bias_correction,
+                    empty_bins=empty_bins,
+                    per_level=per_level,
+                )
             case _:
                 raise ValueError(f"remedy.cls_loss: unsupported {c!r} for retinanet")
         return loss if class_weight is None else ClassWeightedLoss(loss, class_weight)
@@ -219,8 +185,24 @@ def build_box_loss(remedy: RemedyConfig, arch: str) -> nn.Module | None:
             return L1Loss()
         case ASL1Config(mu=mu):
             return ASL1Loss(mu=mu)
-        case GHMRConfig(mu=mu, bins=bins, momentum=momentum):
-            return GHMRLoss(mu=mu, bins=bins, momentum=momentum)
+        case GHMRConfig(
+            mu=mu,
+            bins=bins,
+            momentum=momentum,
+            normalization=normalization,
+            bias_correction=bias_correction,
+            empty_bins=empty_bins,
+            per_level=per_level,
+        ):
+            return GHMRLoss(
+                mu=mu,
+                bins=bins,
+                momentum=momentum,
+                normalization=normalization,
+                bias_correction=bias_correction,
+                empty_bins=empty_bins,
+                per_level=per_level,
+            )
         case GIoUConfig():
             return GIoULoss()
         case other:
@@ -229,6 +211,19 @@ def build_box_loss(remedy: RemedyConfig, arch: str) -> nn.Module | None:
 
 def _loss_weight(cfg: object | None) -> float:
     return 1.0 if cfg is None else float(cfg.loss_weight)
+
+
+def _weighted(loss: nn.Module | None, cfg: object | None) -> nn.Module | None:
+    """The one place where a configured loss weight is applied: ``ScaledLoss(loss, weight)``.
+
+    Every architecture gets its losses through here; the adapters then see weight-carrying losses (a
+    ``ScaledLoss`` declares ``reference_weight = 1``), so no weight is applied twice or differently.
+    """
+    from detbalance.losses import ScaledLoss
+
+    if loss is None or _loss_weight(cfg) == 1.0:
+        return loss
+    return ScaledLoss(loss, _loss_weight(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -284,8 +279,8 @@ def build_model(
         if counts is None:
             raise ValueError("remedy.class_weights needs the training set's class counts")
         class_weight = build_class_weights(r.class_weights, counts)
-    cls_loss = build_cls_loss(r, m.arch, class_weight=class_weight)
-    box_loss = build_box_loss(r, m.arch)
+    cls_loss = _weighted(build_cls_loss(r, m.arch, class_weight=class_weight), r.cls_loss)
+    box_loss = _weighted(build_box_loss(r, m.arch), r.box_loss)
     match m.arch:
         case "retinanet":
             from detbalance.detectors.retinanet import balance_retinanet
@@ -301,8 +296,8 @@ def build_model(
                 box_loss=box_loss,
                 normalizer=normalizer,
                 recorder=recorder,
-                cls_loss_weight=_loss_weight(r.cls_loss),
-                box_loss_weight=_loss_weight(r.box_loss),
+                cls_loss_weight=1.0,
+                box_loss_weight=1.0,
             )
         case "faster_rcnn":
             roi_sampler = build_roi_sampler(r)
@@ -312,8 +307,6 @@ def build_model(
             if class_weight is not None and r.cls_loss is None:
                 # Plain CE with class weights: the head's per-RoI weighting, sum_i w[y_i] CE_i / N.
                 cls_loss, frcnn_class_weight = None, class_weight
-            if cls_loss is not None and _loss_weight(r.cls_loss) != 1.0:
-                cls_loss = ScaledLoss(cls_loss, _loss_weight(r.cls_loss))
             return balance_faster_rcnn(
                 model, roi_sampler=roi_sampler, rpn_sampler=rpn_sampler, box_cls_loss=cls_loss,
                 class_weight=frcnn_class_weight, recorder=recorder,
@@ -322,10 +315,6 @@ def build_model(
             from detbalance.detectors.ssd import balance_ssd
 
             mining = r.ssd_mining
-            if cls_loss is not None and _loss_weight(r.cls_loss) != 1.0:
-                cls_loss = ScaledLoss(cls_loss, _loss_weight(r.cls_loss))
-            if box_loss is not None and _loss_weight(r.box_loss) != 1.0:
-                box_loss = ScaledLoss(box_loss, _loss_weight(r.box_loss))
             # min_negatives None = 0: no negative from an image without objects (the SSD paper, torchvision).
             extra = {"min_negatives": 0 if mining is None or mining.min_negatives is None else mining.min_negatives}
             return balance_ssd(

@@ -131,12 +131,21 @@ class CEConfig:
 
 @dataclass(frozen=True)
 class GHMCConfig:
-    """GHM-C (Li et al., 2019, eq. 9): BCE reweighted by ``beta_i = N / GD(g_i)``; M bins, EMA momentum."""
+    """GHM-C (Li et al., 2019, eq. 9): BCE reweighted by ``beta_i = N / GD(g_i)``; M bins, EMA momentum.
+
+    The defaults are the authors' reference (mmdetection ``GHMC`` in ``retinanet_ghm``: non-empty-bin
+    normalisation, zero-initialised EMA, only populated bins updated, one call per FPN level). The other values
+    of ``normalization`` / ``bias_correction`` / ``empty_bins`` / ``per_level`` are our options, documented in
+    :class:`detbalance.losses.GHMCLoss`.
+    """
 
     name: Literal["ghm_c"] = "ghm_c"
     bins: int = 30
     momentum: float = 0.75
-    normalization: Literal["paper", "valid_bins"] = "paper"
+    normalization: Literal["valid_bins", "paper"] = "valid_bins"
+    bias_correction: bool = False
+    empty_bins: Literal["keep", "decay"] = "keep"
+    per_level: bool = True
     loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -184,12 +193,20 @@ class ASL1Config:
 
 @dataclass(frozen=True)
 class GHMRConfig:
-    """GHM-R (Li et al., 2019, eq. 12): ASL1 reweighted by gradient density; the paper's loss weight is 10."""
+    """GHM-R (Li et al., 2019, eq. 12): ASL1 reweighted by gradient density; the paper's loss weight is 10.
+
+    Defaults: the authors' reference (mmdetection ``GHMR`` in ``retinanet_ghm``); the options are those of
+    :class:`GHMCConfig`, documented in :class:`detbalance.losses.GHMRLoss`.
+    """
 
     name: Literal["ghm_r"] = "ghm_r"
     mu: float = 0.02
     bins: int = 10
     momentum: float = 0.7
+    normalization: Literal["valid_bins", "paper"] = "valid_bins"
+    bias_correction: bool = False
+    empty_bins: Literal["keep", "decay"] = "keep"
+    per_level: bool = True
     loss_weight: float = 10.0
 
     def __post_init__(self) -> None:

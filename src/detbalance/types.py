@@ -54,19 +54,36 @@ class DetectionTarget(TypedDict):
     image_id: int
 
 
-def one_hot_targets(labels: Tensor, num_classes: int) -> Tensor:
-    """One-vs-all targets ``Tensor[R, K]`` (float) for sigmoid heads from ``labels`` (convention above).
+def one_hot_targets(
+    labels: Tensor, num_classes: int, *, dtype: torch.dtype = torch.float32, validate_args: bool | None = None
+) -> Tensor:
+    """One-vs-all targets ``Tensor[..., K]`` for sigmoid heads from ``labels`` (convention above).
 
-    Background and ignored rows are all zeros; mask ignored rows out of the loss separately.
+    The one place that builds them: column ``k - 1`` is 1 for label ``k``; background and ignored rows are all
+    zeros (mask ignored rows out of the loss separately). Vectorised, any leading shape.
+
+    Args:
+        labels: ``Tensor[...]`` int64 in ``-1..K``.
+        num_classes: ``K``.
+        dtype: of the result.
+        validate_args: check the label range (one host sync); ``None`` checks on the CPU only.
+
+    Raises:
+        ValueError: for float labels or (when validated) a label outside ``[-1, K]``.
+
+    Example:
+        >>> one_hot_targets(torch.tensor([-1, 0, 2]), 2)
+        tensor([[0., 0.],
+                [0., 0.],
+                [0., 1.]])
     """
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.max()) > num_classes or int(labels.min()) < IGNORE):
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    check = labels.device.type != "cuda" if validate_args is None else validate_args
+    if check and labels.numel() and (int(labels.max()) > num_classes or int(labels.min()) < IGNORE):
         raise ValueError(
             f"labels must lie in [-1, {num_classes}] (num_classes={num_classes}), "
             f"got min {int(labels.min())}, max {int(labels.max())}"
         )
-    out = torch.zeros(labels.shape[0], num_classes + 1, dtype=torch.float32, device=labels.device)
-    fg = labels > 0
-    out[fg, labels[fg]] = 1.0
-    return out[:, 1:]
+    columns = torch.arange(1, num_classes + 1, device=labels.device)
+    return (labels.unsqueeze(-1) == columns).to(dtype)

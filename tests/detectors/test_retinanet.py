@@ -28,6 +28,7 @@ from detbalance.losses import (
     SigmoidFocalLoss,
     SmoothL1Loss,
     SoftmaxFocalLoss,
+    declare_loss,
 )
 from tests.detectors.inputs import SIZE, make_batch
 
@@ -58,6 +59,7 @@ def test_equals_torchvision_losses_and_gradients(base_model, loss_type, box_loss
         box_loss=box_loss,
         normalizer="per_image",
         prior_prob=None,
+        background_column=True,  # torchvision's loss includes its never-positive column 0
     )
     assert isinstance(adapted.head, BalancedRetinaNetHead)
     images, targets = make_batch()
@@ -86,7 +88,8 @@ def test_per_batch_normaliser_equals_independent_sum_over_all_positives(base_mod
     valid, pos = out.labels >= 0, out.labels > 0
     onehot = torch.zeros_like(out.cls_logits)
     onehot[pos, out.labels[pos]] = 1.0
-    focal = torchvision.ops.sigmoid_focal_loss(out.cls_logits[valid], onehot[valid], reduction="sum")
+    # column 0 (never a class in torchvision's K + 1 columns) is left out by default
+    focal = torchvision.ops.sigmoid_focal_loss(out.cls_logits[valid][:, 1:], onehot[valid][:, 1:], reduction="sum")
     l1 = (out.bbox_regression[pos] - out.target_regression[pos]).abs().sum()
     npos = max(1, int(pos.sum()))
     assert int(pos.sum()) >= 3  # every object has at least its best anchor (low-quality matches)
@@ -121,7 +124,7 @@ def test_prior_initialises_classifier_bias(base_model):
 
 CLS_LOSSES = {
     "ce_prior": lambda: SigmoidFocalLoss(alpha=None, gamma=0.0),
-    "bce_module": lambda: nn.BCEWithLogitsLoss(reduction="none"),
+    "bce_module": lambda: declare_loss(nn.BCEWithLogitsLoss(reduction="none"), kind="sigmoid"),
     "alpha_ce": lambda: SigmoidFocalLoss(alpha=0.75, gamma=0.0),
     "focal": lambda: SigmoidFocalLoss(alpha=0.25, gamma=2.0),
     "ghm_c": lambda: GHMCLoss(bins=30, momentum=0.75),
@@ -158,16 +161,17 @@ def test_every_remedy_trains_one_step(base_model, cls_name, box_name):
     assert all(bool(torch.isfinite(p).all()) for p in params)
 
 
-def test_ghm_c_sees_all_levels_and_images_in_one_call(base_model):
-    class Spy(GHMCLoss):
-        calls: list[tuple[int, ...]] = []
+@pytest.mark.parametrize("per_level", [True, False], ids=["per_level_reference", "all_levels_option"])
+def test_ghm_c_calls_per_level_or_once(base_model, per_level):
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
+    class Spy(GHMCLoss):
         def forward(self, pred, target, valid=None, weight=None):
-            Spy.calls.append((tuple(pred.shape), tuple(valid.shape)))
+            calls.append((tuple(pred.shape), tuple(valid.shape)))
             return super().forward(pred, target, valid=valid, weight=weight)
 
     rec = BalanceRecorder()
-    loss = Spy()
+    loss = Spy(per_level=per_level)
     model = balance_retinanet(copy.deepcopy(base_model), cls_loss=loss, box_loss=L1Loss(), normalizer="per_batch",
                               recorder=rec)
     images, targets = make_batch()
@@ -175,12 +179,16 @@ def test_ghm_c_sees_all_levels_and_images_in_one_call(base_model):
     with torch.no_grad():
         out = anchor_outputs(model, images, targets)
     b, a, c = out.cls_logits.shape
-    assert Spy.calls == [((b * a, c), (b * a,))]
-    assert int(loss.ema_steps) == 1
+    sizes = [int((out.level == lvl).sum()) for lvl in range(int(out.level.max()) + 1)]
+    if per_level:  # mmdetection: one call per FPN level with all images, K columns (no column 0)
+        assert calls == [((b * n, c - 1), (b * n,)) for n in sizes]
+    else:
+        assert calls == [((b * a, c - 1), (b * a,))]
+    assert int(loss.ema_steps) == len(calls)
     density = rec.to_records()[0]["ghm_density"]["retinanet/cls"]
     assert density == loss.last_density.tolist()
-    # The histogram counts every valid (anchor, column) element once.
-    assert math.isclose(sum(density), int((out.labels >= 0).sum()) * c, rel_tol=1e-6)
+    if not per_level:  # the histogram counts every valid (anchor, class column) element once
+        assert math.isclose(sum(density) / (1 - loss.momentum), int((out.labels >= 0).sum()) * (c - 1), rel_tol=1e-6)
 
 
 def test_recorder_counts_and_class_losses_match_independent_computation(base_model):
@@ -204,7 +212,7 @@ def test_recorder_counts_and_class_losses_match_independent_computation(base_mod
     valid = out.labels >= 0
     onehot = torch.zeros_like(out.cls_logits)
     onehot[out.labels > 0, out.labels[out.labels > 0]] = 1.0
-    per_anchor = torchvision.ops.sigmoid_focal_loss(out.cls_logits, onehot).sum(-1)
+    per_anchor = torchvision.ops.sigmoid_focal_loss(out.cls_logits[..., 1:], onehot[..., 1:]).sum(-1)
     cls = record["class_losses"]["retinanet/cls"]
     for k in range(K + 1):
         sel = valid & (out.labels == k)
@@ -259,7 +267,7 @@ def test_ema_normaliser_updates_once_per_step(base_model):
         ({"cls_loss": "focal"}, "cls_loss"),
         ({"cls_loss": L1Loss()}, "sigmoid"),
         ({"cls_loss": SigmoidFocalLoss(reduction="sum")}, "reduction"),
-        ({"cls_loss": nn.BCEWithLogitsLoss()}, "reduction"),
+        ({"cls_loss": nn.BCEWithLogitsLoss(reduction="none")}, "DetectionLoss"),
         ({"box_loss": SigmoidFocalLoss()}, "box_loss"),
         ({"box_loss": GHMCLoss()}, "box_loss"),
         ({"box_loss": "giou"}, "box_loss"),

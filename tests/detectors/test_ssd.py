@@ -161,7 +161,7 @@ def test_from_ssd_shares_modules_and_settings(base_model):
         ({"cls_loss": SigmoidFocalLoss()}, "softmax"),
         ({"cls_loss": GHMCLoss()}, "softmax"),
         ({"cls_loss": "focal"}, "cls_loss"),
-        ({"cls_loss": nn.CrossEntropyLoss()}, "reduction"),
+        ({"cls_loss": nn.CrossEntropyLoss()}, "DetectionLoss"),
         ({"box_loss": SoftmaxFocalLoss()}, "box_loss"),
         ({"box_loss": L1Loss(reduction="mean")}, "reduction"),
         ({"negative_ratio": -1.0}, "negative_ratio"),

@@ -152,8 +152,10 @@ def test_ghm_c_saturated_empty_low_precision():
     loss = ghm_c_loss(x, y, bins=10)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    # two elements with g = 0 (bin 0) and two with g = 1 (bin 9): beta = 4 / (2 * 10) each
-    torch.testing.assert_close(loss, torch.tensor(0.2 * 200.0 / 4))
+    # two elements with g = 0 (bin 0) and two with g = 1 (bin 9); n = 2 non-empty bins: beta = 4 / (2 * 2)
+    torch.testing.assert_close(loss, torch.tensor(1.0 * 200.0 / 4))
+    # the paper's all-bins normalisation: beta = 4 / (2 * 10)
+    torch.testing.assert_close(ghm_c_loss(x, y, bins=10, normalization="paper"), torch.tensor(0.2 * 200.0 / 4))
     e = torch.zeros(0, 80, requires_grad=True)
     out = ghm_c_loss(e, torch.zeros(0, 80))
     assert out.item() == 0.0
@@ -250,7 +252,7 @@ def test_module_matches_functional_without_momentum():
 
 def test_ema_first_step_with_bias_correction_is_batch_density():
     x, y = classification_inputs(40, 6, regime="mixed", seed=21)
-    mod = GHMCLoss(bins=10, momentum=0.75)
+    mod = GHMCLoss(bins=10, momentum=0.75, bias_correction=True)
     got = mod(x, y)
     torch.testing.assert_close(got, ghm_c_loss(x, y, bins=10))
     torch.testing.assert_close(mod.last_density, gradient_density(_g(x, y), bins=10))
@@ -264,19 +266,26 @@ def test_ema_two_steps_by_hand():
         classification_inputs(50, 4, regime="big", seed=23),
     )
     h1, h2 = gradient_density(_g(x1, y1), bins=bins), gradient_density(_g(x2, y2), bins=bins)
-    mod = GHMCLoss(bins=bins, momentum=m)
+    # option: every bin decays (empty ones too) and the EMA is bias-corrected, paper normalisation
+    mod = GHMCLoss(bins=bins, momentum=m, bias_correction=True, empty_bins="decay", normalization="paper")
     mod(x1, y1)
     out2 = mod(x2, y2)
-    ema = m * (1 - m) * h1 + (1 - m) * h2  # every bin decays, empty ones too
+    ema = m * (1 - m) * h1 + (1 - m) * h2
     torch.testing.assert_close(mod.ema_density, ema)
     expected_density = ema / (1 - m**2)
     torch.testing.assert_close(mod.last_density, expected_density)
-    torch.testing.assert_close(out2, ghm_c_loss(x2, y2, bins=bins, density=expected_density))
-    # without bias correction (mmdetection): zero-initialised EMA, first step 1/(1-m) = 4x the weights
-    raw = GHMCLoss(bins=bins, momentum=m, bias_correction=False)
+    torch.testing.assert_close(
+        out2, ghm_c_loss(x2, y2, bins=bins, density=expected_density, normalization="paper")
+    )
+    # default (mmdetection): zero-initialised EMA, first step 1/(1-m) = 4x the weights; only populated bins move
+    raw = GHMCLoss(bins=bins, momentum=m)
     first = raw(x1, y1)
     torch.testing.assert_close(raw.last_density, (1 - m) * h1)
     torch.testing.assert_close(first, ghm_c_loss(x1, y1, bins=bins) / (1 - m))
+    raw(x2, y2)
+    keep = torch.where(h2 > 0, m * (1 - m) * h1 + (1 - m) * h2, (1 - m) * h1)
+    torch.testing.assert_close(raw.ema_density, keep)
+    assert raw.bin_updates.tolist() == ((h1 > 0).long() + (h2 > 0).long()).tolist()
 
 
 def test_ema_matches_mmdetection_without_bias_correction_when_bins_stay_populated():
@@ -285,7 +294,7 @@ def test_ema_matches_mmdetection_without_bias_correction_when_bins_stay_populate
     x2 = torch.linspace(-4, 6, 400)[:, None]
     y = torch.zeros_like(x1)
     mm = reference.MMDetGHMC(bins=bins, momentum=m)
-    ours = GHMCLoss(bins=bins, momentum=m, bias_correction=False, normalization="valid_bins")
+    ours = GHMCLoss(bins=bins, momentum=m)
     for x in (x1, x2):
         torch.testing.assert_close(ours(x, y), mm(x, y, torch.ones_like(y)))
 
@@ -293,7 +302,7 @@ def test_ema_matches_mmdetection_without_bias_correction_when_bins_stay_populate
 def test_eval_mode_does_not_update_and_uses_ema():
     x, y = classification_inputs(30, 4, seed=24)
     x2, y2 = classification_inputs(30, 4, regime="big", seed=25)
-    mod = GHMCLoss(bins=8).eval()
+    mod = GHMCLoss(bins=8, bias_correction=True).eval()
     torch.testing.assert_close(mod(x, y), ghm_c_loss(x, y, bins=8))  # no EMA yet: batch density
     assert int(mod.ema_steps) == 0 and mod.ema_density.sum() == 0
     mod.train()
@@ -308,11 +317,11 @@ def test_eval_mode_does_not_update_and_uses_ema():
 
 def test_ghm_r_module_ema_and_state_dict():
     pred, target = torch.randn(20, 4) * 0.05, torch.randn(20, 4) * 0.05
-    mod = GHMRLoss()
+    mod = GHMRLoss(bias_correction=True)
     torch.testing.assert_close(mod(pred, target), ghm_r_loss(pred, target))
     sd = mod.state_dict()
-    assert set(sd) == {"ema_density", "ema_steps"}
-    fresh = GHMRLoss()
+    assert set(sd) == {"ema_density", "ema_steps", "bin_updates"}
+    fresh = GHMRLoss(bias_correction=True)
     fresh.load_state_dict(sd)
     torch.testing.assert_close(fresh(pred, target), mod(pred, target))
 
@@ -364,7 +373,7 @@ def test_histogram_is_all_reduced_before_the_ema(monkeypatch):
     monkeypatch.setattr(ghm.dist, "all_reduce", fake_all_reduce)
     monkeypatch.setattr(ghm.dist, "get_world_size", lambda: 2)
     x, y = classification_inputs(20, 5, seed=26)
-    mod = GHMCLoss(bins=6, momentum=0.75)
+    mod = GHMCLoss(bins=6, momentum=0.75, bias_correction=True)
     out = mod(x, y)
     assert calls == [ghm.dist.ReduceOp.SUM]
     torch.testing.assert_close(mod.last_density, gradient_density(_g(x, y), bins=6))

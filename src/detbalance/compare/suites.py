@@ -174,12 +174,15 @@ SUITES: dict[str, Suite] = {
         preset="default",
         baseline="fixed",
         description=(
-            "Two-stage detector. Every method back-propagates 64 RoIs per image, the OHEM paper's budget "
-            "(B = 128 RoIs over N = 2 images): 64 sampled at 1:3 (fixed ratio, as Fast R-CNN), the 64 "
-            "hardest by cls + loc loss after NMS at 0.7 over all ~1000 proposals (OHEM), 64 drawn from 4 "
-            "loss strata (S-OHEM), or fixed ratio with one round of offline bootstrapping (half the budget, "
-            "then mine confident false positives on the training set and continue with them as extra "
-            "background RoIs)."
+            "Two-stage detector sized for 128 px images (RPN 128 proposals per image in training, 5x5 RoIAlign, "
+            "128-unit box head; detectors/build.py). Every method back-propagates 64 RoIs per image, the OHEM "
+            "paper's budget (B = 128 RoIs over N = 2 images): 64 sampled at 1:3 (fixed ratio, as Fast R-CNN), "
+            "the 64 hardest by cls + loc loss after NMS at 0.7 over all ~130 RoIs (OHEM), 64 drawn from 4 "
+            "loss strata (S-OHEM: stage-weighted ranking and loss as in Li et al.; the schedule w_cls 1.5 -> "
+            "0.5, w_loc 0.5 -> 1.5 and the per-stratum distribution are ours, the paper's full text was not "
+            "available), or fixed ratio with one round of offline bootstrapping (half the budget, then mine "
+            "confident false positives on the un-augmented training set; they follow each image's flip and "
+            "fill the background budget first)."
         ),
         methods=(
             Method("fixed", "fixed 1:3", RemedyConfig(roi_sampler=FixedRatioConfig(num_samples=_ROIS))),

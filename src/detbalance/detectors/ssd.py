@@ -24,28 +24,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.ssd import SSD
 
+from detbalance.detectors._dense import box_loss_inputs, loss_for_slot, match_targets, positive_box_loss
 from detbalance.detectors._targets import install_target_check
 from detbalance.detectors.recorder import BalanceRecorder
-from detbalance.detectors.retinanet import (
-    _BOX_FNS,
-    _BOX_TYPES,
-    _SIGMOID_FNS,
-    _SIGMOID_TYPES,
-    _SOFTMAX_FNS,
-    _SOFTMAX_TYPES,
-    _takes_decoded_boxes,
-    box_loss_inputs,
-    check_loss,
-    match_targets,
-    positive_box_loss,
-)
+from detbalance.losses import DetectionLoss, declare_loss
 from detbalance.sampling import mine_hard_negatives
 
 __all__ = ["BalancedSSD", "balance_ssd"]
@@ -56,9 +44,14 @@ def _smooth_l1_beta1(pred: Tensor, target: Tensor) -> Tensor:
     return F.smooth_l1_loss(pred, target, reduction="none")
 
 
-def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """torchvision SSD's classification loss per default box: softmax cross-entropy."""
-    return F.cross_entropy(logits, labels, reduction="none")
+def _cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+    """torchvision SSD's classification loss per default box: softmax cross-entropy (times ``weight``)."""
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    return loss if weight is None else loss * weight
+
+
+_CROSS_ENTROPY: DetectionLoss = declare_loss(_cross_entropy, kind="softmax")
+_SMOOTH_L1: DetectionLoss = declare_loss(_smooth_l1_beta1, kind="box")
 
 
 class BalancedSSD(SSD):
@@ -77,8 +70,8 @@ class BalancedSSD(SSD):
         *,
         negative_ratio: float | None = 3.0,
         min_negatives: int = 3,
-        cls_loss: Callable[..., Tensor] | None = None,
-        box_loss: Callable[..., Tensor] | None = None,
+        cls_loss: DetectionLoss | None = None,
+        box_loss: DetectionLoss | None = None,
         recorder: BalanceRecorder | None = None,
     ) -> BalancedSSD:
         """A ``BalancedSSD`` sharing every module, parameter, buffer and setting of ``model``."""
@@ -93,21 +86,12 @@ class BalancedSSD(SSD):
             raise ValueError(f"negative_ratio must be a finite number >= 0 or None, got {negative_ratio!r}")
         if isinstance(min_negatives, bool) or not isinstance(min_negatives, int) or min_negatives < 0:
             raise ValueError(f"min_negatives must be an int >= 0, got {min_negatives!r}")
-        if cls_loss is not None:
-            if check_loss(
-                cls_loss, argument="cls_loss", wrong_types=_SIGMOID_TYPES + _BOX_TYPES,
-                wrong_fns=_SIGMOID_FNS + _BOX_FNS,
-                wrong_kind="not a softmax classification loss over SSD's K + 1 columns",
-            ):
-                raise ValueError(
-                    f"cls_loss={type(cls_loss).__name__} is self-normalising; SSD needs per-box losses to mine"
-                )
-        box_self_normalizing = False
-        if box_loss is not None:
-            box_self_normalizing = check_loss(
-                box_loss, argument="box_loss", wrong_types=_SOFTMAX_TYPES + _SIGMOID_TYPES,
-                wrong_fns=_SOFTMAX_FNS + _SIGMOID_FNS, wrong_kind="a classification loss, not a box loss",
+        cls_fn = _CROSS_ENTROPY if cls_loss is None else loss_for_slot(cls_loss, slot="cls_loss", kind="softmax")
+        if cls_fn.self_normalizing:
+            raise ValueError(
+                f"cls_loss={type(cls_fn).__name__} is self-normalising; SSD needs per-box losses to mine"
             )
+        box = _SMOOTH_L1 if box_loss is None else loss_for_slot(box_loss, slot="box_loss", kind="box")
         if recorder is not None and not isinstance(recorder, BalanceRecorder):
             raise ValueError(f"recorder must be a BalanceRecorder or None, got {type(recorder).__name__}")
 
@@ -118,10 +102,8 @@ class BalancedSSD(SSD):
         new.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v for k, v in model.__dict__.items()})
         new.negative_ratio = None if negative_ratio is None else float(negative_ratio)
         new.min_negatives = min_negatives
-        new.cls_loss = cls_loss if cls_loss is not None else _cross_entropy
-        new.box_loss = box_loss if box_loss is not None else _smooth_l1_beta1
-        new.box_self_normalizing = box_self_normalizing
-        new.box_decoded = box_loss is not None and _takes_decoded_boxes(box_loss)
+        new.cls_loss = cls_fn
+        new.box_loss = box
         new.recorder = recorder
         install_target_check(new, new.num_classes)
         return new
@@ -147,9 +129,11 @@ class BalancedSSD(SSD):
         num_fg = positive.sum().clamp(min=1).to(torch.float32)
 
         # Regression on positives.
-        pred, target = box_loss_inputs(bbox_regression, anchors, matched_boxes, self.box_coder, decoded=self.box_decoded)
+        pred, target = box_loss_inputs(
+            bbox_regression, anchors, matched_boxes, self.box_coder, decoded=self.box_loss.decoded_boxes
+        )
         per_box_loss = None
-        if self.box_self_normalizing:
+        if self.box_loss.self_normalizing:
             box_value = self.box_loss(pred, target, valid=positive.reshape(-1))
         else:
             per_box_loss = positive_box_loss(self.box_loss(pred, target), positive)
@@ -188,9 +172,8 @@ class BalancedSSD(SSD):
             rec.record_losses("ssd/cls_negative", per_anchor, mask=neg)
             if per_box_loss is not None:
                 rec.record_losses("ssd/box", per_box_loss, mask=pos)
-            density = getattr(self.box_loss, "last_density", None)
-            if isinstance(density, Tensor):
-                rec.record_ghm_density("ssd/box", density)
+            if self.box_loss.last_density is not None:
+                rec.record_ghm_density("ssd/box", self.box_loss.last_density)
 
 
 def balance_ssd(
@@ -198,8 +181,8 @@ def balance_ssd(
     *,
     negative_ratio: float | None = 3.0,
     min_negatives: int = 3,
-    cls_loss: Callable[..., Tensor] | None = None,
-    box_loss: Callable[..., Tensor] | None = None,
+    cls_loss: DetectionLoss | None = None,
+    box_loss: DetectionLoss | None = None,
     recorder: BalanceRecorder | None = None,
 ) -> BalancedSSD:
     """Return a :class:`BalancedSSD` sharing ``model``'s modules (use the returned model).
@@ -210,18 +193,19 @@ def balance_ssd(
             puts every default box into the classification loss (for a focal loss).
         min_negatives: Hardest negatives kept in an image without objects (torchvision and the paper: 0,
             such an image then teaches nothing; default 3 as in :func:`~detbalance.sampling.mine_hard_negatives`).
-        cls_loss: Softmax loss ``(logits[N, C], labels[N]) -> Tensor[N]`` with ``reduction="none"``, e.g.
-            :class:`~detbalance.losses.SoftmaxFocalLoss`; ``None`` is cross-entropy (torchvision). It also
-            ranks the negatives when mining.
-        box_loss: Box loss on encoded deltas ``Tensor[N, 4]`` (``GIoULoss``: decoded boxes) returning
-            per-element losses, or a self-normalising one (``GHMRLoss``); ``None`` is torchvision's
-            smooth L1 with ``beta = 1``.
+        cls_loss: A ``"softmax"`` :class:`~detbalance.losses.DetectionLoss` ``(logits[N, C], labels[N]) ->
+            Tensor[N]``, e.g. :class:`~detbalance.losses.SoftmaxFocalLoss` (a per-class ``alpha`` weights each
+            box by its class, background by ``alpha[0]``) or a ``ClassWeightedLoss``; ``None`` is
+            cross-entropy (torchvision). It also ranks the negatives when mining.
+        box_loss: A ``"box"`` loss on encoded deltas ``Tensor[N, 4]`` (``GIoULoss``: decoded boxes) returning
+            per-element losses, or a self-normalising one (``GHMRLoss``, one call for all default boxes);
+            ``None`` is torchvision's smooth L1 with ``beta = 1``.
         recorder: Optional sink for positive / selected negative / unused box counts, per-class
             classification loss sums of the selected boxes and loss histograms.
 
     Raises:
-        ValueError: for a model that is not an SSD, a sigmoid or box loss as ``cls_loss``, a string, a
-            reducing loss, or a bad ratio.
+        ValueError: for a model that is not an SSD, a loss whose declared kind does not fit its slot (naming
+            the slot), a self-normalising ``cls_loss``, or a bad ratio.
     """
     return BalancedSSD.from_ssd(
         model,

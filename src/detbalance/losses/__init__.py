@@ -2,33 +2,47 @@
 
 Functions are the core (tensors positional, hyperparameters keyword-only, ``reduction="none"`` by default
 except the GHM losses, whose paper form is a normalised mean); each module holds hyperparameters (or, for
-GHM, the EMA histogram) and calls its function. Every module class has ``self_normalizing``: ``True`` when
-its forward already returns the paper's normalised scalar (GHM), ``False`` when it returns per-element
-losses for the adapter to sum and divide by the positive count.
+GHM, the EMA histogram) and calls its function. Every module is a :class:`DetectionLoss`, which declares the
+contract the detector adapters read (:mod:`detbalance.losses.contract`).
 """
 
-from detbalance.losses.focal import SigmoidFocalLoss, SoftmaxFocalLoss, sigmoid_focal_loss, softmax_focal_loss
+from detbalance.losses.contract import DetectionLoss, LossKind, ScaledLoss, check_slot, declare_loss
+from detbalance.losses.focal import (
+    SigmoidFocalLoss,
+    SoftmaxFocalLoss,
+    sigmoid_focal_gradient,
+    sigmoid_focal_loss,
+    softmax_focal_loss,
+)
 from detbalance.losses.ghm import GHMCLoss, GHMRLoss, ghm_c_loss, ghm_r_loss, gradient_density
 from detbalance.losses.normalizer import PositiveNormalizer, normalize_by_positives
 from detbalance.losses.regression import ASL1Loss, GIoULoss, L1Loss, SmoothL1Loss, asl1_loss, smooth_l1_loss
-from detbalance.losses.weighting import class_frequency_weights
+from detbalance.losses.weighting import ClassWeightedLoss, class_frequency_weights, sample_class_weights
 
 __all__ = [
     "ASL1Loss",
+    "ClassWeightedLoss",
+    "DetectionLoss",
     "GHMCLoss",
     "GHMRLoss",
     "GIoULoss",
     "L1Loss",
+    "LossKind",
     "PositiveNormalizer",
+    "ScaledLoss",
     "SigmoidFocalLoss",
     "SmoothL1Loss",
     "SoftmaxFocalLoss",
     "asl1_loss",
+    "check_slot",
     "class_frequency_weights",
+    "declare_loss",
     "ghm_c_loss",
     "ghm_r_loss",
     "gradient_density",
     "normalize_by_positives",
+    "sample_class_weights",
+    "sigmoid_focal_gradient",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
     "softmax_focal_loss",

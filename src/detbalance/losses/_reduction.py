@@ -128,3 +128,27 @@ def float32(t: Tensor) -> Tensor:
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32: the losses never compute in fp16/bf16."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def should_validate(validate_args: bool | None, t: Tensor) -> bool:
+    """Resolve a ``validate_args`` flag: ``None`` validates unless ``t`` is on CUDA (no host sync there)."""
+    if validate_args is None:
+        return t.device.type != "cuda"
+    return bool(validate_args)
+
+
+def check_targets_in_unit_interval(name: str, t: Tensor) -> None:
+    """Raise ``ValueError`` unless every element of ``t`` lies in ``[0, 1]`` (NaN fails). One host sync."""
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t.detach())
+    lo_f, hi_f = float(lo), float(hi)
+    if not (lo_f >= 0.0 and hi_f <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo_f}, {hi_f}]")
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Raise ``ValueError`` if ``t`` holds NaN or +-inf. One host sync."""
+    if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+        bad = int((~torch.isfinite(t.detach())).sum())
+        raise ValueError(f"{name} must be finite, got {bad} NaN/inf element(s)")

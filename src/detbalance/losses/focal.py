@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from detbalance.losses._reduction import (
@@ -31,13 +31,22 @@ from detbalance.losses._reduction import (
     check_probability,
     check_reduction,
     check_same_shape,
+    check_targets_in_unit_interval,
     compute_dtype,
     elementwise_mask,
     reduce_loss,
+    should_validate,
 )
+from detbalance.losses.contract import DetectionLoss
 from detbalance.types import IGNORE, Reduction
 
-__all__ = ["SigmoidFocalLoss", "SoftmaxFocalLoss", "sigmoid_focal_loss", "softmax_focal_loss"]
+__all__ = [
+    "SigmoidFocalLoss",
+    "SoftmaxFocalLoss",
+    "sigmoid_focal_gradient",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
+]
 
 # Elements per block (1 MiB of float32 on CPU): a dozen block temporaries stay in the L3 cache, the per-op
 # Python overhead is amortised, and the number of intra-op parallel regions (each an OpenMP barrier) stays
@@ -156,7 +165,10 @@ class _SigmoidFocalFunction(torch.autograd.Function):
         w2 = None if weight is None else weight.reshape(-1, weight.shape[-1] if weight.dim() else 1)
         rows = x2.shape[0]
         n = x2.numel()
-        grad = torch.empty_like(x2, memory_format=torch.contiguous_format) if need_grad else None
+        # The gradient is kept in the compute dtype (float32 for fp16/bf16 input) with 1/N applied, and cast to
+        # the input dtype once, after multiplying by grad_output: an fp16 buffer would flush most "mean"
+        # gradients to zero and overflow under GradScaler's 2^16.
+        grad = torch.empty(x2.shape, dtype=dtype, device=logits.device) if need_grad else None
         out = torch.empty(x2.shape, dtype=dtype, device=logits.device) if reduction == "none" else None
         total = torch.zeros((), dtype=dtype, device=logits.device)
         grad_scale = 1.0 / max(n, 1) if reduction == "mean" else None
@@ -181,6 +193,7 @@ class _SigmoidFocalFunction(torch.autograd.Function):
                     total.add_(partial)
         ctx.grad = grad
         ctx.grad_shape = logits.shape
+        ctx.in_dtype = logits.dtype
         if out is not None:
             return out.reshape(logits.shape)
         return total if reduction == "sum" else total / max(n, 1)
@@ -190,7 +203,7 @@ class _SigmoidFocalFunction(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         # Out of place: the saved gradient stays valid for a second backward (retain_graph, gradcheck).
         grad = ctx.grad.view(ctx.grad_shape)
-        grad = grad * grad_output.to(grad.dtype)
+        grad = (grad * grad_output.to(grad.dtype)).to(ctx.in_dtype)
         return grad, None, None, None, None, None, None
 
 
@@ -221,6 +234,7 @@ def sigmoid_focal_loss(
     gamma: float = 2.0,
     weight: Tensor | None = None,
     reduction: Reduction = "none",
+    validate_args: bool | None = None,
 ) -> Tensor:
     """Sigmoid (one-vs-all) focal loss, ``FL = -alpha_t (1 - p_t)^gamma log(p_t)`` per element.
 
@@ -237,9 +251,15 @@ def sigmoid_focal_loss(
             ignore an anchor).
         reduction: ``'none'`` (``Tensor[..., K]``), ``'sum'`` or ``'mean'`` (over all elements; an empty
             input gives 0).
+        validate_args: check that ``targets`` lie in ``[0, 1]`` (one extra pass, one host sync); ``None``
+            checks on the CPU only, so the CUDA hot path has no host synchronisation.
 
     Returns:
         float32 (float64 for float64 input) loss, reduced as asked.
+
+    Raises:
+        ValueError: on mismatched shapes, ``gamma < 0``, ``alpha`` outside ``[0, 1]``, targets outside
+            ``[0, 1]`` (when validated) or an unknown ``reduction``.
 
     Note:
         When ``logits`` requires grad, the gradient is computed in the forward sweep and kept (one
@@ -252,6 +272,8 @@ def sigmoid_focal_loss(
     check_nonnegative("gamma", gamma)
     check_reduction(reduction)
     weight = elementwise_mask("weight", weight, logits)
+    if should_validate(validate_args, targets):
+        check_targets_in_unit_interval("targets", targets)
     alpha = None if alpha is None else float(alpha)
     gamma = float(gamma)
     if targets.requires_grad or (weight is not None and weight.requires_grad):
@@ -259,6 +281,50 @@ def sigmoid_focal_loss(
         return reduce_loss(loss, reduction)
     need_grad = logits.requires_grad and torch.is_grad_enabled()  # no gradient sweep under no_grad/inference
     return _SigmoidFocalFunction.apply(logits, targets, weight, alpha, gamma, reduction, need_grad)
+
+
+def sigmoid_focal_gradient(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+) -> Tensor:
+    r"""Elementwise derivative ``d FL / d x`` of the sigmoid focal loss: the one its custom backward uses.
+
+    .. math:: \frac{\partial FL}{\partial x} = \alpha_t \left[u^{\gamma}(p - y)
+        + \gamma u^{\gamma - 1} p (1 - p)(1 - 2y)\,CE\right],\quad u = 1 - p_t
+
+    Args:
+        logits: ``Tensor[..., K]`` raw scores.
+        targets: ``Tensor[..., K]`` in ``[0, 1]``.
+        alpha: weight of the positive term (``None``: no balancing).
+        gamma: focusing parameter ``>= 0``.
+
+    Returns:
+        ``Tensor[..., K]`` float32 (float64 for float64 input), no graph. ``gamma = 0, alpha = None`` gives
+        ``sigmoid(x) - y``, the cross-entropy gradient.
+
+    Example:
+        >>> import torch
+        >>> sigmoid_focal_gradient(torch.zeros(1, 1), torch.zeros(1, 1), alpha=None, gamma=0.0)
+        tensor([[0.5000]])
+    """
+    check_floating("logits", logits)
+    check_same_shape("logits", logits, "targets", targets)
+    check_probability("alpha", alpha)
+    check_nonnegative("gamma", gamma)
+    dtype = compute_dtype(logits)
+    cols = logits.shape[-1] if logits.dim() > 0 else 1
+    x2, y2 = logits.detach().reshape(-1, cols), targets.detach().reshape(-1, cols)
+    grad = torch.empty(x2.shape, dtype=dtype, device=logits.device)
+    step = _block_rows(cols, logits.device)
+    a = None if alpha is None else float(alpha)
+    with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
+        for r0 in range(0, x2.shape[0], step):
+            r1 = min(x2.shape[0], r0 + step)
+            _focal_block(x2[r0:r1].to(dtype), y2[r0:r1].to(dtype), None, a, float(gamma), None, None, grad[r0:r1])
+    return grad.reshape(logits.shape)
 
 
 def softmax_focal_loss(
@@ -339,14 +405,15 @@ def softmax_focal_loss(
     return reduce_loss(loss, reduction, count=keep.sum())
 
 
-class SigmoidFocalLoss(nn.Module):
+class SigmoidFocalLoss(DetectionLoss):
     """Module form of :func:`sigmoid_focal_loss` (hyperparameters held, forward is one call).
 
     ``forward(logits, targets, weight=None)`` returns per-element losses with the default
     ``reduction='none'``; the detector adapter sums them per image and divides by the positive count.
     """
 
-    self_normalizing: bool = False
+    kind = "sigmoid"
+    self_normalizing = False
 
     def __init__(
         self, *, alpha: float | None = 0.25, gamma: float = 2.0, reduction: Reduction = "none"
@@ -366,10 +433,11 @@ class SigmoidFocalLoss(nn.Module):
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
 
 
-class SoftmaxFocalLoss(nn.Module):
+class SoftmaxFocalLoss(DetectionLoss):
     """Module form of :func:`softmax_focal_loss`; a per-class ``alpha`` tensor is kept as a buffer."""
 
-    self_normalizing: bool = False
+    kind = "softmax"
+    self_normalizing = False
 
     def __init__(
         self,

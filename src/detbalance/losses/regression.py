@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
 from detbalance.losses._reduction import (
@@ -20,6 +20,7 @@ from detbalance.losses._reduction import (
     compute_dtype,
     reduce_loss,
 )
+from detbalance.losses.contract import DetectionLoss
 from detbalance.types import Reduction
 
 __all__ = ["ASL1Loss", "GIoULoss", "L1Loss", "SmoothL1Loss", "asl1_loss", "smooth_l1_loss"]
@@ -77,10 +78,11 @@ def asl1_loss(pred: Tensor, target: Tensor, *, mu: float = 0.02, reduction: Redu
     return reduce_loss(loss, reduction)
 
 
-class SmoothL1Loss(nn.Module):
+class SmoothL1Loss(DetectionLoss):
     """Module form of :func:`smooth_l1_loss`."""
 
-    self_normalizing: bool = False
+    kind = "box"
+    self_normalizing = False
 
     def __init__(self, *, beta: float = 1.0 / 9.0, reduction: Reduction = "none") -> None:
         super().__init__()
@@ -95,10 +97,11 @@ class SmoothL1Loss(nn.Module):
         return f"beta={self.beta}, reduction={self.reduction!r}"
 
 
-class ASL1Loss(nn.Module):
+class ASL1Loss(DetectionLoss):
     """Module form of :func:`asl1_loss`."""
 
-    self_normalizing: bool = False
+    kind = "box"
+    self_normalizing = False
 
     def __init__(self, *, mu: float = 0.02, reduction: Reduction = "none") -> None:
         super().__init__()
@@ -113,10 +116,11 @@ class ASL1Loss(nn.Module):
         return f"mu={self.mu}, reduction={self.reduction!r}"
 
 
-class L1Loss(nn.Module):
+class L1Loss(DetectionLoss):
     """``|pred - target|`` per element (RetinaNet's box loss in torchvision), computed in float32."""
 
-    self_normalizing: bool = False
+    kind = "box"
+    self_normalizing = False
 
     def __init__(self, *, reduction: Reduction = "none") -> None:
         super().__init__()
@@ -133,14 +137,16 @@ class L1Loss(nn.Module):
         return f"reduction={self.reduction!r}"
 
 
-class GIoULoss(nn.Module):
+class GIoULoss(DetectionLoss):
     """Generalized IoU loss (Rezatofighi et al., CVPR 2019), ``1 - GIoU``, on *decoded* boxes.
 
     ``forward(pred_boxes, target_boxes)`` takes ``Tensor[N, 4]`` ``(x1, y1, x2, y2)`` boxes and returns
     ``Tensor[N]`` (with ``reduction='none'``); it calls ``torchvision.ops.generalized_box_iou_loss`` in float32.
     """
 
-    self_normalizing: bool = False
+    kind = "box"
+    decoded_boxes = True
+    self_normalizing = False
 
     def __init__(self, *, eps: float = 1e-7, reduction: Reduction = "none") -> None:
         super().__init__()
