@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detbalance.losses import sigmoid_focal_gradient
 from detbalance.types import DetectionTarget
 
 __all__ = [
@@ -90,16 +91,13 @@ class GradientStats:
     cdf_negative: list[list[float]]
 
 
-# TODO(lead): use detbalance.losses focal gradient (the losses helper adds a public elementwise one to
-# losses/focal.py); this is the package's only copy, used by GradientAccumulator.
 def focal_gradient_magnitude(
     logits: Tensor, targets: Tensor, *, alpha: float | None = 0.25, gamma: float = 2.0
 ) -> Tensor:
     """``|d FL / d x|`` per element for the sigmoid focal loss (Lin et al., 2017, appendix, eq. 9-10).
 
-    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)``; its derivative has magnitude
-    ``alpha_t (1 - p_t)^gamma (1 - p_t - gamma p_t log p_t)``; with ``gamma = 0`` and ``alpha = None`` this is
-    CE's ``g = |p - y|``.
+    The magnitude of :func:`detbalance.losses.sigmoid_focal_gradient`, the derivative the loss's own
+    backward uses; with ``gamma = 0`` and ``alpha = None`` it is CE's ``g = |p - y|``.
 
     Args:
         logits: ``Tensor[...]``.
@@ -108,20 +106,11 @@ def focal_gradient_magnitude(
         gamma: focusing parameter, ``>= 0``.
 
     Returns:
-        ``Tensor[...]`` float32, non-negative.
+        ``Tensor[...]`` float32 (float64 for float64 input), non-negative.
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    x = logits.float()
-    y = targets.float()
-    x_t = torch.where(y > 0.5, x, -x)
-    one_minus_pt = torch.sigmoid(-x_t)
-    p_t = torch.sigmoid(x_t)
-    neg_log_pt = F.softplus(-x_t)
-    mag = one_minus_pt.pow(gamma) * (one_minus_pt + gamma * p_t * neg_log_pt)
-    if alpha is not None:
-        mag = mag * torch.where(y > 0.5, alpha, 1.0 - alpha)
-    return mag
+    return sigmoid_focal_gradient(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma).abs()
 
 
 class GradientAccumulator:
@@ -218,10 +207,7 @@ class GradientAccumulator:
         self.count += per_cell(None, 4 * m, cell).view(2, 2, m)
         self.density += gradient_density(g, bins=m, valid=v).to(dev, torch.float64)
         self.sum_g += per_cell(g, 4 * m, cell).view(2, 2, m)
-        # |d FL / dx| = alpha_t g^gamma (g + gamma p_t (-log p_t)), see focal_gradient_magnitude
-        focal = g.pow(self.focal_gamma) * (g + self.focal_gamma * (1 - g) * ce)
-        if self.focal_alpha is not None:
-            focal = focal * torch.where(neg.bool(), 1.0 - self.focal_alpha, self.focal_alpha)
+        focal = focal_gradient_magnitude(x, y, alpha=self.focal_alpha, gamma=self.focal_gamma)
         self.sum_focal += per_cell(focal, 4 * m, cell).view(2, 2, m)
         # loss CDFs: log-spaced g bins (every (1 - p_t)^gamma CE increases with g)
         cidx = (torch.log10(g.clamp_min(10.0**self._log_lo)) - self._log_lo) * (c / -self._log_lo)
