@@ -8,6 +8,7 @@ also be built by hand in a user's own script.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,15 +25,28 @@ from detbalance.config import (
     GHMRConfig,
     GIoUConfig,
     L1Config,
+    NormalizerConfig,
     OHEMConfig,
     OptimConfig,
     RemedyConfig,
     ScheduleConfig,
     SmoothL1Config,
+    SSDMiningConfig,
     StratifiedOHEMConfig,
 )
-from detbalance.data import DetectionDataset, eval_transform, open_dataset, train_basic, train_ssd
+from detbalance.data import (
+    DetectionDataset,
+    check_categories,
+    eval_transform,
+    held_out_spec,
+    open_dataset,
+    train_basic,
+    train_ssd,
+)
 from detbalance.detectors import BalanceRecorder
+
+if TYPE_CHECKING:
+    from detbalance.engine.hooks import TrainingHook
 
 __all__ = [
     "ClassWeightedLoss",
@@ -42,10 +56,12 @@ __all__ = [
     "build_class_weights",
     "build_cls_loss",
     "build_datasets",
+    "build_hooks",
     "build_model",
     "build_optimizer",
     "build_repeat_factors",
     "build_scheduler",
+    "build_train_eval_set",
     "class_counts",
     "resolve_image_size",
 ]
@@ -54,12 +70,16 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------- data
 
 
-def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
-    """``(train, val)`` datasets with the architecture's transforms.
+def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset | None]:
+    """``(train, val)`` datasets with the architecture's transforms; ``val`` is ``None`` without held-out data.
 
     Training: horizontal flips (SSD: the SSD augmentation at ``model.image_size``) when ``data.augment``,
     else none. Validation: no transform (boxes stay in the ground truth's coordinates; the detectors resize
-    internally). ``data.val = None`` opens the ``test`` split of ``data.train``.
+    internally): ``data.val``, or when it is unset :func:`~detbalance.data.held_out_spec` of ``data.train``
+    (``None`` for a single COCO file: its images are the training images).
+
+    Raises:
+        ValueError: ``data.val`` labels its categories differently from ``data.train`` (names the first).
     """
     d: DataConfig = cfg.data
     plain = open_dataset(d.train, split="train", seed=seed)
@@ -71,12 +91,34 @@ def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDa
     else:
         train_tf = train_basic(flip=0.5)
     train = open_dataset(d.train, split="train", transforms=train_tf, seed=seed) if train_tf is not None else plain
-    val = open_dataset(d.val if d.val is not None else d.train, split="test", transforms=eval_transform(), seed=seed)
-    if val.num_classes != train.num_classes:
-        raise ValueError(
-            f"data.val has {val.num_classes} classes but data.train has {train.num_classes}; they must share labels"
-        )
+    val_spec = d.val if d.val is not None else held_out_spec(d.train)
+    if val_spec is None:
+        return train, None
+    val = open_dataset(val_spec, split="test", transforms=eval_transform(), seed=seed)
+    check_categories(
+        train.label_names, train.category_ids(), val.label_names, val.category_ids(),
+        expected=f"data.train {d.train!r}", got=f"data.val {val_spec!r}",
+    )
     return train, val
+
+
+def build_train_eval_set(cfg: ExperimentConfig, *, seed: int = 0) -> DetectionDataset:
+    """The training images without augmentation (``eval_transform``): for ``engine.eval_train`` and hooks."""
+    return open_dataset(cfg.data.train, split="train", transforms=eval_transform(), seed=seed)
+
+
+def build_hooks(cfg: ExperimentConfig) -> list[TrainingHook]:
+    """The :class:`~detbalance.engine.hooks.TrainingHook` list of ``cfg.remedy`` (empty for most remedies).
+
+    ``remedy.bootstrap``: offline bootstrapping's mining rounds
+    (:func:`detbalance.sampling.bootstrap.build_bootstrap_hook`).
+    """
+    hooks: list[TrainingHook] = []
+    if cfg.remedy.bootstrap is not None:
+        from detbalance.sampling.bootstrap import build_bootstrap_hook
+
+        hooks.append(build_bootstrap_hook(cfg.remedy.bootstrap))
+    return hooks
 
 
 def resolve_image_size(cfg: ExperimentConfig, dataset: DetectionDataset) -> int:
@@ -277,10 +319,8 @@ def build_model(
             from detbalance.detectors.retinanet import balance_retinanet
             from detbalance.losses import PositiveNormalizer
 
-            norm = r.normalizer
-            normalizer = PositiveNormalizer(
-                mode="per_batch" if norm is None else norm.mode, momentum=0.9 if norm is None else norm.momentum
-            )
+            norm = r.normalizer or NormalizerConfig()
+            normalizer = PositiveNormalizer(mode=norm.mode, momentum=norm.momentum)
             return balance_retinanet(
                 model,
                 cls_loss=cls_loss,
@@ -291,9 +331,7 @@ def build_model(
                 box_loss_weight=_loss_weight(r.box_loss),
             )
         case "faster_rcnn":
-            match r.roi_sampler:
-                case None:
-                    roi_sampler = FixedRatioRoISampler(num_samples=512, positive_fraction=0.25)
+            match r.roi_sampler or FixedRatioConfig():
                 case FixedRatioConfig(num_samples=n, positive_fraction=f):
                     roi_sampler = FixedRatioRoISampler(num_samples=n, positive_fraction=f)
                 case OHEMConfig(num_samples=n, nms_iou=nms, positive_fraction=f):
@@ -314,19 +352,18 @@ def build_model(
         case "ssd":
             from detbalance.detectors.ssd import balance_ssd
 
-            mining = r.ssd_mining
+            mining = r.ssd_mining or SSDMiningConfig()
             if cls_loss is not None and _loss_weight(r.cls_loss) != 1.0:
                 cls_loss = ScaledLoss(cls_loss, _loss_weight(r.cls_loss))
             if box_loss is not None and _loss_weight(r.box_loss) != 1.0:
                 box_loss = ScaledLoss(box_loss, _loss_weight(r.box_loss))
-            extra = {} if mining is None or mining.min_negatives is None else {"min_negatives": mining.min_negatives}
             return balance_ssd(
                 model,
-                negative_ratio=3.0 if mining is None else mining.negative_ratio,
+                negative_ratio=mining.negative_ratio,
+                min_negatives=mining.min_negatives,
                 cls_loss=cls_loss,
                 box_loss=box_loss,
                 recorder=recorder,
-                **extra,
             )
         case other:
             raise ValueError(f"model.arch: unknown {other!r}")
