@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"--config {str(config)!r} is a file that training into --output {str(output)!r} would replace; "
                 "copy it elsewhere, choose another --output, or continue that run with --resume"
             )
-    result = fit(cfg, output=output, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no held-out data")  # printed below as a note
+        result = fit(cfg, output=output, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
     if result.already_finished:
         print(f"{result.note}; evaluate it with: detbalance eval --checkpoint {result.checkpoint}")
         return 0

@@ -689,8 +689,8 @@ def _finished_run(
     """The :class:`FitResult` of a run that had already finished: its last evaluations, nothing new."""
     records = read_jsonl(metrics_file) if metrics_file.is_file() else []
     evals = [r for r in records if r.get("type") == "eval"]
-    val = [r["metrics"] for r in evals if r.get("split", "val") == "val"]
-    train = [r["metrics"] for r in evals if r.get("split") == "train"]
+    val = [_nan_for_none(r["metrics"]) for r in evals if r.get("split", "val") == "val"]
+    train = [_nan_for_none(r["metrics"]) for r in evals if r.get("split") == "train"]
     return FitResult(
         metrics=val[-1] if val else {},
         history=[],
@@ -705,6 +705,15 @@ def _finished_run(
         note=f"the run in {str(output)!r} had already finished (step {state['step']}); nothing was done",
         already_finished=True,
     )
+
+
+def _nan_for_none(x: Any) -> Any:
+    """Undo :func:`~detbalance.engine.files.json_safe` for metrics (``null`` was a NaN)."""
+    if x is None:
+        return math.nan
+    if isinstance(x, dict):
+        return {k: _nan_for_none(v) for k, v in x.items()}
+    return x
 
 
 def load_trained_model(
