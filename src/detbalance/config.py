@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import tomllib
@@ -531,7 +532,13 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        _check_combinations(self)
+        if not _DEFER_COMBINATIONS.get():
+            _check_combinations(self)
+
+
+# Set while apply_overrides applies a list of overrides: the rules that tie sections together are checked
+# once, on the result, so that ``--set engine.iterations=50 --set schedule.warmup_iters=5`` works in any order.
+_DEFER_COMBINATIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("defer_combinations", default=False)
 
 
 def _check_combinations(cfg: ExperimentConfig) -> None:
@@ -808,6 +815,16 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> Experime
     (for multi-choice sections set ``a.b.name`` first).
     """
     data = config_to_dict(cfg)
+    token = _DEFER_COMBINATIONS.set(True)
+    try:
+        cfg = _apply_each(data, cfg, overrides)
+    finally:
+        _DEFER_COMBINATIONS.reset(token)
+    _check_combinations(cfg)
+    return cfg
+
+
+def _apply_each(data: dict[str, Any], cfg: ExperimentConfig, overrides: Iterable[str]) -> ExperimentConfig:
     for text in overrides:
         path, value = parse_override(text)
         node: Any = data
