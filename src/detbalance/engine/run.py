@@ -562,8 +562,9 @@ def _fit(
             )
             step += 1
             losses = {k: float(v) for k, v in out.losses.items()}
+            step_seconds = time.perf_counter() - t0  # data loading included
             images += out.images * info.world_size
-            seconds += time.perf_counter() - t0
+            seconds += step_seconds
             images_per_s = images / seconds
             window_steps += 1
             for k, v in losses.items():
@@ -597,7 +598,7 @@ def _fit(
                 last_ckpt = ckpt_path
             if on_step is not None:
                 on_step(StepMetrics(step=step, epoch=epoch, batches=batch, loss=math.fsum(losses.values()),
-                                    losses=losses, lr=out.lr, images=out.images, seconds=seconds))
+                                    losses=losses, lr=out.lr, images=out.images, seconds=step_seconds))
             if recorder is not None:
                 recorder.start_step(step + 1)
             t0 = time.perf_counter()
