@@ -192,3 +192,13 @@ def test_hooks_run_after_their_steps_and_resume_with_their_state(tmp_path: Path,
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["hooks"] == [{"calls": 1}]
     fit(cfg, output=tmp_path / "cut", resume=True, progress=False)
     assert made[-1].calls == 1 and made[-1].seen == []  # restored, and not run again
+
+
+def test_loader_workers_do_not_change_the_data(tmp_path: Path) -> None:
+    """Each sample's flip comes from its own seed: 0 or 2 worker processes train the same weights."""
+    runs = [
+        fit(tiny_config("engine.iterations=2", f"data.num_workers={w}"), output=tmp_path / str(w), progress=False)
+        for w in (0, 2)
+    ]
+    a, b = (load_checkpoint(r.checkpoint)["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -213,9 +213,12 @@ class _SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA (0.6 ms)
+        try:
             return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
 
 
 class _BatchPlan:
