@@ -78,29 +78,24 @@ def test_output_with_files_but_no_run_is_refused_unless_overwrite(tmp_path: Path
 
 def test_resume_recovers_a_torn_last_line_and_removes_stale_temp_files(tmp_path: Path) -> None:
     cfg = tiny_config("engine.iterations=4", "engine.checkpoint_interval=2")
-    fit(cfg, output=tmp_path, progress=False)
-    records = _records(tmp_path / "metrics.jsonl")
-    # what a crash leaves: the records up to the checkpoint at step 2, a torn line, a checkpoint temp file
-    kept = [r for r in records if r["step"] <= 2]
-    from detbalance.engine import load_checkpoint, save_checkpoint
-
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    cut = tiny_config("engine.iterations=4", "engine.checkpoint_interval=2")
-    cut_dir = tmp_path / "cut"
+    full = fit(cfg, output=tmp_path / "full", progress=False)
+    cut = tmp_path / "cut"
     with pytest.raises(_Stop):
-        fit(cut, output=cut_dir, progress=False, on_step=_stop_at(3))
-    text = "".join(json.dumps(r) + "\n" for r in kept) + '{"type": "train", "step": 3, "lo'
-    (cut_dir / "metrics.jsonl").write_text(text)
-    stale = cut_dir / ".checkpoint.pt.abc123.tmp"
+        fit(cfg, output=cut, progress=False, on_step=_stop_at(3))
+    # what a crash leaves: the records up to step 3, the last one torn; a checkpoint temp file
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 3
+    (cut / "metrics.jsonl").write_text("".join(x + "\n" for x in lines[:-1]) + lines[-1][:20])
+    stale = cut / ".checkpoint.pt.abc123.tmp"
     stale.write_bytes(b"partial")
     with pytest.warns(RuntimeWarning) as caught:
-        resumed = fit(cut, output=cut_dir, resume=True, progress=False)
+        resumed = fit(cfg, output=cut, resume=True, progress=False)
     messages = [str(w.message) for w in caught]
-    assert any(f"{cut_dir / 'metrics.jsonl'}:{len(kept) + 1}: dropped a torn last line" in m for m in messages)
-    assert any(f"removed {stale}" in m for m in messages)
+    assert any(f"{cut / 'metrics.jsonl'}:{len(lines)}: dropped a torn last line" in m for m in messages), messages
+    assert any(f"removed {stale}" in m for m in messages), messages
     assert not stale.exists()
-    assert [(r["type"], r["step"]) for r in _records(resumed.metrics_file)] == [(r["type"], r["step"]) for r in records]
-    assert state["step"] == 4
+    steps = [(r["type"], r["step"], r.get("losses")) for r in _records(resumed.metrics_file)]
+    assert steps == [(r["type"], r["step"], r.get("losses")) for r in _records(full.metrics_file)]
 
 
 class _Stop(Exception):
