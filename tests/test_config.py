@@ -241,3 +241,16 @@ def test_defaults_live_in_the_dataclasses() -> None:
     assert load_toml("[model]\narch = 'ssd'\n[remedy.ssd_mining]\nnegative_ratio = 3.0\n").remedy.ssd_mining.min_negatives == 0
     engine = EngineConfig()
     assert engine.eval_train is False and engine.sync_bn is False
+
+
+def test_builders_take_their_defaults_from_the_dataclasses() -> None:
+    from detbalance.builders import build_model
+    from detbalance.config import SSDMiningConfig, apply_overrides
+
+    ssd = apply_overrides(ExperimentConfig(), ["model.arch=ssd", "model.image_size=64"])
+    model = build_model(ssd, num_classes=3, image_size=64)
+    assert (model.negative_ratio, model.min_negatives) == (3.0, 0) == (
+        SSDMiningConfig().negative_ratio, SSDMiningConfig().min_negatives)
+    mined = apply_overrides(ssd, ["remedy.ssd_mining.min_negatives=5", "remedy.ssd_mining.negative_ratio=2.0"])
+    model = build_model(mined, num_classes=3, image_size=64)
+    assert (model.negative_ratio, model.min_negatives) == (2.0, 5)

@@ -146,3 +146,17 @@ def test_without_a_terminal_progress_is_plain_lines_with_the_summary_throughput(
     assert matches[-1].group(2) == f"{result.images_per_s:.1f}"  # the last progress figure is the summary's
     train = [r for r in result.history if r["type"] == "train"]
     assert train[-1]["images_per_s"] == pytest.approx(result.images_per_s)
+
+
+def test_resume_refuses_training_data_whose_categories_changed(tmp_path: Path, coco_train: Path) -> None:
+    data = json.loads(coco_train.read_text())
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(data))
+    (tmp_path / "images").symlink_to(coco_train.parent / "images")
+    cfg = tiny_config(f"data.train={ann}", "engine.iterations=3", "engine.checkpoint_interval=1")
+    with pytest.warns(UserWarning, match="no held-out data"), pytest.raises(_Stop):
+        fit(cfg, output=tmp_path / "run", progress=False, on_step=_stop_at(2))
+    data["categories"][0]["name"] = "renamed"
+    ann.write_text(json.dumps(data))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"label 1 is 'renamed' \(category id 1\) in data.train"):
+        fit(cfg, output=tmp_path / "run", resume=True, progress=False)

@@ -57,7 +57,7 @@ from detbalance.builders import (
     resolve_image_size,
 )
 from detbalance.config import ExperimentConfig, config_to_dict, dump_toml, load_toml
-from detbalance.data import DetectionDataset, collate_detection
+from detbalance.data import DetectionDataset, check_categories, collate_detection
 from detbalance.detectors import BalanceRecorder
 from detbalance.engine.checkpoint import (
     CheckpointError,
@@ -464,6 +464,10 @@ def _fit(
         torch.backends.cudnn.benchmark = False
     seed_everything(e.seed)
     train_set, val_set = build_datasets(cfg, seed=cfg.data.seed)
+    if state is not None:  # the files under data.train may have changed since the checkpoint
+        check_categories(state["label_names"], state.get("category_ids"), train_set.label_names,
+                         train_set.category_ids(), expected=f"checkpoint {str(ckpt_path)!r}",
+                         got=f"data.train {cfg.data.train!r}")
     hooks = build_hooks(cfg)
     train_eval_set = build_train_eval_set(cfg, seed=cfg.data.seed) if e.eval_train or hooks else None
     image_size = resolve_image_size(cfg, train_set)
