@@ -158,5 +158,5 @@ def test_resume_refuses_training_data_whose_categories_changed(tmp_path: Path, c
         fit(cfg, output=tmp_path / "run", progress=False, on_step=_stop_at(2))
     data["categories"][0]["name"] = "renamed"
     ann.write_text(json.dumps(data))
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"label 1 is 'renamed' \(category id 1\) in data.train"):
+    with pytest.raises(ValueError, match=r"label 1 is 'renamed' \(category id 1\) in data.train"):
         fit(cfg, output=tmp_path / "run", resume=True, progress=False)
