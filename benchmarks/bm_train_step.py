@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--losses-suite", action="store_true",
                         help="also: every RetinaNet losses-suite arm vs vanilla, data loading included, interleaved")
     parser.add_argument("--suite-batch", type=int, default=16, help="batch of the losses-suite measurement")
-    parser.add_argument("--steps", type=int, default=5, help="optimiser steps per arm per round (losses suite)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (losses suite)")
+    parser.add_argument("--steps", type=int, default=1, help="optimiser steps per arm per round (losses suite)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (losses suite)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (losses suite)")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
