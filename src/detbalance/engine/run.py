@@ -18,7 +18,8 @@ Files in ``output``:
 * ``config.toml``: the resolved config (``load_config`` reads it back identically);
 * ``metrics.jsonl``: one JSON object per line, ``{"type": "train", "step", "epoch", "lr", "loss",
   "losses": {...}, "images_per_s"}`` every ``engine.log_interval`` steps (losses averaged over the steps
-  and, under DDP, over the processes), ``{"type": "eval", "split": "val" | "train", "step",
+  and, under DDP, over the processes; images per second of training, data loading included, since the
+  start of this call: the figure the progress display and :class:`FitResult` show), ``{"type": "eval", "split": "val" | "train", "step",
   "metrics": {...}}`` after each evaluation and one record per hook run (see :mod:`.hooks`);
 * ``balance.jsonl`` (``engine.record``): a ``{"loss_bin_edges": [...]}`` line, then the
   :class:`BalanceRecorder` records, one per step (what ``analysis.plots.plot_run`` reads);
