@@ -22,6 +22,15 @@ same detector. Targets checked (on a real run, never in ``--smoke``): each adapt
 torchvision adds at most 10 % to a vanilla step; OHEM's step is at most 1.3x the fixed-ratio step and
 faster than the naive zeroed-loss OHEM; the interleaved OHEM/fixed ratio at B = 64 is at most 1.3.
 
+RetinaNet, the losses suite (``--losses-suite``, issue 13): every arm of ``detbalance compare --suite
+losses`` (CE, alpha-CE, focal, GHM-C, GHM-C + GHM-R; the compare recipe: AdamW, batch 16, 128 px,
+builtin:default) and the vanilla torchvision RetinaNet on the same backbone, each trained as :func:`fit`
+trains it (channels-last, flush-denormal, deterministic algorithms, flips) with the data loading
+included: images per second over ``--steps`` optimiser steps per round, the arms **interleaved** round
+by round (``--rounds``) so that a change in machine load hits every arm alike; the median over rounds and
+the ratio to vanilla (the adapter's overhead) are reported, with the load average before and after.
+Targets: every arm >= 150 img/s on 2 threads and <= 1.10x vanilla's time per image.
+
 Output: ``benchmarks/results/<version>/train_step--<device>.json`` and a markdown table next to it
 (``.md``). ``--smoke`` runs every variant once at a tiny size without timing claims and writes to a
 temporary directory unless ``--out`` is given.
@@ -30,11 +39,13 @@ Usage::
 
     python benchmarks/bm_train_step.py --device cuda            # real numbers
     python benchmarks/bm_train_step.py --smoke                  # CI: every variant runs once
+    python benchmarks/bm_train_step.py --device cpu --detectors retinanet --losses-suite --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -47,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_memory_bytes, ratio, run_metadata, time_us, write_report  # noqa: E402
+from common import peak_memory_bytes, ratio, run_metadata, synchronize, time_us, write_report  # noqa: E402
 from detbalance.detectors.build import build_detector  # noqa: E402
 from detbalance.detectors.faster_rcnn import BalancedRoIHeads, balance_faster_rcnn, roi_losses  # noqa: E402
 from detbalance.sampling import FixedRatioSampler as FixedRatioRoISampler  # noqa: E402
@@ -257,6 +268,79 @@ def interleaved_ohem_vs_fixed(images: list[Tensor], targets: list[dict[str, Any]
     }
 
 
+# ------------------------------------------------------------------------------------------ losses suite
+def losses_suite_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Images/s of every losses-suite arm and of vanilla torchvision, data loading included, interleaved."""
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader
+
+    from detbalance.builders import build_datasets, build_model, build_optimizer, resolve_image_size
+    from detbalance.compare import suite_configs
+    from detbalance.data import collate_detection
+    from detbalance.engine import train_step
+
+    steps, rounds = (1, 1) if args.smoke else (args.steps, args.rounds)
+    arms = suite_configs("losses", preset="tiny" if args.smoke else None, iters=1000, seed=0,
+                         batch_size=args.suite_batch, device=str(device))
+    cfg0 = replace(arms[0][1], model=replace(arms[0][1].model, image_size=args.image_size),
+                   data=replace(arms[0][1].data, num_workers=args.workers))
+    train_set, _ = build_datasets(cfg0, seed=0)
+    size = resolve_image_size(cfg0, train_set)
+    loader = DataLoader(train_set, batch_size=args.suite_batch, shuffle=True, drop_last=True,
+                        collate_fn=collate_detection, num_workers=args.workers,
+                        generator=torch.Generator().manual_seed(0), persistent_workers=args.workers > 0)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # an endless stream of passes
+    torch.set_flush_denormal(device.type == "cpu")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def vanilla(cfg):
+        torch.manual_seed(0)
+        m = cfg.model
+        return build_detector(m.arch, num_classes=train_set.num_classes, backbone=m.backbone, image_size=size,
+                              norm=m.norm, head_convs=m.head_convs)
+
+    def adapted(cfg):
+        torch.manual_seed(0)
+        return build_model(replace(cfg, model=cfg0.model), num_classes=train_set.num_classes, image_size=size)
+
+    setups = {"vanilla": (vanilla(cfg0), cfg0)}
+    for method, cfg in arms:
+        setups[method.key] = (adapted(cfg), cfg)
+    trainers = {}
+    for key, (model, cfg) in setups.items():
+        model = model.to(device).train()
+        if device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        trainers[key] = (model, build_optimizer(model, cfg.optim))
+        train_step(model, trainers[key][1], [next(batches)], step=1, device=device)  # warm-up
+    per_round: dict[str, list[float]] = {k: [] for k in trainers}
+    load_before = os.getloadavg()
+    for _ in range(rounds):
+        for key, (model, optimizer) in trainers.items():
+            t0, images = time.perf_counter(), 0
+            for s in range(steps):
+                images += train_step(model, optimizer, [next(batches)], step=s + 1, device=device).images
+            synchronize(device)
+            per_round[key].append(images / (time.perf_counter() - t0))
+        print("  round: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in per_round.items()), flush=True)
+    load_after = os.getloadavg()
+    med = {k: statistics.median(v) for k, v in per_round.items()}
+    rows = [{"arm": k, "images_per_s_median": None if args.smoke else med[k],
+             "images_per_s_rounds": None if args.smoke else per_round[k],
+             "time_vs_vanilla": None if args.smoke else med["vanilla"] / med[k]} for k in per_round]
+    arms_only = [r for r in rows if r["arm"] != "vanilla"]
+    return {
+        "batch": args.suite_batch, "image_size": size, "workers": args.workers, "steps_per_round": steps,
+        "rounds": rounds, "load_average_before": list(load_before), "load_average_after": list(load_after),
+        "rows": rows,
+        "targets_met": None if args.smoke else {
+            "every_arm_ge_150_img_s": all(r["images_per_s_median"] >= 150 for r in arms_only),
+            "adapter_overhead_le_1.10": all(r["time_vs_vanilla"] <= 1.10 for r in arms_only),
+        },
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -288,6 +372,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["time_vs_vanilla"] = ratio(r.get("median_ms"), v.get("median_ms"))
         r["mem_vs_vanilla"] = ratio(r.get("peak_mem_mb"), v.get("peak_mem_mb"))
     by = {(r["detector"], r["remedy"]): r for r in rows}
+    losses_suite = None
+    if args.losses_suite:
+        losses_suite = losses_suite_throughput(args, device)
 
     def t(remedy: str) -> float | None:
         return by.get(("faster_rcnn", remedy), {}).get("median_ms")
@@ -317,6 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "interleaved_faster_rcnn": interleaved,
         "comparisons": comparisons,
         "targets_met": targets_met,
+        "losses_suite": losses_suite,
     }
 
 
@@ -349,6 +437,17 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"| {k} | {f(v, '.2f')} |" for k, v in report["comparisons"].items()]
     if report["targets_met"] is not None:
         lines += ["", "Targets: " + ", ".join(f"{k}: {v}" for k, v in report["targets_met"].items())]
+    suite = report.get("losses_suite")
+    if suite is not None:
+        load = f"load average {suite['load_average_before'][0]:.2f} -> {suite['load_average_after'][0]:.2f}"
+        lines += ["", f"RetinaNet, losses suite, data loading included (batch {suite['batch']}, {suite['image_size']} px, "
+                  f"{suite['workers']} loader workers, {suite['rounds']} interleaved rounds of "
+                  f"{suite['steps_per_round']} steps, {load})", "",
+                  "| arm | img/s (median) | time / vanilla |", "|---|---:|---:|"]
+        lines += [f"| {r['arm']} | {f(r['images_per_s_median'], '.1f')} | {f(r['time_vs_vanilla'], '.2f')} |"
+                  for r in suite["rows"]]
+        if suite["targets_met"] is not None:
+            lines += ["", "Targets: " + ", ".join(f"{k}: {v}" for k, v in suite["targets_met"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -365,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (timer and torch)")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per variant for the timer")
     parser.add_argument("--reps", type=int, default=15, help="rounds of the interleaved OHEM / fixed timing")
+    parser.add_argument("--losses-suite", action="store_true",
+                        help="also: every RetinaNet losses-suite arm vs vanilla, data loading included, interleaved")
+    parser.add_argument("--suite-batch", type=int, default=16, help="batch of the losses-suite measurement")
+    parser.add_argument("--steps", type=int, default=1, help="optimiser steps per arm per round (losses suite)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (losses suite)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (losses suite)")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -50,9 +50,55 @@ def test_train_then_eval_then_resume(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert metrics["per_class"] == lines[-1]["metrics"]["per_class"]  # same model, same test split
     assert metrics["AP"] == lines[-1]["metrics"]["AP"]
 
-    # resuming a finished run trains nothing more and evaluates again
+    # resuming a finished run does nothing and says so (no duplicate eval record, no "nan images/s")
+    before = (run / "metrics.jsonl").read_text()
     assert main(["train", "--output", str(run), "--resume", "--no-progress"]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert f"the run in '{run}' had already finished (step 2); nothing was done" in out and "nan train images/s" not in out
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_train_on_one_coco_file_reports_no_held_out_ap_and_eval_needs_data(
+    tmp_path: Path, coco_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ann = coco_dir / "annotations.json"
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(ann), *TINY, "--output", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "AP50" not in out and "note: no held-out data" in out
+    assert main(["eval", "--checkpoint", str(run / "checkpoint.pt")]) == 1
+    assert "--data is needed: the run has no held-out data" in _error_line(capsys)
+    # on request, the training images: labelled as such
+    assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(ann),
+                 "--output", str(tmp_path / "m.json")]) == 0
+    assert "TRAINING-SET AP" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text())["held_out"] is False
+    # a test set whose category ids are in another order is refused, naming the first mismatch
+    data = json.loads(ann.read_text())
+    first, second = data["categories"][0]["name"], data["categories"][1]["name"]
+    data["categories"][0]["name"], data["categories"][1]["name"] = second, first
+    swapped = coco_dir / "swapped.json"
+    swapped.write_text(json.dumps(data))
+    assert main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(swapped)]) == 1
+    line = _error_line(capsys)
+    assert f"label 1 is '{second}' (category id 1) in --data '{swapped}' but '{first}' (category id 1)" in line
+
+
+def test_train_output_never_replaces_user_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "config.toml"
+    mine.write_text("# my notes\n[engine]\niterations = 2\n")
+    args = ["train", "--config", str(mine), *TINY, "--output", str(out)]
+    assert main(args) == 1
+    assert "would replace" in _error_line(capsys)
+    assert main([*args, "--overwrite"]) == 1  # not even with --overwrite: it is the file passed in
+    assert "would replace" in _error_line(capsys)
+    assert mine.read_text() == "# my notes\n[engine]\niterations = 2\n"
+    (tmp_path / "metrics.jsonl").write_text("x")
+    assert main(["train", *TINY, "--output", str(tmp_path)]) == 1
+    assert "holds files but no run: metrics.jsonl, out" in _error_line(capsys)
+    assert (tmp_path / "metrics.jsonl").read_text() == "x"
 
 
 def test_make_data_then_train_on_the_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -220,3 +220,37 @@ def test_load_config_file_and_errors(tmp_path: Path) -> None:
 def test_config_from_dict_accepts_dataclass_values() -> None:
     cfg = config_from_dict({"model": {"arch": "faster_rcnn"}, "remedy": {"roi_sampler": FixedRatioConfig(num_samples=64)}})
     assert cfg.remedy.roi_sampler == FixedRatioConfig(num_samples=64)
+
+
+def test_warmup_as_long_as_the_run_is_an_error() -> None:
+    from detbalance.config import apply_overrides
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "retinanet_focal.toml")
+    err = _error(apply_overrides, cfg, ["engine.iterations=50"])
+    assert str(err).startswith("schedule.warmup_iters: 200 warm-up steps would cover the whole run of engine.iterations = 50")
+    assert "--set schedule.warmup_iters=5" in str(err)
+    ok = apply_overrides(cfg, ["engine.iterations=50", "schedule.warmup_iters=5"])
+    assert ok.schedule.warmup_iters == 5 and ok.engine.iterations == 50
+
+
+def test_defaults_live_in_the_dataclasses() -> None:
+    from detbalance.config import SSDMiningConfig
+
+    # an unset min_negatives is torchvision's SSD (0), not a silent 3
+    assert SSDMiningConfig().min_negatives == 0
+    assert load_toml("[model]\narch = 'ssd'\n[remedy.ssd_mining]\nnegative_ratio = 3.0\n").remedy.ssd_mining.min_negatives == 0
+    engine = EngineConfig()
+    assert engine.eval_train is False and engine.sync_bn is False
+
+
+def test_builders_take_their_defaults_from_the_dataclasses() -> None:
+    from detbalance.builders import build_model
+    from detbalance.config import SSDMiningConfig, apply_overrides
+
+    ssd = apply_overrides(ExperimentConfig(), ["model.arch=ssd", "model.image_size=64"])
+    model = build_model(ssd, num_classes=3, image_size=64)
+    assert (model.negative_ratio, model.min_negatives) == (3.0, 0) == (
+        SSDMiningConfig().negative_ratio, SSDMiningConfig().min_negatives)
+    mined = apply_overrides(ssd, ["remedy.ssd_mining.min_negatives=5", "remedy.ssd_mining.negative_ratio=2.0"])
+    model = build_model(mined, num_classes=3, image_size=64)
+    assert (model.negative_ratio, model.min_negatives) == (2.0, 5)

@@ -8,7 +8,7 @@ also be built by hand in a user's own script.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,13 +24,26 @@ from detbalance.config import (
     GHMRConfig,
     GIoUConfig,
     L1Config,
+    NormalizerConfig,
     OptimConfig,
     RemedyConfig,
     ScheduleConfig,
     SmoothL1Config,
+    SSDMiningConfig,
 )
-from detbalance.data import DetectionDataset, eval_transform, open_dataset, train_basic, train_ssd
+from detbalance.data import (
+    DetectionDataset,
+    check_categories,
+    eval_transform,
+    held_out_spec,
+    open_dataset,
+    train_basic,
+    train_ssd,
+)
 from detbalance.detectors import BalanceRecorder
+
+if TYPE_CHECKING:
+    from detbalance.engine.hooks import TrainingHook
 
 __all__ = [
     "WarmupSchedule",
@@ -38,10 +51,12 @@ __all__ = [
     "build_class_weights",
     "build_cls_loss",
     "build_datasets",
+    "build_hooks",
     "build_model",
     "build_optimizer",
     "build_repeat_factors",
     "build_scheduler",
+    "build_train_eval_set",
     "class_counts",
     "resolve_image_size",
 ]
@@ -50,12 +65,16 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------- data
 
 
-def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
-    """``(train, val)`` datasets with the architecture's transforms.
+def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset | None]:
+    """``(train, val)`` datasets with the architecture's transforms; ``val`` is ``None`` without held-out data.
 
     Training: horizontal flips (SSD: the SSD augmentation at ``model.image_size``) when ``data.augment``,
     else none. Validation: no transform (boxes stay in the ground truth's coordinates; the detectors resize
-    internally). ``data.val = None`` opens the ``test`` split of ``data.train``.
+    internally): ``data.val``, or when it is unset :func:`~detbalance.data.held_out_spec` of ``data.train``
+    (``None`` for a single COCO file: its images are the training images).
+
+    Raises:
+        ValueError: ``data.val`` labels its categories differently from ``data.train`` (names the first).
     """
     d: DataConfig = cfg.data
     plain = open_dataset(d.train, split="train", seed=seed)
@@ -67,12 +86,34 @@ def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDa
     else:
         train_tf = train_basic(flip=0.5)
     train = open_dataset(d.train, split="train", transforms=train_tf, seed=seed) if train_tf is not None else plain
-    val = open_dataset(d.val if d.val is not None else d.train, split="test", transforms=eval_transform(), seed=seed)
-    if val.num_classes != train.num_classes:
-        raise ValueError(
-            f"data.val has {val.num_classes} classes but data.train has {train.num_classes}; they must share labels"
-        )
+    val_spec = d.val if d.val is not None else held_out_spec(d.train)
+    if val_spec is None:
+        return train, None
+    val = open_dataset(val_spec, split="test", transforms=eval_transform(), seed=seed)
+    check_categories(
+        train.label_names, train.category_ids(), val.label_names, val.category_ids(),
+        expected=f"data.train {d.train!r}", got=f"data.val {val_spec!r}",
+    )
     return train, val
+
+
+def build_train_eval_set(cfg: ExperimentConfig, *, seed: int = 0) -> DetectionDataset:
+    """The training images without augmentation (``eval_transform``): for ``engine.eval_train`` and hooks."""
+    return open_dataset(cfg.data.train, split="train", transforms=eval_transform(), seed=seed)
+
+
+def build_hooks(cfg: ExperimentConfig) -> list[TrainingHook]:
+    """The :class:`~detbalance.engine.hooks.TrainingHook` list of ``cfg.remedy`` (empty for most remedies).
+
+    ``remedy.bootstrap``: offline bootstrapping's mining rounds
+    (:func:`detbalance.sampling.bootstrap.build_bootstrap_hook`).
+    """
+    hooks: list[TrainingHook] = []
+    if cfg.remedy.bootstrap is not None:
+        from detbalance.sampling.bootstrap import build_bootstrap_hook
+
+        hooks.append(build_bootstrap_hook(cfg.remedy.bootstrap))
+    return hooks
 
 
 def resolve_image_size(cfg: ExperimentConfig, dataset: DetectionDataset) -> int:
@@ -241,15 +282,6 @@ def build_roi_sampler(remedy: RemedyConfig) -> Any:
     return sampler
 
 
-def build_training_hooks(cfg: ExperimentConfig) -> list[Any]:
-    """Training hooks of the remedy (offline bootstrapping's mining rounds), for the engine to call."""
-    if cfg.remedy.bootstrap is None:
-        return []
-    from detbalance.sampling import build_bootstrap_hook
-
-    return [build_bootstrap_hook(cfg.remedy.bootstrap)]
-
-
 def build_model(
     cfg: ExperimentConfig,
     *,
@@ -286,10 +318,8 @@ def build_model(
             from detbalance.detectors.retinanet import balance_retinanet
             from detbalance.losses import PositiveNormalizer
 
-            norm = r.normalizer
-            normalizer = PositiveNormalizer(
-                mode="per_batch" if norm is None else norm.mode, momentum=0.9 if norm is None else norm.momentum
-            )
+            norm = r.normalizer or NormalizerConfig()
+            normalizer = PositiveNormalizer(mode=norm.mode, momentum=norm.momentum)
             return balance_retinanet(
                 model,
                 cls_loss=cls_loss,
@@ -314,16 +344,14 @@ def build_model(
         case "ssd":
             from detbalance.detectors.ssd import balance_ssd
 
-            mining = r.ssd_mining
-            # min_negatives None = 0: no negative from an image without objects (the SSD paper, torchvision).
-            extra = {"min_negatives": 0 if mining is None or mining.min_negatives is None else mining.min_negatives}
+            mining = r.ssd_mining or SSDMiningConfig()
             return balance_ssd(
                 model,
-                negative_ratio=3.0 if mining is None else mining.negative_ratio,
+                negative_ratio=mining.negative_ratio,
+                min_negatives=mining.min_negatives,
                 cls_loss=cls_loss,
                 box_loss=box_loss,
                 recorder=recorder,
-                **extra,
             )
         case other:
             raise ValueError(f"model.arch: unknown {other!r}")

@@ -18,10 +18,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set engine.iterations=200 (repeatable)")
     p.add_argument("--output", type=Path, default=None, help="run folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write the run files into an --output that already holds files or a run (replacing it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     common(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (COCO AP)")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--data", default=None, help="evaluation data (default: the run's validation data)")
+    p.add_argument("--data", default=None,
+                   help="evaluation data (default: the run's held-out data; required when it has none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", type=Path, default=None, help="also write the metrics to this JSON file")
     common(p)
@@ -156,14 +159,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if output is None:
         stem = config.stem if config is not None else "train"
         output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = fit(cfg, output=output, resume=args.resume, progress=args.progress)
+    if config is not None and not args.resume:
+        from detbalance.engine.run import RUN_FILES
+
+        run_files = {(Path(output) / name).resolve() for name in RUN_FILES}
+        if Path(config).resolve() in run_files:
+            raise ValueError(
+                f"--config {str(config)!r} is a file that training into --output {str(output)!r} would replace; "
+                "copy it elsewhere, choose another --output, or continue that run with --resume"
+            )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no held-out data")  # printed below as a note
+        result = fit(cfg, output=output, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    if result.already_finished:
+        print(f"{result.note}; evaluate it with: detbalance eval --checkpoint {result.checkpoint}")
+        return 0
     try:
         from detbalance.analysis.plots import plot_run
     except ImportError:
         plot_run = None
     if plot_run is not None and result.metrics_file.is_file():
         plot_run(output)
-    _print_metrics(result.metrics)
+    if result.metrics:
+        _print_metrics(result.metrics)
+    if result.train_metrics is not None:
+        print("TRAINING-SET AP (the training images, not held out):")
+        _print_metrics(result.train_metrics)
+    if result.note is not None:
+        print(f"note: {result.note}")
     print(f"run folder: {output}  ({result.images_per_s:.1f} train images/s)")
     return 0
 
@@ -172,31 +195,45 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from detbalance.data import collate_detection, eval_transform, open_dataset
+    from detbalance.data import (
+        check_categories,
+        collate_detection,
+        eval_transform,
+        held_out_spec,
+        open_dataset,
+        resolve_annotation_file,
+    )
     from detbalance.engine.evaluate import evaluate
+    from detbalance.engine.files import write_json
     from detbalance.engine.run import load_trained_model
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, cfg, info = load_trained_model(args.checkpoint)
-    spec = args.data if args.data is not None else (cfg.data.val if cfg.data.val is not None else cfg.data.train)
-    dataset = open_dataset(spec, split="test", transforms=eval_transform(), seed=cfg.data.seed)
-    if dataset.num_classes != info["num_classes"]:
+    spec = args.data if args.data is not None else (cfg.data.val or held_out_spec(cfg.data.train))
+    if spec is None:
         raise ValueError(
-            f"--data {spec!r} has {dataset.num_classes} classes, the checkpoint's model {info['num_classes']}"
+            f"--data is needed: the run has no held-out data (data.val is unset and data.train "
+            f"{cfg.data.train!r} is a single COCO file, whose images it trained on)"
         )
+    dataset = open_dataset(spec, split="test", transforms=eval_transform(), seed=cfg.data.seed)
+    check_categories(
+        info["label_names"], info["category_ids"], dataset.label_names, dataset.category_ids(),
+        expected=f"the checkpoint {str(args.checkpoint)!r}", got=f"--data {str(spec)!r}",
+    )
+    train_file = resolve_annotation_file(cfg.data.train, split="train")
+    held_out = train_file is None or resolve_annotation_file(spec, split="test") != train_file
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_detection)
     device = torch.device("cpu")
     if cfg.engine.device != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda")
         model.to(device)
     metrics = evaluate(model, loader, device=device)
+    if not held_out:
+        print(f"TRAINING-SET AP: --data {str(spec)!r} holds the images the run trained on (not held out)")
     _print_metrics(metrics)
     if args.output is not None:
-        from detbalance.engine.run import _json_safe
-
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
+        write_json(args.output, {"data": str(spec), "held_out": held_out, **metrics})
     return 0
 
 

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import tomllib
@@ -319,12 +320,12 @@ class SSDMiningConfig:
     """SSD hard negative mining (Liu et al., 2016): keep the highest-loss negatives at ``ratio : 1``.
 
     ``negative_ratio = None`` (``"none"`` in TOML) turns mining off: every negative counts, which is what
-    a softmax focal loss over all boxes wants. ``min_negatives = None`` means 0, as the paper and
-    torchvision: an image without objects gives no negative.
+    a softmax focal loss over all boxes wants. ``min_negatives``: negatives kept in an image without
+    objects; 0 (the default) is torchvision's SSD, where such an image contributes no classification loss.
     """
 
     negative_ratio: float | None = 3.0
-    min_negatives: int | None = None
+    min_negatives: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -333,7 +334,7 @@ class SSDMiningConfig:
             f"must be > 0 or none, got {self.negative_ratio}",
         )
         _require(
-            self.min_negatives is None or self.min_negatives >= 0,
+            self.min_negatives >= 0,
             "min_negatives",
             f"must be >= 0, got {self.min_negatives}",
         )
@@ -393,10 +394,13 @@ class BootstrapConfig:
 class DataConfig:
     """Datasets: ``builtin[:preset]`` (the synthetic benchmark) or a COCO json path.
 
-    ``val = None`` evaluates on the ``test`` split of ``train`` (for a COCO file: the same file; for a
-    folder: its ``test.json``); ``augment`` picks the architecture's training transforms (flips / SSD
-    augmentation) or none; ``seed`` is the built-in benchmark's generation seed. ``num_workers > 0``
-    loads in worker processes (deterministic per pass, but a mid-pass resume is bit-exact only with 0).
+    ``val = None`` evaluates on the held-out data that goes with ``train`` (:func:`detbalance.data.held_out_spec`:
+    a built-in benchmark's ``test`` split, a folder's ``test.json``); a single COCO file has none, so the
+    run is not evaluated (``engine.eval_train`` adds a training-set AP, labelled as such). ``augment`` picks
+    the architecture's training transforms (flips / SSD augmentation) or none; ``seed`` is the built-in
+    benchmark's generation seed. ``num_workers > 0`` loads and augments in worker processes; each sample's
+    augmentation is drawn from its own seed ``(engine.seed, pass, position)``, so the data do not depend on
+    the number of workers and a resume is bit-exact with any value.
     """
 
     train: str = "builtin:tiny"
@@ -502,7 +506,10 @@ class EngineConfig:
     each pass is reshuffled from ``(seed, pass)``); one step consumes ``accumulate`` batches of
     ``batch_size`` images per process. ``eval_interval`` / ``checkpoint_interval`` ``None``: only at the end.
     ``device = "auto"`` takes CUDA when available. ``amp`` autocasts (fp16 + grad scaler on CUDA,
-    bf16 on CPU). ``record`` attaches a ``BalanceRecorder`` and writes ``recorder.jsonl``."""
+    bf16 on CPU). ``record`` attaches a ``BalanceRecorder`` and writes ``recorder.jsonl``.
+    ``eval_train`` also evaluates on the training images (no augmentation), logged with ``"split":
+    "train"``: a measure of fit, not of generalisation. ``sync_bn`` converts BatchNorm layers to
+    ``SyncBatchNorm`` under DDP (CUDA only), so that batch statistics are taken over all processes."""
 
     iterations: int = 1000
     batch_size: int = 8
@@ -516,6 +523,8 @@ class EngineConfig:
     amp: bool = False
     deterministic: bool = True
     record: bool = False
+    eval_train: bool = False
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
@@ -544,7 +553,13 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        _check_combinations(self)
+        if not _DEFER_COMBINATIONS.get():
+            _check_combinations(self)
+
+
+# Set while apply_overrides applies a list of overrides: the rules that tie sections together are checked
+# once, on the result, so that ``--set engine.iterations=50 --set schedule.warmup_iters=5`` works in any order.
+_DEFER_COMBINATIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("defer_combinations", default=False)
 
 
 def _check_combinations(cfg: ExperimentConfig) -> None:
@@ -584,6 +599,13 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
     if isinstance(r.box_loss, GIoUConfig) and arch != "retinanet":
         raise ConfigError("remedy.box_loss", f"GIoU needs decoded boxes; only 'retinanet' provides them, got {arch!r}")
     e = cfg.engine
+    if cfg.schedule.warmup_iters >= e.iterations:
+        raise ConfigError(
+            "schedule.warmup_iters",
+            f"{cfg.schedule.warmup_iters} warm-up steps would cover the whole run of engine.iterations = "
+            f"{e.iterations} (the learning rate would never reach optim.lr); set schedule.warmup_iters below "
+            f"{e.iterations}, e.g. --set schedule.warmup_iters={e.iterations // 10}",
+        )
     if cfg.remedy.bootstrap is not None and e.iterations < cfg.remedy.bootstrap.rounds + 1:
         raise ConfigError(
             "remedy.bootstrap.rounds",
@@ -814,6 +836,16 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> Experime
     (for multi-choice sections set ``a.b.name`` first).
     """
     data = config_to_dict(cfg)
+    token = _DEFER_COMBINATIONS.set(True)
+    try:
+        cfg = _apply_each(data, cfg, overrides)
+    finally:
+        _DEFER_COMBINATIONS.reset(token)
+    _check_combinations(cfg)
+    return cfg
+
+
+def _apply_each(data: dict[str, Any], cfg: ExperimentConfig, overrides: Iterable[str]) -> ExperimentConfig:
     for text in overrides:
         path, value = parse_override(text)
         node: Any = data

@@ -469,3 +469,31 @@ def test_open_dataset_json_and_folder_layouts(coco, tmp_path):
         open_dataset(tmp_path / "missing.json", split="train")
     with pytest.raises(ValueError, match="is neither 'builtin'"):
         open_dataset("coco", split="train")
+
+
+def test_check_categories_names_the_first_mismatch():
+    from detbalance.data import check_categories
+
+    check_categories(["a", "b"], [1, 2], ["a", "b"], [1, 2], expected="x", got="y")
+    check_categories(["a", "b"], [1, 2], ["a", "b"], None, expected="x", got="y")  # ids unknown: names only
+    with pytest.raises(ValueError, match=r"^y does not match x \(2 vs 2 classes\): label 2 is 'b' \(category id 7\) "
+                                         r"in y but 'b' \(category id 2\) in x"):
+        check_categories(["a", "b"], [1, 2], ["a", "b"], [1, 7], expected="x", got="y")
+    with pytest.raises(ValueError, match=r"label 1 is 'b' in y but 'a' in x"):
+        check_categories(["a", "b"], None, ["b", "a"], None, expected="x", got="y")
+    with pytest.raises(ValueError, match=r"\(3 vs 2 classes\): label 3 is 'c' in y but missing in x"):
+        check_categories(["a", "b"], None, ["a", "b", "c"], None, expected="x", got="y")
+
+
+def test_held_out_spec_only_for_data_with_a_separate_test_split(tmp_path):
+    from detbalance.data import held_out_spec
+
+    assert held_out_spec("builtin:tiny") == "builtin:tiny"
+    ann = write_coco(make_benchmark("tiny", split="test"), tmp_path / "one")
+    assert held_out_spec(ann) is None and held_out_spec(tmp_path / "one") is None  # the training file itself
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train.json").write_text(ann.read_text())
+    (split / "test.json").write_text(ann.read_text())
+    assert held_out_spec(split) == str(split)
+    assert open_dataset(ann, split="test").category_ids() == [1, 2, 3, 4, 5]

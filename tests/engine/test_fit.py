@@ -104,17 +104,14 @@ def test_resume_refuses_other_config_and_existing_run(tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_names_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = run_module.train_one_epoch
+    real = run_module.train_step
 
-    def poisoned(*args, on_step, **kwargs):
-        def hook(m: StepMetrics) -> None:
-            on_step(m)
-            if m.step == 2:
-                raise NonFiniteLossError(3, {"classification": float("nan"), "bbox_regression": 0.5})
+    def poisoned(*args, step, **kwargs):
+        if step == 3:
+            raise NonFiniteLossError(3, {"classification": float("nan"), "bbox_regression": 0.5})
+        return real(*args, step=step, **kwargs)
 
-        return real(*args, on_step=hook, **kwargs)
-
-    monkeypatch.setattr(run_module, "train_one_epoch", poisoned)
+    monkeypatch.setattr(run_module, "train_step", poisoned)
     cfg = tiny_config("engine.iterations=4", "engine.checkpoint_interval=2")
     with pytest.raises(NonFiniteLossError) as info:
         fit(cfg, output=tmp_path, progress=False)
@@ -147,16 +144,61 @@ def test_pass_batches_orders() -> None:
         pass_batches(3, batch_size=4)
 
 
-def test_offline_bootstrapping_rounds(tmp_path: Path) -> None:
-    cfg = tiny_config(
-        "model.arch=faster_rcnn",
-        "remedy.bootstrap.rounds=1",
-        "remedy.bootstrap.score_threshold=0.0",
-        "engine.iterations=2",
-        "engine.batch_size=2",
-    )
-    result = fit(cfg, output=tmp_path, progress=False)
-    kinds = [(r["type"], r["step"], r.get("round")) for r in result.history]
-    assert kinds == [("train", 1, None), ("eval", 1, 0), ("bootstrap", 1, 1), ("train", 2, None), ("eval", 2, 1)]
-    state = load_checkpoint(result.checkpoint)
-    assert state["bootstrap_round"] == 1 and state["hard_negatives"] is not None
+class _CountingHook:
+    """A :class:`~detbalance.engine.hooks.TrainingHook` that counts its runs and checks what it is given."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seen: list[tuple[int, int, bool]] = []
+
+    def steps(self, total_steps: int) -> list[int]:
+        return [total_steps // 2]
+
+    def run(self, step, *, model, train_set, device) -> dict:
+        self.calls += 1
+        self.seen.append((step, len(train_set), model.training))
+        return {"type": "counting", "calls": self.calls}
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+
+
+def test_hooks_run_after_their_steps_and_resume_with_their_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from detbalance.engine.hooks import TrainingHook
+
+    made: list[_CountingHook] = []
+
+    def build_hooks(cfg):
+        made.append(_CountingHook())
+        return made[-1:]
+
+    monkeypatch.setattr(run_module, "build_hooks", build_hooks)
+    cfg = tiny_config("engine.iterations=4", "engine.checkpoint_interval=2")
+    result = fit(cfg, output=tmp_path / "full", progress=False)
+    assert isinstance(made[0], TrainingHook)
+    assert [(r["type"], r["step"]) for r in result.history if r["type"] != "train"] == [("counting", 2), ("eval", 4)]
+    assert made[0].seen == [(2, 64, True)]  # builtin:tiny has 64 training images, given without augmentation
+    assert load_checkpoint(result.checkpoint)["hooks"] == [{"calls": 1}]
+
+    def stop(m: StepMetrics) -> None:
+        if m.step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit(cfg, output=tmp_path / "cut", progress=False, on_step=stop)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["hooks"] == [{"calls": 1}]
+    fit(cfg, output=tmp_path / "cut", resume=True, progress=False)
+    assert made[-1].calls == 1 and made[-1].seen == []  # restored, and not run again
+
+
+def test_loader_workers_do_not_change_the_data(tmp_path: Path) -> None:
+    """Each sample's flip comes from its own seed: 0 or 2 worker processes train the same weights."""
+    runs = [
+        fit(tiny_config("engine.iterations=2", f"data.num_workers={w}"), output=tmp_path / str(w), progress=False)
+        for w in (0, 2)
+    ]
+    a, b = (load_checkpoint(r.checkpoint)["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,7 +5,13 @@ Every dataset yields ``(image Tensor[3, H, W] float32 in [0, 1], DetectionTarget
 ``to_coco_dict()`` without decoding images (see :class:`DetectionDataset`).
 """
 
-from detbalance.data.base import DatasetError, DetectionDataset, Transform, collate_detection
+from detbalance.data.base import (
+    DatasetError,
+    DetectionDataset,
+    Transform,
+    check_categories,
+    collate_detection,
+)
 from detbalance.data.benchmark import (
     PRESETS,
     BenchmarkDataset,
@@ -13,7 +19,13 @@ from detbalance.data.benchmark import (
     class_probabilities,
     make_benchmark,
 )
-from detbalance.data.coco import CocoDetection, open_dataset, write_coco
+from detbalance.data.coco import (
+    CocoDetection,
+    held_out_spec,
+    open_dataset,
+    resolve_annotation_file,
+    write_coco,
+)
 from detbalance.data.transforms import DetectionTransform, eval_transform, train_basic, train_ssd
 
 __all__ = [
@@ -25,11 +37,14 @@ __all__ = [
     "DetectionDataset",
     "DetectionTransform",
     "Transform",
+    "check_categories",
     "class_probabilities",
     "collate_detection",
     "eval_transform",
+    "held_out_spec",
     "make_benchmark",
     "open_dataset",
+    "resolve_annotation_file",
     "train_basic",
     "train_ssd",
     "write_coco",

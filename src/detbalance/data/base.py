@@ -140,6 +140,10 @@ class DetectionDataset(Dataset, ABC):
         """Sorted distinct labels (``1..K``) present in each image (the input of repeat-factor sampling)."""
         return [sorted(set(self.target(i)["labels"].tolist())) for i in range(len(self))]
 
+    def category_ids(self) -> list[int]:
+        """The source's category id of each label ``1..K`` (COCO ``categories[].id``; else ``1..K``)."""
+        return list(range(1, self.num_classes + 1))
+
     def to_coco_dict(self) -> dict[str, Any]:
         """COCO ground truth (bbox ``[x, y, w, h]``) with category ids equal to the labels ``1..K``.
 
@@ -209,3 +213,47 @@ def collate_detection(
     images = [item[0] for item in batch]
     targets = [item[1] for item in batch]
     return images, targets
+
+
+def check_categories(
+    expected_names: Sequence[str],
+    expected_ids: Sequence[int] | None,
+    got_names: Sequence[str],
+    got_ids: Sequence[int] | None,
+    *,
+    expected: str,
+    got: str,
+) -> None:
+    """Check that two sources give every label ``1..K`` the same category (name and, when both are known,
+    source category id).
+
+    Args:
+        expected_names / expected_ids: ``label_names`` and :meth:`DetectionDataset.category_ids` of the
+            reference (``None`` ids: not compared), e.g. the training data or a checkpoint.
+        got_names / got_ids: The same for the other source.
+        expected / got: What to call the two sources in the message (``"data.train"``, ``"--data 'x'"``).
+
+    Raises:
+        ValueError: naming the first label that differs, or the class counts.
+    """
+    for k in range(max(len(expected_names), len(got_names))):
+        a = _category(expected_names, expected_ids, k)
+        b = _category(got_names, got_ids, k)
+        if a != b and (a is None or b is None or a[0] != b[0] or None not in (a[1], b[1])):
+            raise ValueError(
+                f"{got} does not match {expected} ({len(got_names)} vs {len(expected_names)} classes): label "
+                f"{k + 1} is {_describe(b)} in {got} but {_describe(a)} in {expected}; the categories (names and "
+                "ids, in ascending id order) must be the same"
+            )
+
+
+def _category(names: Sequence[str], ids: Sequence[int] | None, k: int) -> tuple[str, int | None] | None:
+    if k >= len(names):
+        return None
+    return str(names[k]), (None if ids is None else int(ids[k]))
+
+
+def _describe(c: tuple[str, int | None] | None) -> str:
+    if c is None:
+        return "missing"
+    return repr(c[0]) if c[1] is None else f"{c[0]!r} (category id {c[1]})"

@@ -130,6 +130,9 @@ class CocoDetection(DetectionDataset):
             )
         return image
 
+    def category_ids(self) -> list[int]:
+        return [self.label_to_cat_id[k] for k in range(1, self.num_classes + 1)]
+
     def categories_per_image(self) -> list[list[int]]:
         out = []
         for i in range(len(self)):
@@ -447,6 +450,37 @@ def write_coco(dataset: DetectionDataset, out_dir: str | Path) -> Path:
     tmp.write_text(json.dumps(coco), encoding="utf-8")
     tmp.replace(ann_path)
     return ann_path
+
+
+def resolve_annotation_file(spec: str | Path, *, split: str) -> Path | None:
+    """The COCO json that :func:`open_dataset` reads for ``spec`` and ``split`` (``None`` for a built-in)."""
+    text = str(spec)
+    if text == "builtin" or text.startswith("builtin:"):
+        return None
+    path = Path(text)
+    if path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        for name in (f"{split}.json", "annotations.json"):
+            if (path / name).is_file():
+                return (path / name).resolve()
+    return None
+
+
+def held_out_spec(train: str | Path) -> str | None:
+    """The held-out data that goes with training data ``train``, or ``None`` when it has none.
+
+    A built-in benchmark has one (its ``test`` split, generated separately); a folder has one when it holds
+    a ``test.json`` besides its training json; a single COCO file has none.
+    """
+    text = str(train)
+    if text == "builtin" or text.startswith("builtin:"):
+        return text
+    train_file = resolve_annotation_file(text, split="train")
+    test_file = resolve_annotation_file(text, split="test")
+    if train_file is None or test_file is None or train_file == test_file:
+        return None
+    return text
 
 
 def open_dataset(

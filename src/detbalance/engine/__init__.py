@@ -7,8 +7,16 @@ the rest take explicit arguments and can be used from your own script.
 from detbalance.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from detbalance.engine.distributed import DistInfo, dist_info, init_distributed, unwrap
 from detbalance.engine.evaluate import COCO_METRICS, coco_metrics, evaluate, predict
+from detbalance.engine.hooks import TrainingHook
 from detbalance.engine.run import FitResult, fit, resolve_device, seed_everything
-from detbalance.engine.train import NonFiniteLossError, StepMetrics, configure_cpu, train_one_epoch
+from detbalance.engine.train import (
+    NonFiniteLossError,
+    StepMetrics,
+    StepOutput,
+    configure_cpu,
+    train_one_epoch,
+    train_step,
+)
 
 __all__ = [
     "COCO_METRICS",
@@ -17,6 +25,8 @@ __all__ = [
     "FitResult",
     "NonFiniteLossError",
     "StepMetrics",
+    "StepOutput",
+    "TrainingHook",
     "coco_metrics",
     "configure_cpu",
     "dist_info",
@@ -29,5 +39,6 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "train_one_epoch",
+    "train_step",
     "unwrap",
 ]

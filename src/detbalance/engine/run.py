@@ -1,18 +1,26 @@
 """``fit(cfg)``: the whole training run, and the only function that reads the whole config.
 
+It reads like detectron2's ``plain_train_net.py``: build everything, restore a checkpoint, then one loop
+whose body trains a step and, when due, logs, runs the remedy's hooks, evaluates and checkpoints.
+
 The budget is ``engine.iterations`` optimiser steps over an epoch-free stream of passes through the data:
 pass ``e`` is ordered by ``(engine.seed, e)`` (``DistributedSampler`` or, with ``remedy.repeat_factor``,
 the repeat-factor sampler, both sharded by rank), cut into batches of ``engine.batch_size`` (a trailing
-group smaller than ``batch_size * accumulate`` is dropped). A checkpoint records the pass and the
-number of its batches consumed, so ``resume=True`` skips exactly those and continues bit for bit (CPU,
-``data.num_workers = 0``).
+group smaller than ``batch_size * accumulate`` is dropped). Each sample's augmentation is drawn from its
+own seed ``(engine.seed, pass, position in the pass)``, so the data do not depend on ``data.num_workers``
+and ``W`` processes of batch ``B`` see the same augmented images as one process of batch ``W B``. A
+checkpoint records the pass and the number of its batches consumed, so ``resume=True`` skips exactly
+those and continues bit for bit, on the same kind of machine with the same thread count (float sums are
+not associative: another ``torch.get_num_threads()`` or CPU model may round differently).
 
 Files in ``output``:
 
 * ``config.toml``: the resolved config (``load_config`` reads it back identically);
 * ``metrics.jsonl``: one JSON object per line, ``{"type": "train", "step", "epoch", "lr", "loss",
-  "losses": {...}, "images_per_s"}`` every ``engine.log_interval`` steps and ``{"type": "eval", "step",
-  "round"?, "metrics": {...}}`` after each evaluation;
+  "losses": {...}, "images_per_s"}`` every ``engine.log_interval`` steps (losses averaged over the steps
+  and, under DDP, over the processes; images per second of training, data loading included, since the
+  start of this call: the figure the progress display and :class:`FitResult` show), ``{"type": "eval", "split": "val" | "train", "step",
+  "metrics": {...}}`` after each evaluation and one record per hook run (see :mod:`.hooks`);
 * ``balance.jsonl`` (``engine.record``): a ``{"loss_bin_edges": [...]}`` line, then the
   :class:`BalanceRecorder` records, one per step (what ``analysis.plots.plot_run`` reads);
 * ``checkpoint.pt``: the latest checkpoint (every ``engine.checkpoint_interval`` steps and at the end).
@@ -20,11 +28,14 @@ Files in ``output``:
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +43,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from detbalance import __version__
 from detbalance.builders import (
     build_datasets,
+    build_hooks,
     build_model,
     build_optimizer,
     build_repeat_factors,
     build_scheduler,
+    build_train_eval_set,
     class_counts,
     resolve_image_size,
 )
 from detbalance.config import ExperimentConfig, config_to_dict, dump_toml, load_toml
-from detbalance.data import collate_detection, eval_transform, open_dataset
+from detbalance.data import DetectionDataset, check_categories, collate_detection
 from detbalance.detectors import BalanceRecorder
 from detbalance.engine.checkpoint import (
     CheckpointError,
@@ -58,18 +71,32 @@ from detbalance.engine.checkpoint import (
 )
 from detbalance.engine.distributed import DistInfo, all_gather_objects, init_distributed, unwrap
 from detbalance.engine.evaluate import evaluate
-from detbalance.engine.train import NonFiniteLossError, StepMetrics, move_targets, train_one_epoch
+from detbalance.engine.files import (
+    append_jsonl,
+    atomic_write_text,
+    read_jsonl,
+    remove_stale_temp,
+    rewrite_jsonl,
+)
+from detbalance.engine.hooks import TrainingHook
+from detbalance.engine.train import NonFiniteLossError, StepMetrics, train_step
 
 __all__ = ["FitResult", "fit", "load_trained_model", "pass_batches", "resolve_device", "seed_everything"]
+
+#: The files :func:`fit` writes into its run folder (others there are left alone).
+RUN_FILES = ("config.toml", "metrics.jsonl", "balance.jsonl", "checkpoint.pt")
 
 
 @dataclass(frozen=True)
 class FitResult:
     """What :func:`fit` returns (on every rank; ``history`` is filled on rank 0 only).
 
-    ``metrics``: the final evaluation (see :func:`detbalance.engine.evaluate`); ``history``: every record
-    written to ``metrics.jsonl`` by this call; ``images_per_s``: training images per second over all
-    processes (evaluation and checkpointing excluded).
+    ``metrics``: the final evaluation on held-out data (see :func:`detbalance.engine.evaluate`), ``{}``
+    when there is none (``note`` says why); ``train_metrics``: the final training-set evaluation
+    (``engine.eval_train``), else ``None``; ``history``: every record written to ``metrics.jsonl`` by this
+    call; ``images_per_s``: training images per second over all processes (evaluation, hooks and
+    checkpointing excluded; ``nan`` when this call trained no step); ``already_finished``: ``resume`` found
+    a finished run and did nothing.
     """
 
     metrics: dict[str, Any]
@@ -81,7 +108,9 @@ class FitResult:
     recorder_file: Path | None
     images_per_s: float
     steps: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    train_metrics: dict[str, Any] | None = None
+    note: str | None = None
+    already_finished: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,6 +128,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002  (code outside detbalance may use the global state)
     torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ data order
 
 
 def pass_batches(
@@ -123,6 +155,25 @@ def pass_batches(
     Raises:
         ValueError: when a pass has fewer than ``batch_size * accumulate`` images per rank.
     """
+    samples = _pass_samples(
+        num_images, batch_size=batch_size, accumulate=accumulate, seed=seed, epoch=epoch, rank=rank,
+        world_size=world_size, repeat_factors=repeat_factors,
+    )
+    return [[index for index, _ in batch] for batch in samples]
+
+
+def _pass_samples(
+    num_images: int,
+    *,
+    batch_size: int,
+    accumulate: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    repeat_factors: torch.Tensor | None,
+) -> list[list[tuple[int, int]]]:
+    """:func:`pass_batches` with each index paired with its sample's augmentation seed."""
     sampler: Any
     if repeat_factors is not None:
         from detbalance.sampling import RepeatFactorSampler
@@ -139,7 +190,109 @@ def pass_batches(
             f"data.train gives {len(idx)} images per process per pass, fewer than engine.batch_size * "
             f"engine.accumulate = {batch_size * accumulate}"
         )
-    return [idx[i * batch_size : (i + 1) * batch_size] for i in range(n)]
+    # the position in the whole pass (over all ranks) names the sample: the same seed under any world size
+    keyed = [(i, _sample_seed(seed, epoch, rank + world_size * j)) for j, i in enumerate(idx)]
+    return [keyed[i * batch_size : (i + 1) * batch_size] for i in range(n)]
+
+
+def _sample_seed(seed: int, epoch: int, position: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + position) % 2**62
+
+
+class _SeededSamples(Dataset):
+    """``dataset[(index, seed)]``: sample ``index`` with its random augmentation drawn from ``seed``.
+
+    The global torch generator is left as it was, so the augmentation is a function of the key alone,
+    whichever process (main or DataLoader worker) draws it.
+    """
+
+    def __init__(self, dataset: DetectionDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA (0.6 ms)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+
+
+class _BatchPlan:
+    """The batches of every pass from ``(epoch, batch)`` on, forever: ``(epoch, batches done, keys)``.
+
+    One object serves as the DataLoader's ``batch_sampler`` (it reads the keys) and as the loop's record
+    of where it stands (the same sequence, iterated alongside the loader).
+    """
+
+    def __init__(self, plan: Callable[[int], list[list[tuple[int, int]]]], epoch: int, batch: int) -> None:
+        self.plan, self.epoch, self.batch = plan, epoch, batch
+
+    def positions(self) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+        epoch, start = self.epoch, self.batch
+        while True:
+            batches = self.plan(epoch)
+            for b in range(start, len(batches)):
+                yield epoch, b + 1, batches[b]
+            epoch, start = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return (keys for _, _, keys in self.positions())
+
+
+def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_detection,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # its workers' base seed; the global RNG is left alone
+    )
+
+
+# ------------------------------------------------------------------------------------------ run folder
+
+
+def _check_output(output: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds a run (unless ``resume``) or other files (unless
+    ``overwrite``)."""
+    ckpt = output / "checkpoint.pt"
+    if resume:
+        if not ckpt.is_file():
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} not found; nothing to resume")
+        return
+    if overwrite or not output.is_dir():
+        return
+    if ckpt.exists():
+        raise CheckpointError(
+            f"{str(output)!r} already holds a checkpoint; pass resume=True (--resume), overwrite=True "
+            "(--overwrite) or choose another output"
+        )
+    present = sorted(p.name for p in output.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if present:
+        shown = ", ".join(present[:10]) + (f" and {len(present) - 10} more" if len(present) > 10 else "")
+        raise ValueError(
+            f"output folder {str(output)!r} holds files but no run: {shown}; choose an empty or new folder, or "
+            f"pass overwrite=True (--overwrite) to write {', '.join(RUN_FILES)} into it"
+        )
+
+
+def _check_resume_state(state: dict[str, Any], cfg: ExperimentConfig, ckpt: Path, info: DistInfo) -> None:
+    saved = load_toml(state["config"], source=f"{ckpt}:config")
+    if saved != cfg:
+        a, b = _flatten(config_to_dict(saved)), _flatten(config_to_dict(cfg))
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} was written with another config; differing keys: {diff}")
+    if state["world_size"] != info.world_size:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} was written by {state['world_size']} processes, resuming with "
+            f"{info.world_size} would change the data order"
+        )
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -151,38 +304,26 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    if not records:
-        return
-    with path.open("a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(_json_safe(r)) + "\n")
-
-
 def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the records of steps ``<= step`` (drops what a crashed run wrote after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+    """Keep the records of steps ``<= step`` (drops what a crashed run wrote after its last checkpoint, and
+    a torn last line, with a warning naming it)."""
+    if path.is_file():
+        rewrite_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
+
+
+# ------------------------------------------------------------------------------------------ reporting
 
 
 class _Progress:
-    """A rich progress bar (loss, images/s, ETA) on rank 0, or nothing."""
+    """Progress on rank 0: a rich bar on a terminal, else a plain line every ``every`` steps, or nothing.
 
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self._bar = None
-        if not enabled:
+    Both show the throughput that :class:`FitResult` reports (images per training second since the start
+    of this call), so the bar's last figure and the summary agree.
+    """
+
+    def __init__(self, mode: str, total: int, done: int, every: int) -> None:
+        self.mode, self.total, self.every, self._bar = mode, total, every, None
+        if mode != "bar":
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -198,13 +339,48 @@ class _Progress:
         self._task = self._bar.add_task("train", total=total, completed=done, loss="-", ips="-")
         self._bar.start()
 
-    def update(self, step: int, loss: float, ips: float) -> None:
+    def update(self, step: int, loss: float, images_per_s: float, eta_s: float) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, loss=f"{loss:.4f}", ips=f"{ips:.1f}")
+            self._bar.update(self._task, completed=step, loss=f"{loss:.4f}", ips=f"{images_per_s:.1f}")
+        elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
+            eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {images_per_s:.1f} img/s  ETA {eta}", flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def _progress_mode(progress: bool, main: bool) -> str:
+    if not (progress and main):
+        return "off"
+    return "bar" if sys.stdout.isatty() else "lines"
+
+
+def _mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """``values`` averaged over the processes (all-reduce); unchanged in one process."""
+    if not info.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.cpu().tolist())}
+
+
+def _evaluate(
+    model: nn.Module, dataset: DetectionDataset, *, batch_size: int, info: DistInfo, device: torch.device,
+    num_workers: int,
+) -> dict[str, Any]:
+    """COCO AP of ``model`` on ``dataset``, each rank predicting every ``world_size``-th image."""
+    idx = list(range(info.rank, len(dataset), info.world_size))
+    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    loader = _loader(dataset, batches, num_workers=num_workers, device=device)
+    return evaluate(model, loader, device=device, gt=dataset.to_coco_dict(), label_names=dataset.label_names)
+
+
+# ------------------------------------------------------------------------------------------ fit
 
 
 def fit(
@@ -212,6 +388,7 @@ def fit(
     *,
     output: str | Path,
     resume: bool = False,
+    overwrite: bool = False,
     on_step: Callable[[StepMetrics], None] | None = None,
     progress: bool = True,
 ) -> FitResult:
@@ -222,11 +399,16 @@ def fit(
 
     Args:
         cfg: The experiment.
-        output: Run folder (created). Refuses a folder holding a checkpoint unless ``resume``.
-        resume: Continue from ``output/checkpoint.pt``; the config must equal the checkpoint's.
-        on_step: Called with :class:`StepMetrics` after every optimiser step (after logging, evaluation
-            and checkpointing of that step).
-        progress: Show a progress bar (rank 0).
+        output: Run folder (created). Refuses a folder holding a checkpoint unless ``resume``, and a folder
+            holding other files unless ``overwrite``.
+        resume: Continue from ``output/checkpoint.pt``; the config must equal the checkpoint's. A finished
+            run is left as it is (``FitResult.already_finished``).
+        overwrite: Write the run files (:data:`RUN_FILES`) into ``output`` although it holds files or a run
+            (a run there is replaced); other files are left alone.
+        on_step: Called with :class:`StepMetrics` (this process's losses) after every optimiser step, after
+            logging, hooks, evaluation and checkpointing of that step.
+        progress: Show progress on rank 0: a bar on a terminal, else a plain line every
+            ``engine.log_interval`` steps.
 
     Returns:
         A :class:`FitResult`.
@@ -234,13 +416,14 @@ def fit(
     Raises:
         NonFiniteLossError: On a NaN/inf loss; the message names the last good checkpoint.
         CheckpointError: ``resume`` without a usable checkpoint, or one of another configuration.
+        ValueError: ``output`` holds files but no run and ``overwrite`` is off.
     """
     device = resolve_device(cfg.engine.device)
     info, created = init_distributed(device.type)
     if info.distributed and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     try:
-        return _fit(cfg, Path(output), resume, on_step, progress, device, info)
+        return _fit(cfg, Path(output), resume, overwrite, on_step, progress, device, info)
     finally:
         if created:
             dist.destroy_process_group()
@@ -250,303 +433,296 @@ def _fit(
     cfg: ExperimentConfig,
     output: Path,
     resume: bool,
+    overwrite: bool,
     on_step: Callable[[StepMetrics], None] | None,
     progress: bool,
     device: torch.device,
     info: DistInfo,
 ) -> FitResult:
-    e = cfg.engine
-    main = info.is_main
-    ckpt_path = output / "checkpoint.pt"
-    config_file, metrics_file = output / "config.toml", output / "metrics.jsonl"
-    recorder_file = output / "balance.jsonl" if e.record else None
-    if not resume and ckpt_path.exists():
-        raise CheckpointError(
-            f"{str(output)!r} already holds a checkpoint; pass resume=True (--resume) or choose another output"
-        )
+    e, main, total = cfg.engine, info.is_main, cfg.engine.iterations
+    ckpt_path, config_file = output / "checkpoint.pt", output / "config.toml"
+    metrics_file, recorder_file = output / "metrics.jsonl", (output / "balance.jsonl" if e.record else None)
+
+    # ------------------------------------------------------------------ the run folder
+    _check_output(output, resume=resume, overwrite=overwrite)
+    state = load_checkpoint(ckpt_path, map_location="cpu") if resume else None
+    if state is not None:
+        _check_resume_state(state, cfg, ckpt_path, info)
+        if state["step"] >= total:
+            return _finished_run(state, output, ckpt_path, config_file, metrics_file, recorder_file)
+    if info.distributed:
+        dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temp(output):
+            warnings.warn(f"removed {stale}, left by an interrupted write", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ build
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     if e.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     seed_everything(e.seed)
-
-    # ------------------------------------------------------------------ data, model, optimiser
-    train_ds, val_ds = build_datasets(cfg, seed=cfg.data.seed)
-    image_size = resolve_image_size(cfg, train_ds)
-    counts = class_counts(train_ds) if cfg.remedy.class_weights is not None else None
+    train_set, val_set = build_datasets(cfg, seed=cfg.data.seed)
+    if state is not None:  # the files under data.train may have changed since the checkpoint
+        check_categories(state["label_names"], state.get("category_ids"), train_set.label_names,
+                         train_set.category_ids(), expected=f"checkpoint {str(ckpt_path)!r}",
+                         got=f"data.train {cfg.data.train!r}")
+    hooks = build_hooks(cfg)
+    train_eval_set = build_train_eval_set(cfg, seed=cfg.data.seed) if e.eval_train or hooks else None
+    image_size = resolve_image_size(cfg, train_set)
+    counts = class_counts(train_set) if cfg.remedy.class_weights is not None else None
     recorder = BalanceRecorder() if e.record else None
     model: nn.Module = build_model(
-        cfg, num_classes=train_ds.num_classes, image_size=image_size, counts=counts, recorder=recorder
+        cfg, num_classes=train_set.num_classes, image_size=image_size, counts=counts, recorder=recorder
     ).to(device)
     if device.type == "cpu":
         # oneDNN convolutions run faster in NHWC (a RetinaNet step on the tiny backbone, batch 16, 2 threads,
         # was about 20% faster).
         model = model.to(memory_format=torch.channels_last)
+    if e.sync_bn and info.distributed:
+        if device.type != "cuda":
+            raise ValueError("engine.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); use model.norm = 'gn'")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg.optim)
-    total = e.iterations
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if e.amp else None
     scaler = torch.amp.GradScaler("cuda") if e.amp and device.type == "cuda" else None
-    factors = build_repeat_factors(cfg, train_ds)
-    boot = cfg.remedy.bootstrap
-    boundaries = [] if boot is None else [round(r * total / (boot.rounds + 1)) for r in range(1, boot.rounds + 1)]
+    hooks_at: dict[int, list[TrainingHook]] = {}
+    for hook in hooks:
+        for s in hook.steps(total):
+            hooks_at.setdefault(s, []).append(hook)
+    note = None
+    if val_set is None:
+        note = (
+            f"no held-out data: data.val is unset and data.train {cfg.data.train!r} has no separate test "
+            "split, so the run is not evaluated; set data.val (or engine.eval_train = true for a training-set "
+            "AP, labelled as such)"
+        )
+        warnings.warn(note, UserWarning, stacklevel=3)
 
-    step, epoch, batch, boot_round = 0, 0, 0, 0
-    if resume:
-        state = load_checkpoint(ckpt_path, map_location="cpu")
-        saved = load_toml(state["config"], source=f"{ckpt_path}:config")
-        if saved != cfg:
-            a, b = _flatten(config_to_dict(saved)), _flatten(config_to_dict(cfg))
-            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} was written with another config; differing keys: {diff}")
-        if state["world_size"] != info.world_size:
-            raise CheckpointError(
-                f"checkpoint {str(ckpt_path)!r} was written by {state['world_size']} processes, resuming with "
-                f"{info.world_size} would change the data order"
-            )
+    # ------------------------------------------------------------------ restore, or start the files
+    step, epoch, batch = 0, 0, 0
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        step, epoch, batch, boot_round = state["step"], state["epoch"], state["batch"], state["bootstrap_round"]
-        if state["hard_negatives"] is not None:
-            from detbalance.sampling import HardNegativeSet
-
-            hn = HardNegativeSet()
-            hn.load_state_dict(state["hard_negatives"])
-            model.roi_heads.set_hard_negatives(hn)
+        if len(state.get("hooks", [])) != len(hooks):
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} holds no state for this run's training hooks")
+        for hook, hook_state in zip(hooks, state["hooks"]):
+            hook.load_state_dict(hook_state)
         if recorder is not None and state["recorder"] is not None:
             recorder.load_state_dict(state["recorder"])
         set_rng_state(state["rng"][info.rank])
         set_generator_states(model, state["generators"][info.rank], device)
+        step, epoch, batch = state["step"], state["epoch"], state["batch"]
         if main:
             _truncate_jsonl(metrics_file, step)
             if recorder_file is not None:
                 _truncate_jsonl(recorder_file, step)
     else:
         if info.distributed:
-            torch.manual_seed(e.seed + 1 + info.rank)  # per-rank augmentation; the model is already built
+            torch.manual_seed(e.seed + 1 + info.rank)  # per-rank model randomness; the model is already built
         if main:
-            output.mkdir(parents=True, exist_ok=True)
-            metrics_file.write_text("", encoding="utf-8")
+            atomic_write_text(config_file, dump_toml(cfg))
+            atomic_write_text(metrics_file, "")
             if recorder_file is not None and recorder is not None:
-                recorder_file.write_text(json.dumps({"loss_bin_edges": recorder.loss_bin_edges}) + "\n", encoding="utf-8")
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(dump_toml(cfg), encoding="utf-8")
+                rewrite_jsonl(recorder_file, [{"loss_bin_edges": recorder.loss_bin_edges}])
+            if overwrite and ckpt_path.exists():
+                ckpt_path.unlink()
 
     train_model: nn.Module = model
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-
-    # ------------------------------------------------------------------ data order
-    def epoch_batches(ep: int) -> list[list[int]]:
-        return pass_batches(
-            len(train_ds),
-            batch_size=e.batch_size,
-            accumulate=e.accumulate,
-            seed=e.seed,
-            epoch=ep,
-            rank=info.rank,
-            world_size=info.world_size,
-            repeat_factors=factors,
-        )
-
-    def loader_for(batches: list[list[int]], ds: Any, seed: int) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_sampler=batches,
-            collate_fn=collate_detection,
-            num_workers=cfg.data.num_workers,
-            generator=torch.Generator().manual_seed(seed),
-            pin_memory=device.type == "cuda",
-        )
-
-    gt = val_ds.to_coco_dict()
+    pass_plan = functools.partial(
+        _pass_samples, len(train_set), batch_size=e.batch_size, accumulate=e.accumulate, seed=e.seed,
+        rank=info.rank, world_size=info.world_size, repeat_factors=build_repeat_factors(cfg, train_set),
+    )
+    plan = _BatchPlan(functools.lru_cache(maxsize=2)(lambda ep: pass_plan(epoch=ep)), epoch, batch)
+    loader = _loader(_SeededSamples(train_set), plan, num_workers=cfg.data.num_workers, device=device)
     eval_bs = e.eval_batch_size or e.batch_size
-    val_idx = list(range(info.rank, len(val_ds), info.world_size))
-    val_batches = [val_idx[i : i + eval_bs] for i in range(0, len(val_idx), eval_bs)]
-
-    history: list[dict[str, Any]] = []
-
-    def log(records: list[dict[str, Any]]) -> None:
-        if main:
-            history.extend(records)
-            _append_jsonl(metrics_file, records)
-
-    def flush_recorder() -> None:
-        if recorder is not None:
-            records = recorder.to_records()
-            recorder.clear()
-            if main and recorder_file is not None:
-                _append_jsonl(recorder_file, records)
-
-    def run_eval(at_step: int, round_: int | None = None) -> dict[str, Any]:
-        metrics = evaluate(model, loader_for(val_batches, val_ds, 0), device=device, gt=gt, label_names=val_ds.label_names)
-        rec: dict[str, Any] = {"type": "eval", "step": at_step, "metrics": metrics}
-        if round_ is not None:
-            rec["round"] = round_
-        log([rec])
-        return metrics
-
-    position = {"epoch": epoch, "batch": batch}
-    last_ckpt: list[Path | None] = [ckpt_path if resume else None]
-    hard_negatives: list[Any] = [getattr(getattr(model, "roi_heads", None), "hard_negatives", None)]
-
-    def save(at_step: int) -> None:
-        flush_recorder()
-        rng = all_gather_objects(get_rng_state())
-        gens = all_gather_objects(generator_states(model))
-        if main:
-            hn = hard_negatives[0]
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "version": __version__,
-                    "config": dump_toml(cfg),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": None if scaler is None else scaler.state_dict(),
-                    "step": at_step,
-                    "epoch": position["epoch"],
-                    "batch": position["batch"],
-                    "bootstrap_round": boot_round_box[0],
-                    "hard_negatives": None if hn is None else hn.state_dict(),
-                    "recorder": None if recorder is None else recorder.state_dict(),
-                    "rng": rng,
-                    "generators": gens,
-                    "world_size": info.world_size,
-                    "num_classes": train_ds.num_classes,
-                    "label_names": list(train_ds.label_names),
-                    "image_size": image_size,
-                },
-            )
-        last_ckpt[0] = ckpt_path
-
-    boot_round_box = [boot_round]
-
-    def mine() -> None:
-        from detbalance.sampling import find_hard_negatives
-
-        if boot is None:
-            return
-        plain = open_dataset(cfg.data.train, split="train", transforms=eval_transform(), seed=cfg.data.seed)
-        idx = list(range(info.rank, len(plain), info.world_size))
-        dets, tgts = [], []
-        net = unwrap(model)
-        net.eval()
-        with torch.no_grad():
-            for images, targets in loader_for([idx[i : i + eval_bs] for i in range(0, len(idx), eval_bs)], plain, 0):
-                outs = net([img.to(device) for img in images])
-                dets += [{k: v.cpu() for k, v in o.items()} for o in outs]
-                tgts += move_targets(targets, torch.device("cpu"))
-        net.train()
-        parts = all_gather_objects((dets, tgts))
-        all_dets = [d for p in parts for d in p[0]]
-        all_tgts = [t for p in parts for t in p[1]]
-        hn = find_hard_negatives(
-            all_dets, all_tgts, iou=boot.iou, score_threshold=boot.score_threshold, max_per_image=boot.max_per_image
-        )
-        net.roi_heads.set_hard_negatives(hn)
-        hard_negatives[0] = hn
-        log([{"type": "bootstrap", "step": step_box[0], "round": boot_round_box[0], "hard_negatives": hn.num_boxes}])
 
     # ------------------------------------------------------------------ the loop
-    bar = _Progress(progress and main, total, step)
-    window: dict[str, Any] = {"n": 0, "losses": {}, "images": 0, "seconds": 0.0}
-    totals = {"images": 0, "seconds": 0.0}
-    step_box = [step]
-
-    def after_step(m: StepMetrics) -> None:
-        step_box[0] = m.step
-        position["epoch"], position["batch"] = m.epoch, m.batches
-        window["n"] += 1
-        for k, v in m.losses.items():
-            window["losses"][k] = window["losses"].get(k, 0.0) + v
-        window["images"] += m.images * info.world_size
-        window["seconds"] += m.seconds
-        totals["images"] += m.images * info.world_size
-        totals["seconds"] += m.seconds
-        ips = window["images"] / max(window["seconds"], 1e-9)
-        bar.update(m.step, m.loss, ips)
-        if m.step % e.log_interval == 0 or m.step == total:
-            losses = {k: v / window["n"] for k, v in window["losses"].items()}
-            log(
-                [
-                    {
-                        "type": "train",
-                        "step": m.step,
-                        "epoch": m.epoch,
-                        "lr": m.lr,
-                        "loss": math.fsum(losses.values()),
-                        "losses": losses,
-                        "images_per_s": ips,
-                    }
-                ]
-            )
-            flush_recorder()
-            window.update(n=0, losses={}, images=0, seconds=0.0)
-        if m.step in boundaries:
-            run_eval(m.step, boot_round_box[0])
-            boot_round_box[0] += 1
-            mine()
-        elif e.eval_interval is not None and m.step % e.eval_interval == 0 and m.step != total:
-            run_eval(m.step)
-        if (e.checkpoint_interval is not None and m.step % e.checkpoint_interval == 0) or m.step == total:
-            save(m.step)
-        if on_step is not None:
-            on_step(m)
-        if recorder is not None:
-            recorder.start_step(m.step + 1)
-
+    history: list[dict[str, Any]] = []
+    bar = _Progress(_progress_mode(progress, main), total, step, e.log_interval)
+    window: dict[str, float] = {}
+    window_steps = 0
+    images, seconds, start_step = 0, 0.0, step
+    last_ckpt = ckpt_path if state is not None else None
+    metrics: dict[str, Any] = {}
+    train_metrics: dict[str, Any] | None = None
     if recorder is not None:
         recorder.start_step(step + 1)
+    batches = zip(plan.positions(), loader)
+    t0 = time.perf_counter()
     try:
         while step < total:
-            batches = epoch_batches(epoch)
-            if batch >= len(batches):
-                epoch, batch = epoch + 1, 0
-                continue
-            step = train_one_epoch(
-                train_model,
-                optimizer,
-                loader_for(batches[batch:], train_ds, e.seed * 100_003 + epoch),
-                scheduler=scheduler,
-                scaler=scaler,
-                device=device,
-                accumulate=e.accumulate,
-                grad_clip=cfg.optim.grad_clip,
-                amp_dtype=amp_dtype,
-                start_step=step,
-                total_steps=total,
-                max_steps=total - step,
-                epoch=epoch,
-                start_batch=batch,
-                on_step=after_step,
+            group = [next(batches) for _ in range(e.accumulate)]
+            (epoch, batch, _), _ = group[-1]
+            out = train_step(
+                train_model, optimizer, [b for _, b in group], step=step + 1, scheduler=scheduler, scaler=scaler,
+                device=device, grad_clip=cfg.optim.grad_clip, amp_dtype=amp_dtype, progress=step / total,
             )
-            epoch, batch = position["epoch"], position["batch"]
+            step += 1
+            losses = {k: float(v) for k, v in out.losses.items()}
+            step_seconds = time.perf_counter() - t0  # data loading included
+            images += out.images * info.world_size
+            seconds += step_seconds
+            images_per_s = images / seconds
+            window_steps += 1
+            for k, v in losses.items():
+                window[k] = window.get(k, 0.0) + v
+            bar.update(step, math.fsum(losses.values()), images_per_s, (total - step) * seconds / (step - start_step))
+
+            if step % e.log_interval == 0 or step == total:
+                mean = _mean_over_ranks({k: v / window_steps for k, v in window.items()}, info)
+                record = {"type": "train", "step": step, "epoch": epoch, "lr": out.lr,
+                          "loss": math.fsum(mean.values()), "losses": mean, "images_per_s": images_per_s}
+                _log(history, metrics_file, [record], main)
+                _flush_recorder(recorder, recorder_file, main)
+                window, window_steps = {}, 0
+            for hook in hooks_at.get(step, []):
+                record = hook.run(step, model=unwrap(model), train_set=train_eval_set, device=device)
+                _log(history, metrics_file, [{"type": "hook", "step": step, **record}], main)
+            if (e.eval_interval is not None and step % e.eval_interval == 0) or step == total:
+                if val_set is not None:
+                    metrics = _evaluate(model, val_set, batch_size=eval_bs, info=info, device=device,
+                                        num_workers=cfg.data.num_workers)
+                    _log(history, metrics_file, [{"type": "eval", "split": "val", "step": step, "metrics": metrics}], main)
+                if train_eval_set is not None and e.eval_train:
+                    train_metrics = _evaluate(model, train_eval_set, batch_size=eval_bs, info=info, device=device,
+                                              num_workers=cfg.data.num_workers)
+                    _log(history, metrics_file,
+                         [{"type": "eval", "split": "train", "step": step, "metrics": train_metrics}], main)
+            if (e.checkpoint_interval is not None and step % e.checkpoint_interval == 0) or step == total:
+                _flush_recorder(recorder, recorder_file, main)
+                _save(ckpt_path, cfg, model, optimizer, scheduler, scaler, hooks, recorder, info,
+                      step=step, epoch=epoch, batch=batch, train_set=train_set, image_size=image_size)
+                last_ckpt = ckpt_path
+            if on_step is not None:
+                on_step(StepMetrics(step=step, epoch=epoch, batches=batch, loss=math.fsum(losses.values()),
+                                    losses=losses, lr=out.lr, images=out.images, seconds=step_seconds))
+            if recorder is not None:
+                recorder.start_step(step + 1)
+            t0 = time.perf_counter()
     except NonFiniteLossError as err:
-        raise NonFiniteLossError(err.step, err.losses, None if last_ckpt[0] is None else str(last_ckpt[0])) from None
+        raise NonFiniteLossError(err.step, err.losses, None if last_ckpt is None else str(last_ckpt)) from None
     finally:
         bar.close()
-    final = run_eval(total, boot_round_box[0] if boot is not None else None)
-    images_per_s = totals["images"] / totals["seconds"] if totals["seconds"] > 0 else math.nan
+        del batches, loader  # stops DataLoader workers
+
     return FitResult(
-        metrics=final,
+        metrics=metrics,
         history=history,
         output=output,
         checkpoint=ckpt_path,
         config_file=config_file,
         metrics_file=metrics_file,
         recorder_file=recorder_file,
-        images_per_s=images_per_s,
+        images_per_s=images / seconds if seconds > 0 else math.nan,
         steps=step,
+        train_metrics=train_metrics,
+        note=note,
     )
+
+
+def _log(history: list[dict[str, Any]], path: Path, records: list[dict[str, Any]], main: bool) -> None:
+    if main:
+        history.extend(records)
+        append_jsonl(path, records)
+
+
+def _flush_recorder(recorder: BalanceRecorder | None, path: Path | None, main: bool) -> None:
+    if recorder is not None:
+        records = recorder.to_records()
+        recorder.clear()
+        if main and path is not None:
+            append_jsonl(path, records)
+
+
+def _save(
+    path: Path,
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    hooks: list[TrainingHook],
+    recorder: BalanceRecorder | None,
+    info: DistInfo,
+    *,
+    step: int,
+    epoch: int,
+    batch: int,
+    train_set: DetectionDataset,
+    image_size: int,
+) -> None:
+    """Write the checkpoint (rank 0; every rank contributes its RNG and sampler-generator states)."""
+    rng = all_gather_objects(get_rng_state())
+    generators = all_gather_objects(generator_states(model))
+    if not info.is_main:
+        return
+    save_checkpoint(
+        path,
+        {
+            "version": __version__,
+            "config": dump_toml(cfg),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "batch": batch,
+            "hooks": [hook.state_dict() for hook in hooks],
+            "recorder": None if recorder is None else recorder.state_dict(),
+            "rng": rng,
+            "generators": generators,
+            "world_size": info.world_size,
+            "num_classes": train_set.num_classes,
+            "label_names": list(train_set.label_names),
+            "category_ids": train_set.category_ids(),
+            "image_size": image_size,
+        },
+    )
+
+
+def _finished_run(
+    state: dict[str, Any], output: Path, ckpt: Path, config_file: Path, metrics_file: Path, recorder_file: Path | None
+) -> FitResult:
+    """The :class:`FitResult` of a run that had already finished: its last evaluations, nothing new."""
+    records = read_jsonl(metrics_file) if metrics_file.is_file() else []
+    evals = [r for r in records if r.get("type") == "eval"]
+    val = [_nan_for_none(r["metrics"]) for r in evals if r.get("split", "val") == "val"]
+    train = [_nan_for_none(r["metrics"]) for r in evals if r.get("split") == "train"]
+    return FitResult(
+        metrics=val[-1] if val else {},
+        history=[],
+        output=output,
+        checkpoint=ckpt,
+        config_file=config_file,
+        metrics_file=metrics_file,
+        recorder_file=recorder_file,
+        images_per_s=math.nan,
+        steps=int(state["step"]),
+        train_metrics=train[-1] if train else None,
+        note=f"the run in {str(output)!r} had already finished (step {state['step']}); nothing was done",
+        already_finished=True,
+    )
+
+
+def _nan_for_none(x: Any) -> Any:
+    """Undo :func:`~detbalance.engine.files.json_safe` for metrics (``null`` was a NaN)."""
+    if x is None:
+        return math.nan
+    if isinstance(x, dict):
+        return {k: _nan_for_none(v) for k, v in x.items()}
+    return x
 
 
 def load_trained_model(
@@ -555,8 +731,8 @@ def load_trained_model(
     """Rebuild the model of a :func:`fit` checkpoint, with its weights, in eval mode.
 
     Returns:
-        ``(model, cfg, info)`` where ``info`` holds ``num_classes``, ``label_names``, ``image_size``,
-        ``step`` and ``version`` of the checkpoint.
+        ``(model, cfg, info)`` where ``info`` holds ``num_classes``, ``label_names``, ``category_ids``
+        (``None`` in checkpoints that predate it), ``image_size``, ``step`` and ``version`` of the checkpoint.
     """
     state = load_checkpoint(checkpoint, map_location="cpu")
     cfg = load_toml(state["config"], source=f"{checkpoint}:config")
@@ -565,4 +741,5 @@ def load_trained_model(
     model = build_model(cfg, num_classes=k, image_size=int(state["image_size"]), counts=counts)
     model.load_state_dict(state["model"])
     info = {key: state[key] for key in ("num_classes", "label_names", "image_size", "step", "version")}
+    info["category_ids"] = state.get("category_ids")
     return model.to(device).eval(), cfg, info

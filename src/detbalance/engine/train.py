@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from detbalance.detectors.build import set_training_progress
 from detbalance.engine.distributed import all_true, unwrap
 
-__all__ = ["NonFiniteLossError", "StepMetrics", "configure_cpu", "move_targets", "train_one_epoch"]
+__all__ = [
+    "NonFiniteLossError",
+    "StepMetrics",
+    "StepOutput",
+    "configure_cpu",
+    "move_targets",
+    "train_one_epoch",
+    "train_step",
+]
 
 
 def configure_cpu(threads: int | None = None) -> None:
@@ -76,6 +84,93 @@ def move_targets(targets: Iterable[dict[str, Any]], device: torch.device) -> lis
     return [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
 
 
+class StepOutput(NamedTuple):
+    """What :func:`train_step` returns: ``losses`` (this process's loss terms, detached, averaged over the
+    accumulated batches), ``lr`` (the rate the step used) and ``images`` (images in the step, this process)."""
+
+    losses: dict[str, Tensor]
+    lr: float
+    images: int
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[tuple[Sequence[Tensor], Sequence[dict[str, Any]]]],
+    *,
+    step: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    device: torch.device | str = "cpu",
+    grad_clip: float | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: float = 0.0,
+) -> StepOutput:
+    """One optimiser step over ``batches`` (gradient accumulation when there are several).
+
+    Tells the model how far training has got (:func:`detbalance.detectors.set_training_progress`, used by
+    S-OHEM), then per batch: forward, stop on a non-finite loss, backward (DDP synchronises on the last
+    batch only); then clip, optimiser step, scheduler step.
+
+    Args:
+        model: A torchvision detector (possibly DDP-wrapped) returning a loss dict in training mode.
+        optimizer: Its optimiser.
+        batches: ``accumulate`` batches ``(images list[Tensor[3, H, W]], targets list[dict])``; the loss is
+            divided by their number, so the gradient is the mean.
+        step: The step being made (1 for the first), for the error message.
+        scheduler: Stepped once.
+        scaler: AMP ``GradScaler`` (fp16 on CUDA); ``None`` for a plain backward.
+        device: Where images and targets are moved.
+        grad_clip: Max global L2 norm of the gradients; ``None`` disables clipping.
+        amp_dtype: ``torch.float16`` / ``torch.bfloat16`` to autocast the forward; ``None`` disables.
+        progress: ``(step - 1) / total_steps``, given to the model.
+
+    Raises:
+        NonFiniteLossError: A loss term is NaN or infinite (checked before backward, on every rank).
+    """
+    if not batches:
+        raise ValueError("batches must hold at least one batch")
+    device = torch.device(device)
+    accumulate = len(batches)
+    model.train()
+    set_training_progress(unwrap(model), progress)
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    sums: dict[str, Tensor] = {}
+    images_in_step = 0
+    for micro, (images, targets) in enumerate(batches):
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = move_targets(targets, device)
+        sync = model.no_sync() if is_ddp and micro < accumulate - 1 else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            if not bool(all_true(torch.isfinite(loss.detach()))):
+                raise NonFiniteLossError(step, {k: float(v.detach()) for k, v in loss_dict.items()})
+            if scaler is not None:
+                scaler.scale(loss / accumulate).backward()
+            else:
+                (loss / accumulate).backward()
+        for k, v in loss_dict.items():
+            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float().clone()
+        images_in_step += len(images)
+    lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses (read before the scheduler moves)
+    if grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return StepOutput({k: v / accumulate for k, v in sums.items()}, lr, images_in_step)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -96,6 +191,9 @@ def train_one_epoch(
 ) -> int:
     """Train on every batch of ``loader`` (or until ``max_steps`` optimiser steps) and return the step count.
 
+    A plain loop of :func:`train_step` over groups of ``accumulate`` batches (a trailing incomplete group is
+    dropped), for use in your own script; :func:`detbalance.engine.fit` has its own loop.
+
     Args:
         model: A torchvision detector (possibly DDP-wrapped) returning a loss dict in training mode.
         optimizer: Its optimiser.
@@ -103,8 +201,7 @@ def train_one_epoch(
         scheduler: Stepped once per optimiser step.
         scaler: AMP ``GradScaler`` (fp16 on CUDA); ``None`` for a plain backward.
         device: Where images and targets are moved.
-        accumulate: Batches per optimiser step; the loss is divided by it, so the gradient is the mean.
-            A trailing incomplete group is dropped.
+        accumulate: Batches per optimiser step.
         grad_clip: Max global L2 norm of the gradients; ``None`` disables clipping.
         amp_dtype: ``torch.float16`` / ``torch.bfloat16`` to autocast the forward; ``None`` disables.
         start_step: Optimiser steps done before this call.
@@ -122,72 +219,26 @@ def train_one_epoch(
     """
     if accumulate < 1:
         raise ValueError(f"accumulate must be >= 1, got {accumulate}")
-    device = torch.device(device)
-    model.train()
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    step = start_step
-    optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, Tensor] = {}
-    images_in_step = 0
+    step, consumed = start_step, start_batch
+    group: list[Any] = []
     t0 = time.perf_counter()
-    for i, (images, targets) in enumerate(loader):
+    for batch in loader:
         if max_steps is not None and step - start_step >= max_steps:
             break
-        micro = i % accumulate
-        if micro == 0:
-            progress = step / total_steps if total_steps else 0.0
-            set_training_progress(unwrap(model), progress)
-            sums, images_in_step = {}, 0
-        images = [img.to(device, non_blocking=True) for img in images]
-        targets = move_targets(targets, device)
-        sync = model.no_sync() if is_ddp and micro < accumulate - 1 else nullcontext()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            if not bool(all_true(torch.isfinite(loss.detach()))):
-                raise NonFiniteLossError(step + 1, {k: float(v.detach()) for k, v in loss_dict.items()})
-            if scaler is not None:
-                scaler.scale(loss / accumulate).backward()
-            else:
-                (loss / accumulate).backward()
-        for k, v in loss_dict.items():
-            sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
-        images_in_step += len(images)
-        if micro < accumulate - 1:
+        group.append(batch)
+        consumed += 1
+        if len(group) < accumulate:
             continue
-        lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses (reported before the scheduler moves)
-        if grad_clip is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
+        out = train_step(
+            model, optimizer, group, step=step + 1, scheduler=scheduler, scaler=scaler, device=device,
+            grad_clip=grad_clip, amp_dtype=amp_dtype, progress=step / total_steps if total_steps else 0.0,
+        )
+        group = []
         step += 1
         if on_step is not None:
-            losses = {k: float(v) / accumulate for k, v in sums.items()}
-            now = time.perf_counter()
-            on_step(
-                StepMetrics(
-                    step=step,
-                    epoch=epoch,
-                    batches=start_batch + i + 1,
-                    loss=math.fsum(losses.values()),
-                    losses=losses,
-                    lr=lr,
-                    images=images_in_step,
-                    seconds=now - t0,
-                )
-            )
+            losses = {k: float(v) for k, v in out.losses.items()}
+            on_step(StepMetrics(step=step, epoch=epoch, batches=consumed, loss=math.fsum(losses.values()),
+                                losses=losses, lr=out.lr, images=out.images, seconds=time.perf_counter() - t0))
             t0 = time.perf_counter()
-        if max_steps is not None and step - start_step >= max_steps:
-            break
     optimizer.zero_grad(set_to_none=True)
     return step
