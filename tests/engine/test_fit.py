@@ -151,6 +151,9 @@ class _CountingHook:
         self.calls = 0
         self.seen: list[tuple[int, int, bool]] = []
 
+    def attach(self, train_set) -> None:
+        self.attached = len(train_set)
+
     def steps(self, total_steps: int) -> list[int]:
         return [total_steps // 2]
 
@@ -180,7 +183,7 @@ def test_hooks_run_after_their_steps_and_resume_with_their_state(tmp_path: Path,
     result = fit(cfg, output=tmp_path / "full", progress=False)
     assert isinstance(made[0], TrainingHook)
     assert [(r["type"], r["step"]) for r in result.history if r["type"] != "train"] == [("counting", 2), ("eval", 4)]
-    assert made[0].seen == [(2, 64, True)]  # builtin:tiny has 64 training images, given without augmentation
+    assert made[0].seen == [(2, 64, True)] and made[0].attached == 64  # builtin:tiny has 64 training images
     assert load_checkpoint(result.checkpoint)["hooks"] == [{"calls": 1}]
 
     def stop(m: StepMetrics) -> None:
@@ -201,4 +204,33 @@ def test_loader_workers_do_not_change_the_data(tmp_path: Path) -> None:
         for w in (0, 2)
     ]
     a, b = (load_checkpoint(r.checkpoint)["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offline_bootstrapping_through_the_hook_and_resume(tmp_path: Path) -> None:
+    """Bootstrapping runs as a hook after half the budget; its mined boxes reach the training set, and a
+    resumed run (which restores them from the checkpoint) trains the same weights as an uninterrupted one."""
+    cfg = tiny_config(
+        "model.arch=faster_rcnn",
+        "remedy.bootstrap.rounds=1",
+        "remedy.bootstrap.score_threshold=0.0",
+        "engine.iterations=4",
+        "engine.batch_size=2",
+        "engine.checkpoint_interval=3",
+        "data.num_workers=1",
+    )
+    full = fit(cfg, output=tmp_path / "full", progress=False)
+    mined = [r for r in full.history if r["type"] == "bootstrap"]
+    assert [r["step"] for r in mined] == [2] and mined[0]["hard_negatives"] > 0
+    saved = load_checkpoint(full.checkpoint)["hooks"][0]
+    assert int(saved["rounds_done"]) == 1 and int(saved["counts"].sum()) == mined[0]["hard_negatives"]
+
+    def stop(m: StepMetrics) -> None:
+        if m.step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit(cfg, output=tmp_path / "cut", progress=False, on_step=stop)
+    resumed = fit(cfg, output=tmp_path / "cut", resume=True, progress=False)
+    a, b = (load_checkpoint(r.checkpoint)["model"] for r in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -21,11 +21,18 @@ __all__ = ["TrainingHook"]
 class TrainingHook(Protocol):
     """Work done between optimiser steps, with state that a checkpoint keeps.
 
-    The loop calls ``steps(total_steps)`` once; after each optimiser step ``s`` in that list (counting from
-    1) it calls ``run(s, model=..., train_set=..., device=...)`` on every rank and appends the returned
-    record (with ``"step"`` and, unless given, ``"type": "hook"``) to ``metrics.jsonl``. ``state_dict`` is
-    saved in every checkpoint and ``load_state_dict`` restores it on resume.
+    The loop calls ``attach(train_set)`` once, right after it builds the training set (and before a resume
+    restores the hook's state), then ``steps(total_steps)``; after each optimiser step ``s`` in that list
+    (counting from 1) it calls ``run(s, model=..., train_set=..., device=...)`` on every rank, appends the
+    returned record (with ``"step"`` and, unless given, ``"type": "hook"``) to ``metrics.jsonl``, and
+    restarts its data loader so that every later batch (and every loader worker) sees what the hook
+    changed in the training set. ``state_dict`` is saved in every checkpoint and ``load_state_dict``
+    restores it on resume.
     """
+
+    def attach(self, train_set: Dataset) -> None:
+        """Called once with the training set, before any :meth:`load_state_dict` or :meth:`run`."""
+        ...
 
     def steps(self, total_steps: int) -> list[int]:
         """Optimiser steps (``1..total_steps``) after which :meth:`run` is called."""
@@ -38,7 +45,8 @@ class TrainingHook(Protocol):
             step: Optimiser steps done.
             model: The detector (not DDP-wrapped), in training mode; the hook may switch it to eval mode and
                 back.
-            train_set: The training images without augmentation (``eval_transform``), this rank's all.
+            train_set: The training set (the one given to :meth:`attach`). Its ``load_image(i)`` and
+                ``target(i)`` give image ``i`` and its annotations without augmentation.
             device: Where the model lives.
 
         Returns:

@@ -470,7 +470,9 @@ def _fit(
                          train_set.category_ids(), expected=f"checkpoint {str(ckpt_path)!r}",
                          got=f"data.train {cfg.data.train!r}")
     hooks = build_hooks(cfg)
-    train_eval_set = build_train_eval_set(cfg, seed=cfg.data.seed) if e.eval_train or hooks else None
+    for hook in hooks:
+        hook.attach(train_set)
+    train_eval_set = build_train_eval_set(cfg, seed=cfg.data.seed) if e.eval_train else None
     image_size = resolve_image_size(cfg, train_set)
     counts = class_counts(train_set) if cfg.remedy.class_weights is not None else None
     recorder = BalanceRecorder() if e.record else None
@@ -543,7 +545,8 @@ def _fit(
         _pass_samples, len(train_set), batch_size=e.batch_size, accumulate=e.accumulate, seed=e.seed,
         rank=info.rank, world_size=info.world_size, repeat_factors=build_repeat_factors(cfg, train_set),
     )
-    plan = _BatchPlan(functools.lru_cache(maxsize=2)(lambda ep: pass_plan(epoch=ep)), epoch, batch)
+    passes = functools.lru_cache(maxsize=2)(lambda ep: pass_plan(epoch=ep))
+    plan = _BatchPlan(passes, epoch, batch)
     loader = _loader(_SeededSamples(train_set), plan, num_workers=cfg.data.num_workers, device=device)
     eval_bs = e.eval_batch_size or e.batch_size
 
@@ -586,9 +589,16 @@ def _fit(
                 _log(history, metrics_file, [record], main)
                 _flush_recorder(recorder, recorder_file, main)
                 window, window_steps = {}, 0
-            for hook in hooks_at.get(step, []):
-                record = hook.run(step, model=unwrap(model), train_set=train_eval_set, device=device)
-                _log(history, metrics_file, [{"type": "hook", "step": step, **record}], main)
+            if step in hooks_at:
+                for hook in hooks_at[step]:
+                    record = hook.run(step, model=unwrap(model), train_set=train_set, device=device)
+                    _log(history, metrics_file, [{"type": "hook", "step": step, **record}], main)
+                # A hook may change the training set: restart the loader (and its workers, which hold a copy of
+                # the dataset) at the same position, so no prefetched batch predates the change.
+                del batches, loader
+                plan = _BatchPlan(passes, epoch, batch)
+                loader = _loader(_SeededSamples(train_set), plan, num_workers=cfg.data.num_workers, device=device)
+                batches = zip(plan.positions(), loader)
             if (e.eval_interval is not None and step % e.eval_interval == 0) or step == total:
                 if val_set is not None:
                     metrics = _evaluate(model, val_set, batch_size=eval_bs, info=info, device=device,
