@@ -293,6 +293,7 @@ def losses_suite_throughput(args: argparse.Namespace, device: torch.device) -> d
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # an endless stream of passes
     torch.set_flush_denormal(device.type == "cpu")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # as fit() does
 
     def vanilla(cfg):
         torch.manual_seed(0)
