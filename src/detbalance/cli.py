@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="run comparison suites and write a report",
         description="Train every arm of a suite (same data, same initial weights per seed, same recipe) and "
-        "write report.md / report.html with paired 95 %% intervals and verdicts. Rerunning a command reuses "
+        "write report.md / report.html with paired 95 % intervals and verdicts. Rerunning a command reuses "
         "its finished runs and resumes interrupted ones; other settings go to other run folders.",
     )
     p.add_argument("--suite", default=None,
