@@ -30,7 +30,7 @@ def test_config_uses_the_sgd_recipe(path):
     cfg = load_config(path)
     optim, sched = recipe("sgd", batch_size=cfg.engine.batch_size, iters=cfg.engine.iterations)
     assert cfg.optim == optim
-    assert (cfg.schedule.name, cfg.schedule.warmup_factor) == (sched.name, sched.warmup_factor)
+    assert cfg.schedule == sched  # warm-up, decay and milestones too
 
 
 def test_recipes():
