@@ -116,7 +116,8 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
         "",
         "## Where we disagree, and why",
         "",
-        "TODO(lead): one paragraph per disagreeing row, with the measurement that explains it.",
+        "Generated tables cannot explain a disagreement: each row marked **no** stays unexplained until a "
+        "paragraph here gives the measurement that accounts for it (after the loss and sampler reference checks).",
         "",
         "The full report with every table, curve and plot: [report.md](report.md).",
         "",
