@@ -69,7 +69,7 @@ class BalancedSSD(SSD):
         model: SSD,
         *,
         negative_ratio: float | None = 3.0,
-        min_negatives: int = 3,
+        min_negatives: int = 0,
         cls_loss: DetectionLoss | None = None,
         box_loss: DetectionLoss | None = None,
         recorder: BalanceRecorder | None = None,
@@ -180,7 +180,7 @@ def balance_ssd(
     model: SSD,
     *,
     negative_ratio: float | None = 3.0,
-    min_negatives: int = 3,
+    min_negatives: int = 0,
     cls_loss: DetectionLoss | None = None,
     box_loss: DetectionLoss | None = None,
     recorder: BalanceRecorder | None = None,
@@ -191,8 +191,8 @@ def balance_ssd(
         model: A torchvision ``SSD`` (e.g. from :func:`~detbalance.detectors.build.build_detector`).
         negative_ratio: Hard negatives per positive per image (SSD: 3.0); ``None`` disables mining and
             puts every default box into the classification loss (for a focal loss).
-        min_negatives: Hardest negatives kept in an image without objects (torchvision and the paper: 0,
-            such an image then teaches nothing; default 3 as in :func:`~detbalance.sampling.mine_hard_negatives`).
+        min_negatives: Hardest negatives kept in an image without objects; 0 (torchvision and the paper)
+            means such an image adds nothing to the classification loss.
         cls_loss: A ``"softmax"`` :class:`~detbalance.losses.DetectionLoss` ``(logits[N, C], labels[N]) ->
             Tensor[N]``, e.g. :class:`~detbalance.losses.SoftmaxFocalLoss` (a per-class ``alpha`` weights each
             box by its class, background by ``alpha[0]``) or a ``ClassWeightedLoss``; ``None`` is
