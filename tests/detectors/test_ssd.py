@@ -64,6 +64,17 @@ def test_equals_torchvision_with_min_negatives_zero(base_model):
         torch.testing.assert_close(pa.grad, pv.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_default_takes_no_negative_from_an_image_without_objects(base_model):
+    """``balance_ssd(model)`` is torchvision's SSD (the paper): an image without objects adds nothing."""
+    images, targets = make_batch()
+    default = balance_ssd(copy.deepcopy(base_model))(images, targets)
+    zero = balance_ssd(copy.deepcopy(base_model), min_negatives=0)(images, targets)
+    torch.testing.assert_close(default["classification"], zero["classification"], rtol=0, atol=0)
+    with torch.no_grad():
+        only_empty = balance_ssd(copy.deepcopy(base_model))([images[1]], [targets[1]])
+    assert only_empty["classification"].item() == 0.0
+
+
 def test_min_negatives_adds_the_hardest_boxes_of_the_empty_image(base_model):
     images, targets = make_batch()
     zero = balance_ssd(copy.deepcopy(base_model), min_negatives=0)(images, targets)
