@@ -227,7 +227,7 @@ def test_warmup_as_long_as_the_run_is_an_error() -> None:
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "retinanet_focal.toml")
     err = _error(apply_overrides, cfg, ["engine.iterations=50"])
-    assert str(err).startswith("schedule.warmup_iters: 200 warm-up steps would cover the whole run of engine.iterations = 50")
+    assert str(err).startswith("schedule.warmup_iters: 100 warm-up steps would cover the whole run of engine.iterations = 50")
     assert "--set schedule.warmup_iters=5" in str(err)
     ok = apply_overrides(cfg, ["engine.iterations=50", "schedule.warmup_iters=5"])
     assert ok.schedule.warmup_iters == 5 and ok.engine.iterations == 50
