@@ -118,8 +118,15 @@ def test_compare_end_to_end_reuse_and_keying(tmp_path, monkeypatch):
         raise AssertionError("fit() called for a finished run")
 
     monkeypatch.setattr("detbalance.engine.fit", no_training)
-    again = run_compare(iters=8, **kw)
+    trained_with = suite["methods"][0]["runs"][0]["threads"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)  # the reused runs keep the thread count they trained with
+    try:
+        again = run_compare(iters=8, **kw)
+    finally:
+        torch.set_num_threads(threads)
     results2 = json.loads((tmp_path / "results.json").read_text())
+    assert f"torch threads per run: {trained_with} (4 runs)" in results2["setup"]["machine"]
     assert results2["suites"]["noise"]["methods"] == suite["methods"] and again == report
     assert results2["setup"]["wall time"].startswith(f"{summed:.1f} min summed over the 4 runs used")
 

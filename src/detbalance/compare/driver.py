@@ -11,6 +11,7 @@ import platform
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +237,13 @@ def run_compare(
         f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min)"
     )
     results["setup"]["load average at end"] = str(load_average())
+    # The runs may have been trained by earlier invocations with other thread counts: say what they used.
+    threads = Counter(r.get("threads") for r in runs)
+    results["setup"]["machine"] = results["setup"]["machine"].replace(
+        f"{torch.get_num_threads()} torch threads",
+        "torch threads per run: "
+        + ", ".join(f"{t if t is not None else 'unrecorded'} ({n} runs)" for t, n in sorted(threads.items(), key=str)),
+    )
     for entry in results["suites"].values():
         entry["findings"] = findings(entry)
     write_json_atomic(output / "results.json", results)
