@@ -7,6 +7,7 @@ also be built by hand in a user's own script.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -174,22 +175,8 @@ def build_cls_loss(remedy: RemedyConfig, arch: str, *, class_weight: Tensor | No
                 loss = SigmoidFocalLoss(alpha=alpha, gamma=gamma)
             case CEConfig(alpha=alpha):
                 loss = SigmoidFocalLoss(alpha=alpha, gamma=0.0)
-            case GHMCConfig(
-                bins=bins,
-                momentum=momentum,
-                normalization=normalization,
-                bias_correction=bias_correction,
-                empty_bins=empty_bins,
-                per_level=per_level,
-            ):
-                loss = GHMCLoss(
-                    bins=bins,
-                    momentum=momentum,
-                    normalization=normalization,
-                    bias_correction=bias_correction,
-                    empty_bins=empty_bins,
-                    per_level=per_level,
-                )
+            case GHMCConfig():
+                loss = GHMCLoss(**_loss_options(c))
             case _:
                 raise ValueError(f"remedy.cls_loss: unsupported {c!r} for retinanet")
         return loss if class_weight is None else ClassWeightedLoss(loss, class_weight)
@@ -226,28 +213,18 @@ def build_box_loss(remedy: RemedyConfig, arch: str) -> nn.Module | None:
             return L1Loss()
         case ASL1Config(mu=mu):
             return ASL1Loss(mu=mu)
-        case GHMRConfig(
-            mu=mu,
-            bins=bins,
-            momentum=momentum,
-            normalization=normalization,
-            bias_correction=bias_correction,
-            empty_bins=empty_bins,
-            per_level=per_level,
-        ):
-            return GHMRLoss(
-                mu=mu,
-                bins=bins,
-                momentum=momentum,
-                normalization=normalization,
-                bias_correction=bias_correction,
-                empty_bins=empty_bins,
-                per_level=per_level,
-            )
+        case GHMRConfig():
+            return GHMRLoss(**_loss_options(remedy.box_loss))
         case GIoUConfig():
             return GIoULoss()
         case other:
             raise ValueError(f"remedy.box_loss: unsupported {other!r}")
+
+
+def _loss_options(cfg: Any) -> dict[str, Any]:
+    """A loss config's hyperparameters as keyword arguments of its module (all fields but ``name`` and
+    ``loss_weight``, which :func:`_weighted` applies)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("name", "loss_weight")}
 
 
 def _loss_weight(cfg: object | None) -> float:

@@ -195,26 +195,14 @@ class FixedRatioSampler:
 
 
 @dataclass(frozen=True)
-class BootstrappedSampler:
+class BootstrappedSampler(FixedRatioSampler):
     """Fixed-ratio sampling in which mined background RoIs fill the background budget first.
 
     Offline bootstrapping (Sung and Poggio, 1998; R-CNN's hard negative mining): the confident false
     positives of an earlier model (``rois.mined``) are kept whenever the budget allows; the remainder is
-    drawn as :class:`FixedRatioSampler` draws it. With no mined RoI it is :class:`FixedRatioSampler`.
-
-    Args:
-        num_samples: Budget per image.
-        positive_fraction: Largest share of the budget given to foreground.
+    drawn as :class:`FixedRatioSampler` draws it (same hyperparameters). With no mined RoI it is
+    :class:`FixedRatioSampler`.
     """
-
-    needs_losses: ClassVar[bool] = False
-
-    num_samples: int = 512
-    positive_fraction: float = 0.25
-
-    def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, minimum=1)
-        _check_fraction("positive_fraction", self.positive_fraction)
 
     def __call__(
         self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
