@@ -56,6 +56,26 @@ def test_ghmr_default_equals_mmdetection_over_three_calls():
         torch.testing.assert_close(ours.ema_density, ref.acc_sum, rtol=1e-6, atol=1e-6)
 
 
+def test_ghmr_elementwise_mask_equals_mmdetection_and_ignores_what_it_masks():
+    # A per-coordinate mask takes the element path of the CPU compaction; a NaN in a masked-out element is ignored.
+    ours, ref = GHMRLoss(), RefGHMR(mu=0.02, bins=10, momentum=0.7, loss_weight=1.0)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        pred, target = torch.randn(90, 4, generator=g) * 0.05, torch.randn(90, 4, generator=g) * 0.05
+        keep = torch.rand(90, 4, generator=g) > 0.5
+        p1, p2 = pred.clone(), pred.clone()
+        p1[~keep] = float("nan")  # never read: outside the mask
+        p1.requires_grad_()
+        p2.requires_grad_()
+        got = ours(p1, target, keep)
+        expected = ref(p2, target, keep.float())
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-7)
+        got.backward()
+        expected.backward()
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=2e-5, atol=1e-9)
+        assert bool((p1.grad[~keep] == 0).all())
+
+
 def test_paper_option_keeps_the_literal_per_bin_oracle():
     """The old default, now ``normalization='paper'``, still equals the paper's per-bin formula."""
     x, y = classification_inputs(40, 6, regime="mixed", seed=5, dtype=torch.float64)

@@ -37,7 +37,7 @@ from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
 
@@ -126,6 +126,24 @@ def _light_retinanet_head(in_channels: int, num_anchors: int, num_columns: int, 
                 nn.init.normal_(m[0].weight, std=0.01)
                 nn.init.zeros_(m[0].bias)
             branch.conv = nn.Sequential(*convs)
+    return head
+
+
+def _ssd_head(in_channels: int, num_anchors: Sequence[int], num_columns: int, head_convs: int) -> SSDHead:
+    """torchvision's ``SSDHead`` with ``head_convs`` 3x3 conv + ReLU layers before each level's predictor.
+
+    torchvision's SSD predicts from the backbone's features with one 3x3 conv per level (``head_convs = 0``);
+    its VGG/MobileNet trunks have the depth for that, the small CPU backbones do not, so the default gives
+    each level and branch the same conv stack as the RetinaNet head (``head_convs`` layers, not shared
+    across levels as in SSD). Predictors keep torchvision's Xavier initialisation.
+    """
+    head = SSDHead([in_channels] * len(num_anchors), list(num_anchors), num_columns)
+    if head_convs == 0:
+        return head
+    for branch in (head.classification_head, head.regression_head):
+        for i, predictor in enumerate(branch.module_list):
+            convs = [Conv2dNormActivation(in_channels, in_channels, norm_layer=None) for _ in range(head_convs)]
+            branch.module_list[i] = nn.Sequential(*convs, predictor)
     return head
 
 
@@ -232,6 +250,7 @@ def build_detector(
     first = [level[0] for level in sizes]
     scales = [s / image_size for s in first] + [2.0 * first[-1] / image_size]
     boxes = DefaultBoxGenerator([[2]] * len(first), scales=scales)
+    head = _ssd_head(body.out_channels, boxes.num_anchors_per_location(), columns, head_convs)
     return SSD(
         features,
         boxes,
@@ -239,6 +258,7 @@ def build_detector(
         columns,
         image_mean=mean,
         image_std=std,
+        head=head,
     )
 
 

@@ -364,6 +364,25 @@ def _ghm_r_histogram(
     return d, dd, s, idx, counts
 
 
+def _compact_valid(pred: Tensor, target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """On the CPU, keep only the valid elements of ``pred``/``target`` (flattened); elsewhere return them as they are.
+
+    Invalid elements neither enter the histogram nor the loss, and their gradient is 0, so the reduced loss
+    is the same computed on the valid elements alone. A dense detector's box loss is valid on its positive
+    anchors only (about 0.1 %), so this skips ~12 passes over the whole ``[B A, 4]`` tensor. It is not done on
+    CUDA, where selecting by a mask would synchronise with the host; there the mask is applied in place.
+    """
+    if valid is None or pred.device.type != "cpu":
+        return pred, target, valid
+    if valid.dim() == pred.dim() and valid.shape[-1] == 1 < pred.shape[-1]:
+        # one flag per box: select rows (4x fewer flags to scan), with one index for both tensors
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        flat_p, flat_t = pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1])
+        return flat_p.index_select(0, rows), flat_t.index_select(0, rows), None
+    keep = valid.bool().expand(pred.shape).reshape(-1).nonzero().squeeze(1)
+    return pred.reshape(-1).index_select(0, keep), target.reshape(-1).index_select(0, keep), None
+
+
 class _GHMRFunction(torch.autograd.Function):
     """ASL1 weighted by the region table; the gradient ``w d / s`` is computed in the forward sweep (float32)."""
 
@@ -459,6 +478,8 @@ def ghm_r_loss(
     _check_ghm_r(pred, target, mu, bins, normalization, reduction)
     _check_density(density, bins)
     valid = elementwise_mask("valid", valid, pred)
+    if reduction != "none":
+        pred, target, valid = _compact_valid(pred, target, valid)
     d, dd, s, idx, counts = _ghm_r_histogram(pred, target, valid, float(mu), bins)
     hist = _split_nan(counts, bins, "pred", should_validate(validate_args, pred))
     return _ghm_r_apply(pred, target, d, dd, s, idx, hist, density, float(mu), bins, normalization, reduction)
@@ -692,7 +713,7 @@ class GHMRLoss(_GHMBase):
 
     def forward(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
         _check_ghm_r(pred, target, self.mu, self.bins, self.normalization, "mean")
-        v = elementwise_mask("valid", valid, pred)
+        pred, target, v = _compact_valid(pred, target, elementwise_mask("valid", valid, pred))
         d, dd, s, idx, counts = _ghm_r_histogram(pred, target, v, self.mu, self.bins)
         hist = _split_nan(counts, self.bins, "pred", should_validate(self.validate_args, pred))
         density, reduced = self._density(hist)
