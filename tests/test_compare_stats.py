@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from detbalance.compare.stats import MIN_SEEDS, findings, paired_difference, rare_classes, t_quantile_975
+from detbalance.compare.stats import MIN_SEEDS, findings, paired_difference, plateau, rare_classes, t_quantile_975
 
 
 def test_paired_interval_by_hand():
@@ -108,3 +108,30 @@ def test_study_table_rows_come_from_the_paired_verdicts(tmp_path):
                                 tmp_path)
     text = readme.read_text()
     assert "| paper's claim | our result" in text and "detbalance compare --study" in text
+
+
+def _curve_run(seed, aps, iters=800):
+    step = iters // len(aps)
+    return {"seed": seed, "metrics": {"AP": aps[-1]}, "curve": [{"iter": step * (i + 1), "AP": a} for i, a in enumerate(aps)]}
+
+
+def test_plateau_reads_the_best_arms_last_quarter_over_seeds():
+    suite = {
+        "baseline": "a",
+        "clean": "c",
+        "methods": [
+            {"key": "a", "label": "A", "runs": [_curve_run(0, [0.1] * 8), _curve_run(1, [0.1] * 8)]},
+            # best arm: last quarter from iteration 600 (0.30, 0.32) to 800 (0.34, 0.33): +2.5 AP on average
+            {"key": "b", "label": "B", "runs": [_curve_run(0, [0.1] * 5 + [0.30, 0.32, 0.34]),
+                                                _curve_run(1, [0.1] * 5 + [0.32, 0.33, 0.33])]},
+            {"key": "c", "label": "clean", "runs": [_curve_run(0, [0.9] * 8)]},  # never the "best arm"
+        ],
+    }
+    p = plateau(suite)
+    assert (p.arm, p.start_iter, p.end_iter, p.seeds) == ("B", 600, 800, 2)
+    assert p.change == pytest.approx(0.025)
+    assert not p.reached
+    assert "not a plateau" in p.sentence()
+    flat = {**suite, "methods": [suite["methods"][0]]}
+    assert plateau(flat).reached and "a plateau by the < 1 AP rule" in plateau(flat).sentence()
+    assert "Plateau check: the best arm, B," in findings(suite)[0]

@@ -18,10 +18,13 @@ from typing import Any
 __all__ = [
     "MIN_BASELINE_AP",
     "MIN_SEEDS",
+    "PLATEAU_AP",
     "RARE_FRACTION",
     "PairedDifference",
+    "Plateau",
     "findings",
     "paired_difference",
+    "plateau",
     "rare_classes",
     "t_quantile_975",
 ]
@@ -34,6 +37,9 @@ RARE_FRACTION = 0.1
 
 MIN_BASELINE_AP = 0.25
 """Below this baseline AP a suite's detector has not learnt enough for its verdicts to speak to convergence."""
+
+PLATEAU_AP = 0.01
+"""A suite's budget is at a plateau when its best arm's AP changes by less than this over the last quarter."""
 
 VERDICTS = ("better", "worse", "no measurable difference", "needs seeds")
 
@@ -144,6 +150,80 @@ def suite_differences(suite: Mapping[str, Any], metric: str) -> dict[str, Paired
     return {k: paired_difference(metric_by_seed(m, metric), base) for k, m in methods.items() if k != suite["baseline"]}
 
 
+@dataclass(frozen=True)
+class Plateau:
+    """How much the best arm's AP moved over the last quarter of its runs (issue 12's plateau rule).
+
+    ``start_iter`` is the last evaluation at or before 3/4 of the budget, ``end_iter`` the final one; the APs
+    are means over the arm's seeds that have both points. ``reached`` is ``|end_ap - start_ap| < PLATEAU_AP``.
+    """
+
+    arm: str
+    start_iter: int
+    end_iter: int
+    start_ap: float
+    end_ap: float
+    seeds: int
+
+    @property
+    def change(self) -> float:
+        return self.end_ap - self.start_ap
+
+    @property
+    def reached(self) -> bool:
+        return abs(self.change) < PLATEAU_AP
+
+    def sentence(self) -> str:
+        verdict = (
+            f"a plateau by the < {100 * PLATEAU_AP:.0f} AP rule"
+            if self.reached
+            else f"not a plateau (the rule asks < {100 * PLATEAU_AP:.0f} AP): the ranking may still change with "
+            "a longer budget"
+        )
+        return (
+            f"Plateau check: the best arm, {self.arm}, went from {100 * self.start_ap:.1f} to {100 * self.end_ap:.1f} AP "
+            f"({100 * self.change:+.1f}) between iterations {self.start_iter} and {self.end_iter}, the last quarter "
+            f"(mean of {self.seeds} seed{'s' if self.seeds != 1 else ''}): {verdict}."
+        )
+
+
+def _quarter_points(run: Mapping[str, Any]) -> tuple[int, float, int, float] | None:
+    points = [(int(p["iter"]), float(p["AP"])) for p in run.get("curve", []) if "AP" in p]
+    if len(points) < 2:
+        return None
+    end_iter, end_ap = points[-1]
+    before = [p for p in points if p[0] <= 0.75 * end_iter]
+    if not before:
+        return None
+    start_iter, start_ap = before[-1]
+    return start_iter, start_ap, end_iter, end_ap
+
+
+def plateau(suite: Mapping[str, Any]) -> Plateau | None:
+    """The :class:`Plateau` of the suite's best arm by mean final AP (the clean arm aside); ``None`` without curves."""
+    best, best_ap = None, -math.inf
+    for m in suite["methods"]:
+        if m["key"] == suite.get("clean"):
+            continue
+        aps = [v for v in metric_by_seed(m, "AP").values() if not math.isnan(v)]
+        if aps and sum(aps) / len(aps) > best_ap:
+            best, best_ap = m, sum(aps) / len(aps)
+    if best is None:
+        return None
+    quarters = [q for q in (_quarter_points(r) for r in best["runs"]) if q is not None]
+    if not quarters:
+        return None
+    n = len(quarters)
+    return Plateau(
+        arm=best["label"],
+        start_iter=quarters[0][0],
+        end_iter=quarters[0][2],
+        start_ap=sum(q[1] for q in quarters) / n,
+        end_ap=sum(q[3] for q in quarters) / n,
+        seeds=n,
+    )
+
+
 _METRIC_NAMES = {"AP": "AP", "rare_AP": "rare-class AP"}
 
 
@@ -212,6 +292,9 @@ def findings(suite: Mapping[str, Any]) -> list[str]:
             "budget the detector has not learnt enough, so the suite cannot decide whether a remedy helps at "
             "convergence (try `--budget full`)."
         )
+    p = plateau(suite)
+    if p is not None:
+        lines.append(p.sentence())
     lines.append(
         f"Intervals are 95 % Student-t intervals of the per-seed difference to {base} (AP points; arms share "
         "initial weights per seed)."
