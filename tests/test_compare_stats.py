@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from detbalance.compare.stats import MIN_SEEDS, findings, paired_difference, plateau, rare_classes, t_quantile_975
+from detbalance.compare.stats import (
+    MIN_SEEDS,
+    findings,
+    paired_difference,
+    plateau,
+    rare_classes,
+    t_quantile_975,
+)
 
 
 def test_paired_interval_by_hand():
