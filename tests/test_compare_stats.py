@@ -142,3 +142,15 @@ def test_plateau_reads_the_best_arms_last_quarter_over_seeds():
     flat = {**suite, "methods": [suite["methods"][0]]}
     assert plateau(flat).reached and "a plateau by the < 1 AP rule" in plateau(flat).sentence()
     assert "Plateau check: the best arm, B," in findings(suite)[0]
+
+
+def test_study_readme_has_a_plateau_row_per_suite(tmp_path):
+    from detbalance.compare.study import write_study_readme
+
+    losses = {"optim": "sgd", "iterations": 800, "baseline": "a",
+              "methods": [{"key": "a", "label": "A", "runs": [_curve_run(0, [0.1] * 5 + [0.30, 0.32, 0.305])]}]}
+    ssd = {"optim": "adamw", "iterations": 800, "baseline": "m",
+           "methods": [{"key": "m", "label": "M", "runs": [{"seed": 0, "metrics": {"AP": 0.2}}]}]}
+    text = write_study_readme({"setup": {}, "suites": {"losses": losses, "ssd": ssd}}, tmp_path).read_text()
+    assert "| losses | sgd | 800 | A | 30.0 -> 30.5 (600 -> 800, 1 seed) | +0.5 | yes |" in text
+    assert "| ssd | adamw | 800 | – | – | – | no curves yet |" in text

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detbalance.compare.stats import format_difference, metric_by_seed, paired_difference
+from detbalance.compare.stats import PLATEAU_AP, format_difference, metric_by_seed, paired_difference, plateau
 
-__all__ = ["CLAIMS", "Claim", "claim_rows", "write_study_readme"]
+__all__ = ["CLAIMS", "Claim", "claim_rows", "plateau_rows", "write_study_readme"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,22 @@ def claim_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def plateau_rows(results: dict[str, Any]) -> list[str]:
+    """One markdown row per suite: its recipe, budget and the plateau check of its best arm."""
+    rows = []
+    for name, suite in results.get("suites", {}).items():
+        p = plateau(suite)
+        head = f"| {name} | {suite.get('optim', '–')} | {suite.get('iterations', '–')} |"
+        if p is None:
+            rows.append(head + " – | – | – | no curves yet |")
+            continue
+        rows.append(
+            head + f" {p.arm} | {100 * p.start_ap:.1f} -> {100 * p.end_ap:.1f} ({p.start_iter} -> {p.end_iter}, "
+            f"{p.seeds} seed{'s' if p.seeds != 1 else ''}) | {100 * p.change:+.1f} | {'yes' if p.reached else 'no'} |"
+        )
+    return rows
+
+
 def write_study_readme(results: dict[str, Any], output: Path) -> Path:
     """Write ``output/README.md``: the command, the wall time, the claims table, and a link to the report."""
     setup = results["setup"]
@@ -113,6 +129,15 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
         "",
         "Differences are paired per seed (arms share initial weights), in AP points. Where a row says **no**, "
         "the evidence for why follows below, after the loss and sampler reference checks.",
+        "",
+        "## Budgets: is each suite at a plateau?",
+        "",
+        f"Issue 12's rule: the best arm's AP changes by less than {100 * PLATEAU_AP:.0f} AP over the last quarter "
+        "of training (mean over the seeds run so far).",
+        "",
+        "| suite | recipe | iterations | best arm | AP at 3/4 -> end | change | plateau? |",
+        "|---|---|---|---|---|---|---|",
+        *plateau_rows(results),
         "",
         "## Where we disagree, and why",
         "",
