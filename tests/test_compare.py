@@ -130,6 +130,16 @@ def test_compare_end_to_end_reuse_and_keying(tmp_path, monkeypatch):
     assert results2["suites"]["noise"]["methods"] == suite["methods"] and again == report
     assert results2["setup"]["wall time"].startswith(f"{summed:.1f} min summed over the 4 runs used")
 
+    # --finished-only trains nothing: it reports the finished runs and names the missing ones.
+    kw3 = {**kw, "seeds": 3}
+    run_compare(iters=8, finished_only=True, **kw3)
+    results3 = json.loads((tmp_path / "results.json").read_text())
+    assert results3["setup"]["runs not finished (not in this report)"] == "2: noise/focal seed 2, noise/ghm_c seed 2"
+    assert results3["suites"]["noise"]["methods"] == suite["methods"]
+    run_compare(iters=9, finished_only=True, **kw3)  # nothing finished at these settings: no suite to report
+    results4 = json.loads((tmp_path / "results.json").read_text())
+    assert results4["suites"] == {} and results4["setup"]["suites without a finished baseline run"] == ["noise"]
+
     # Other settings go to other folders: the finished runs are never touched.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()}
     with pytest.raises(AssertionError, match="fit"):

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--study", action="store_true",
                    help="also write README.md with the paper-claims table (docs/study)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: report the finished runs, list the others (read a long study while it runs)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     common(p)
     p.set_defaults(func=_cmd_compare)
@@ -269,6 +271,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         val=args.val,
         data_seed=args.data_seed,
         study=args.study,
+        finished_only=args.finished_only,
     )
     print(f"report: {path}")
     return 0

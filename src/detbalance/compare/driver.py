@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from detbalance import __version__
-from detbalance.compare.runs import load_average, run_dir, run_one, write_json_atomic
+from detbalance.compare.runs import load_average, read_result, run_dir, run_one, write_json_atomic
 from detbalance.compare.stats import RARE_FRACTION, findings, rare_classes
 from detbalance.compare.suites import SUITES, Budget, Decay, Optimizer, suite_configs
 
@@ -91,6 +91,21 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
     return {"summary": summary, "class_frequency": class_freq, "rare": rare}
 
 
+def _drop_unfinished(results: dict[str, Any], pending: list[str]) -> None:
+    """Leave out the arms without a finished run, and the suites whose baseline has none; say what is missing."""
+    results["setup"]["runs not finished (not in this report)"] = (
+        f"{len(pending)}: " + ", ".join(pending) if pending else "none"
+    )
+    for name in list(results["suites"]):
+        entry = results["suites"][name]
+        entry["methods"] = [m for m in entry["methods"] if m["runs"]]
+        if not any(m["key"] == entry["baseline"] for m in entry["methods"]):
+            del results["suites"][name]
+            results["setup"].setdefault("suites without a finished baseline run", []).append(name)
+        elif entry.get("clean") and not any(m["key"] == entry["clean"] for m in entry["methods"]):
+            entry["clean"] = None
+
+
 def _setup(command: str, seeds: list[int], batch_size: int, device: str) -> dict[str, Any]:
     return {
         "command": command,
@@ -121,6 +136,7 @@ def run_compare(
     val: str | None = None,
     data_seed: int = 0,
     study: bool = False,
+    finished_only: bool = False,
 ) -> Path:
     """Train every arm of the chosen suites for ``seeds`` seeds and write the report.
 
@@ -142,6 +158,8 @@ def run_compare(
         val: the validation COCO json or folder (required with ``data``).
         data_seed: the built-in benchmark's generation seed.
         study: also write ``README.md`` with the paper-claims table (the committed study).
+        finished_only: train nothing; report the runs that have finished and list the others as not finished
+            (to read a long study while it runs elsewhere, or after an interruption).
 
     Returns:
         The path of ``report.md``.
@@ -211,6 +229,7 @@ def run_compare(
             for method, cfg in seed_cfgs:
                 plan.append((name, method, cfg))
 
+    pending: list[str] = []
     total = sum(cfg.engine.iterations for _, _, cfg in plan)
     t0 = time.perf_counter()
     with Progress(progress, total=total, description="compare", name="compare") as bar:
@@ -220,6 +239,10 @@ def run_compare(
             bar.describe(f"{name}/{method.key} seed {cfg.engine.seed}")
             done_before = bar.completed
             folder = run_dir(output, name, method.key, cfg)
+            if finished_only and read_result(folder / "result.json") is None:
+                pending.append(f"{name}/{method.key} seed {cfg.engine.seed}")
+                bar.set_completed(done_before + cfg.engine.iterations, skipped=True)
+                continue
 
             def on_step(m: Any, _base: int = done_before) -> None:
                 bar.set_completed(_base + int(m.step))
@@ -230,6 +253,8 @@ def run_compare(
             mentry["runs"].append(run)
             write_json_atomic(output / "results.json", results)
 
+    if finished_only:
+        _drop_unfinished(results, pending)
     runs = [r for e in results["suites"].values() for m in e["methods"] for r in m["runs"]]
     wall = sum(float(r.get("wall_s") or 0.0) for r in runs)
     results["setup"]["wall time"] = (
