@@ -181,13 +181,14 @@ def test_compare_profile_plot_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyP
         "batch_size": 16, "device": "auto", "progress": True,
         "command": f"detbalance compare --suite samplers --iters 5 --seeds 2 --output {tmp_path}",
         "optim": None, "decay": "cosine", "data": None, "val": None, "data_seed": 0, "study": False,
+        "finished_only": False,
     }
     calls.clear()
     assert main(["compare", "--data", "d/train", "--val", "d/test", "--optim", "sgd", "--budget", "full",
-                 "--data-seed", "3", "--study"]) == 0
+                 "--data-seed", "3", "--study", "--finished-only"]) == 0
     kw = calls["compare"]
-    assert (kw["suite"], kw["data"], kw["val"], kw["optim"], kw["budget"], kw["data_seed"], kw["study"]) == (
-        None, "d/train", "d/test", "sgd", "full", 3, True)
+    assert (kw["suite"], kw["data"], kw["val"], kw["optim"], kw["budget"], kw["data_seed"], kw["study"],
+            kw["finished_only"]) == (None, "d/train", "d/test", "sgd", "full", 3, True, True)
     assert main(["profile", "--data", "builtin:tiny", "--output", str(tmp_path), "--num-images", "3"]) == 0
     assert calls["profile"] == {"data": "builtin:tiny", "config": None, "checkpoint": None, "output": tmp_path,
                                 "num_images": 3, "progress": True}
