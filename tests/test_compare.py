@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -205,3 +208,52 @@ def test_an_interrupted_compare_resumes_where_it_stopped(tmp_path, monkeypatch):
     runs = [m["runs"][0] for m in json.loads((tmp_path / "results.json").read_text())["suites"]["noise"]["methods"]]
     assert [r["resumed"] for r in runs] == [False, True]
     assert [p["iter"] for p in runs[1]["curve"] if "AP" in p] == list(range(1, 9))
+
+
+def test_a_run_is_claimed_by_one_process_at_a_time(tmp_path):
+    from detbalance.compare.runs import claimed
+
+    folder = tmp_path / "runs" / "s" / "m" / "k" / "seed0"
+    lock = folder.parent / "seed0.lock"
+    with claimed(folder) as mine:
+        assert mine and json.loads(lock.read_text())["pid"] == os.getpid()
+        with claimed(folder) as again:  # held (by this live process): not claimable
+            assert not again
+    assert not lock.exists()  # released on exit
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with claimed(folder) as mine:
+            assert not mine  # another live process trains it
+        lock.write_text(json.dumps({"pid": other.pid, "host": "another-machine"}))
+        with claimed(folder) as mine:
+            assert not mine  # another machine's lock is never taken over
+    finally:
+        other.kill()
+        other.wait()
+    lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+    with claimed(folder) as mine:
+        assert mine  # its process is gone: the stale lock is taken over
+
+
+def test_compare_skips_runs_another_process_trains_and_comes_back(tmp_path, monkeypatch):
+    from detbalance.compare import driver
+
+    kw = dict(suite="noise", preset="tiny", seeds=1, output=tmp_path, batch_size=4, device="cpu", progress=False,
+              iters=4)
+    (method, cfg), = [(m, c) for m, c in suite_configs("noise", preset="tiny", iters=4, seed=0, batch_size=4,
+                                                        device="cpu") if m.key == "ghm_c"]
+    lock = run_dir(tmp_path, "noise", "ghm_c", cfg).parent / "seed0.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # "another process"
+    waits = []
+
+    def other_process_finishes(seconds=30.0):
+        waits.append(seconds)
+        lock.unlink()  # it died without a result: this process takes the run over on its next look
+
+    monkeypatch.setattr(driver, "_wait_for_others", other_process_finishes)
+    run_compare(**kw)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(waits) == 1
+    assert [len(m["runs"]) for m in results["suites"]["noise"]["methods"]] == [1, 1]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from detbalance import __version__
-from detbalance.compare.runs import load_average, read_result, run_dir, run_one, write_json_atomic
+from detbalance.compare.runs import claimed, load_average, read_result, run_dir, run_one, write_json_atomic
 from detbalance.compare.stats import RARE_FRACTION, findings, rare_classes
 from detbalance.compare.suites import SUITES, Budget, Decay, Optimizer, suite_configs
 
@@ -89,6 +89,11 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
             f"long tail {d.get('long_tail_ratio')}, noisy labels {d.get('noisy_labels')}"
         )
     return {"summary": summary, "class_frequency": class_freq, "rare": rare}
+
+
+def _wait_for_others(seconds: float = 30.0) -> None:
+    """Pause before looking again at the runs other processes hold (their locks go when they finish)."""
+    time.sleep(seconds)
 
 
 def _drop_unfinished(results: dict[str, Any], pending: list[str]) -> None:
@@ -233,25 +238,37 @@ def run_compare(
     total = sum(cfg.engine.iterations for _, _, cfg in plan)
     t0 = time.perf_counter()
     with Progress(progress, total=total, description="compare", name="compare") as bar:
-        for name, method, cfg in plan:
-            entry = results["suites"][name]
-            mentry = next(m for m in entry["methods"] if m["key"] == method.key)
-            bar.describe(f"{name}/{method.key} seed {cfg.engine.seed}")
-            done_before = bar.completed
-            folder = run_dir(output, name, method.key, cfg)
-            if finished_only and read_result(folder / "result.json") is None:
-                pending.append(f"{name}/{method.key} seed {cfg.engine.seed}")
-                bar.set_completed(done_before + cfg.engine.iterations, skipped=True)
-                continue
+        queue = plan
+        while queue:
+            busy = []  # runs another compare process is training in this output folder: come back to them
+            for item in queue:
+                name, method, cfg = item
+                entry = results["suites"][name]
+                mentry = next(m for m in entry["methods"] if m["key"] == method.key)
+                bar.describe(f"{name}/{method.key} seed {cfg.engine.seed}")
+                done_before = bar.completed
+                folder = run_dir(output, name, method.key, cfg)
+                if finished_only and read_result(folder / "result.json") is None:
+                    pending.append(f"{name}/{method.key} seed {cfg.engine.seed}")
+                    bar.set_completed(done_before + cfg.engine.iterations, skipped=True)
+                    continue
 
-            def on_step(m: Any, _base: int = done_before) -> None:
-                bar.set_completed(_base + int(m.step))
+                def on_step(m: Any, _base: int = done_before) -> None:
+                    bar.set_completed(_base + int(m.step))
 
-            run, reused = run_one(folder, cfg, on_step=on_step, rare=entry["rare_classes"])
-            run = {**run, "folder": str(folder.relative_to(output))}
-            bar.set_completed(done_before + cfg.engine.iterations, skipped=reused)
-            mentry["runs"].append(run)
-            write_json_atomic(output / "results.json", results)
+                with claimed(folder) as mine:
+                    if not mine:
+                        busy.append(item)
+                        continue
+                    run, reused = run_one(folder, cfg, on_step=on_step, rare=entry["rare_classes"])
+                run = {**run, "folder": str(folder.relative_to(output))}
+                bar.set_completed(done_before + cfg.engine.iterations, skipped=reused)
+                mentry["runs"].append(run)
+                write_json_atomic(output / "results.json", results)
+            if busy:
+                bar.describe(f"waiting for {len(busy)} run(s) another compare process is training")
+                _wait_for_others()
+            queue = busy
 
     if finished_only:
         _drop_unfinished(results, pending)

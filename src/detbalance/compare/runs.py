@@ -12,8 +12,10 @@ import hashlib
 import json
 import math
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch
 
 from detbalance.config import ExperimentConfig, dump_toml, load_toml
 
-__all__ = ["load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
+__all__ = ["claimed", "load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
 
 
 def run_key(cfg: ExperimentConfig) -> str:
@@ -35,6 +37,56 @@ def run_key(cfg: ExperimentConfig) -> str:
 def run_dir(output: Path, suite: str, method: str, cfg: ExperimentConfig) -> Path:
     """``output/runs/<suite>/<method>/<key>/seed<k>``."""
     return Path(output) / "runs" / suite / method / run_key(cfg) / f"seed{cfg.engine.seed}"
+
+
+def _lock_is_stale(lock: Path) -> bool:
+    """A lock of this host whose process is gone (or a lock file left unreadable for over a minute)."""
+    try:
+        owner = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        try:
+            return time.time() - lock.stat().st_mtime > 60
+        except OSError:
+            return True  # removed meanwhile
+    if owner.get("host") != socket.gethostname():
+        return False  # another machine's process: only its owner (or the user) may remove it
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
+
+
+@contextmanager
+def claimed(folder: Path) -> Iterator[bool]:
+    """Claim a run for this process with a lock file beside its folder (``seed<k>.lock``).
+
+    Yields ``True`` when this process holds the claim (released on exit), ``False`` when another live
+    process is training that run, so that several ``compare`` processes can share one output folder (one per
+    core or GPU) without training a run twice. A lock left by a dead process of this host is taken over.
+    """
+    lock = Path(folder).parent / f"{Path(folder).name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = False
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _lock_is_stale(lock):
+                break
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
+        held = True
+        break
+    try:
+        yield held
+    finally:
+        if held:
+            lock.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
