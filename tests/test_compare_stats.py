@@ -154,3 +154,13 @@ def test_study_readme_has_a_plateau_row_per_suite(tmp_path):
     text = write_study_readme({"setup": {}, "suites": {"losses": losses, "ssd": ssd}}, tmp_path).read_text()
     assert "| losses | sgd | 800 | A | 30.0 -> 30.5 (600 -> 800, 1 seed) | +0.5 | yes |" in text
     assert "| ssd | adamw | 800 | – | – | – | no curves yet |" in text
+
+
+def test_study_readme_of_a_study_in_progress_names_what_is_missing(tmp_path):
+    from detbalance.compare.study import write_study_readme
+
+    setup = {"command": "detbalance compare --suite all --seeds 3 --budget full --study --finished-only",
+             "runs not finished (not in this report)": "1: losses/ce seed 2"}
+    text = write_study_readme({"setup": setup, "suites": {}}, tmp_path).read_text()
+    assert "**In progress.**" in text and "not finished: 1: losses/ce seed 2" in text
+    assert "detbalance compare --suite all --seeds 3 --budget full --study\n```" in text  # the study's command

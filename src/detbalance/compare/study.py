@@ -1,4 +1,4 @@
-"""The committed study: every suite at its plateau budget with 3 seeds, set against the papers' claims.
+"""The committed study: every suite at its full budget with 3 seeds, set against the papers' claims.
 
 One command writes it (resumable: rerun it after an interruption)::
 
@@ -111,13 +111,24 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
     """Write ``output/README.md``: the command, the wall time, the claims table, and a link to the report."""
     setup = results["setup"]
     rows = claim_rows(results)
+    command = setup.get("command", "")
+    unfinished = setup.get("runs not finished (not in this report)", "none")
+    status = []
+    if unfinished != "none":
+        status = [
+            f"**In progress.** This snapshot was written with `--finished-only` from the runs finished so far; not "
+            f"finished: {unfinished}. Rerun the command (one process per core shares the work) to continue.",
+            "",
+        ]
+        command = command.replace(" --finished-only", "")
     lines = [
-        "# The study: every suite at its plateau budget, 3 seeds, against the papers",
+        "# The study: every suite at its full budget, 3 seeds, against the papers",
         "",
+        *status,
         "Written by the command below (resumable: rerun it after an interruption; finished runs are reused):",
         "",
         "```",
-        setup.get("command", ""),
+        command,
         "```",
         "",
         f"Wall time: {setup.get('wall time', '–')}. Machine: {setup.get('machine', '–')}; load average "
