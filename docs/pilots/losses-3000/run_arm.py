@@ -1,6 +1,10 @@
 """Pilot (issue 12): one losses-suite arm at 3000 iterations, seed 0, the compare recipe (AdamW), 1 thread."""
-import json, sys, time
+import json
+import sys
+import time
+
 import torch
+
 from detbalance.compare.suites import suite_configs
 from detbalance.engine import fit
 

@@ -1,12 +1,16 @@
 """Check (issue 12): under SGD, does focal lag CE because its gradient is smaller? Focal x W under SGD."""
 import sys
 from dataclasses import replace
+from pathlib import Path
+
 import torch
+
+from detbalance.compare.driver import _data_summary
 from detbalance.compare.runs import run_one
 from detbalance.compare.suites import suite_configs
-from detbalance.compare.driver import _data_summary
-from pathlib import Path
-w = float(sys.argv[1]); iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
+
+w = float(sys.argv[1])
+iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
 torch.set_num_threads(1)
 cfgs = dict((m.key, c) for m, c in suite_configs("losses", iters=iters, seed=0, optim="sgd"))
 cfg = cfgs["focal"]

@@ -1,8 +1,10 @@
 """At initialisation, the gradient norm each losses-suite arm sends into the classification head and trunk."""
 import torch
+
 from detbalance.builders import build_datasets, build_model, resolve_image_size
 from detbalance.compare.suites import suite_configs
 from detbalance.engine.run import seed_everything
+
 torch.set_num_threads(1)
 cfgs = dict((m.key, c) for m, c in suite_configs("losses", iters=3000, seed=0, optim="sgd"))
 train, _ = build_datasets(cfgs["ce"], seed=0)
@@ -15,7 +17,8 @@ for arm in ("ce", "alpha_ce", "focal", "ghm_c"):
     model.train()
     head_n, trunk_n, cls_l = [], [], []
     for batch in batches:
-        imgs = [im for im, _ in batch]; tg = [t for _, t in batch]
+        imgs = [im for im, _ in batch]
+        tg = [t for _, t in batch]
         model.zero_grad()
         losses = model(imgs, tg)
         losses["classification"].backward()

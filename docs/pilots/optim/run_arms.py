@@ -3,10 +3,13 @@
 python run_arms.py OUTPUT SUITE OPTIM ITERS SEED ARM [ARM ...]   (1 torch thread)
 """
 import sys
+
 import torch
+
+from detbalance.compare.driver import _data_summary
 from detbalance.compare.runs import run_dir, run_one
 from detbalance.compare.suites import suite_configs
-from detbalance.compare.driver import _data_summary
+
 out, suite, optim, iters, seed, *arms = sys.argv[1:]
 torch.set_num_threads(1)
 cfgs = dict((m.key, c) for m, c in suite_configs(suite, iters=int(iters), seed=int(seed), optim=optim))

@@ -23,13 +23,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+ITERS = 3000  # the budget of the runs compared (other lengths under the same roots are left out)
+
+
 def load(roots: list[str]) -> dict[str, dict[tuple[str, str], dict]]:
-    """``{suite: {(arm, optim): result}}`` for every finished seed-0 run under the roots."""
+    """``{suite: {(arm, optim): result}}`` for every finished seed-0 run of ``ITERS`` iterations under the roots."""
     out: dict[str, dict[tuple[str, str], dict]] = defaultdict(dict)
     for root in roots:
         for path in sorted(Path(root).glob("runs/*/*/*/seed0/result.json")):
             res = json.loads(path.read_text())
             cfg = tomllib.loads(res["config"])
+            if cfg["engine"]["iterations"] != ITERS:
+                continue
             suite, arm = path.parts[-5], path.parts[-4]
             out[suite][(arm, cfg["optim"]["name"])] = res
     return out

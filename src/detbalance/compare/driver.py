@@ -213,7 +213,8 @@ def run_compare(
             + (f", momentum {opt.momentum:g}" if opt.name == "sgd" else "")
             + f", weight decay {opt.weight_decay:g}, gradient clip {opt.grad_clip:g}, linear warm-up "
             f"{sched.warmup_iters} steps, {sched.name} decay, {n_iters} iterations at batch {batch_size} "
-            f"(`--optim {optim or s.optim}`; the suite's default is `{s.optim}`: {s.optim_evidence})"
+            f"(`--optim {optim or s.optim}`; the suite's default is `{s.optim}`: {s.optim_evidence}). "
+            f"Budgets: short {s.budgets['short']}, full {s.budgets['full']} iterations ({s.budget_evidence})."
         )
         results["suites"][name] = {
             "title": s.title,
