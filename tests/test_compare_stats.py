@@ -164,3 +164,13 @@ def test_study_readme_of_a_study_in_progress_names_what_is_missing(tmp_path):
     text = write_study_readme({"setup": setup, "suites": {}}, tmp_path).read_text()
     assert "**In progress.**" in text and "not finished: 1: losses/ce seed 2" in text
     assert "detbalance compare --suite all --seeds 3 --budget full --study\n```" in text  # the study's command
+
+
+def test_study_readme_keeps_the_hand_written_evidence(tmp_path):
+    from detbalance.compare.study import EVIDENCE_FILE, write_study_readme
+
+    assert "stays unexplained" in write_study_readme({"setup": {}, "suites": {}}, tmp_path).read_text()
+    (tmp_path / EVIDENCE_FILE).write_text("GHM-C vs FL: measured under SGD too.\n")
+    text = write_study_readme({"setup": {}, "suites": {}}, tmp_path).read_text()
+    assert "## Where we disagree, and why\n\nGHM-C vs FL: measured under SGD too.\n" in text
+    assert "stays unexplained" not in text

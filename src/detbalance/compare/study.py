@@ -6,7 +6,8 @@ One command writes it (resumable: rerun it after an interruption)::
 
 :func:`write_study_readme` writes ``README.md`` there: the command, the wall time, and the table
 "paper's claim | our result | agrees?" built from the paired verdicts in ``results.json``. Where a row
-disagrees, the lead writes the evidence for why under the table (never an untested guess).
+disagrees, the evidence for why is written by hand in ``disagreements.md`` beside it (never an untested
+guess) and copied under the table, so rerunning the study never loses it.
 """
 
 from __future__ import annotations
@@ -107,6 +108,21 @@ def plateau_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+EVIDENCE_FILE = "disagreements.md"
+"""Hand-written evidence for the rows that disagree, kept beside the study and copied into its README."""
+
+
+def _evidence(output: Path) -> list[str]:
+    path = output / EVIDENCE_FILE
+    if path.is_file():
+        return [path.read_text(encoding="utf-8").strip()]
+    return [
+        "Generated tables cannot explain a disagreement: each row marked **no** stays unexplained until a "
+        f"paragraph in `{EVIDENCE_FILE}` (copied here) gives the measurement that accounts for it, after the "
+        "loss and sampler reference checks."
+    ]
+
+
 def write_study_readme(results: dict[str, Any], output: Path) -> Path:
     """Write ``output/README.md``: the command, the wall time, the claims table, and a link to the report."""
     setup = results["setup"]
@@ -152,8 +168,7 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
         "",
         "## Where we disagree, and why",
         "",
-        "Generated tables cannot explain a disagreement: each row marked **no** stays unexplained until a "
-        "paragraph here gives the measurement that accounts for it (after the loss and sampler reference checks).",
+        *_evidence(Path(output)),
         "",
         "The full report with every table, curve and plot: [report.md](report.md).",
         "",
