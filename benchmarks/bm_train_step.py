@@ -49,7 +49,6 @@ import itertools
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,14 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_memory_bytes, ratio, run_metadata, synchronize, time_us, write_report  # noqa: E402
+from common import (  # noqa: E402
+    interleaved_times,
+    peak_memory_bytes,
+    ratio,
+    run_metadata,
+    time_us,
+    write_report,
+)
 from detbalance.detectors.build import build_detector  # noqa: E402
 from detbalance.detectors.faster_rcnn import BalancedRoIHeads, balance_faster_rcnn, roi_losses  # noqa: E402
 from detbalance.sampling import FixedRatioSampler as FixedRatioRoISampler  # noqa: E402
@@ -224,7 +230,8 @@ def interleaved_ohem_vs_fixed(images: list[Tensor], targets: list[dict[str, Any]
                               device: torch.device, *, num_samples: int = 64) -> dict[str, Any]:
     """OHEM vs fixed ratio at the same ``num_samples`` RoIs per image, one step of each per round.
 
-    Interleaving puts both under the same (shared, varying) machine load; the order alternates per round.
+    Interleaving (:func:`common.interleaved_times`) puts both under the same (shared, varying) machine load;
+    the order rotates per round.
     """
     steps = {
         "fixed": make_step(build("faster_rcnn", lambda m: balance_faster_rcnn(
@@ -234,21 +241,10 @@ def interleaved_ohem_vs_fixed(images: list[Tensor], targets: list[dict[str, Any]
             m, roi_sampler=OHEMRoISampler(num_samples=num_samples), rpn_sampler=FixedRatioRoISampler(256, 0.5)),
             args, device), images, targets),
     }
-    for step in steps.values():  # warm-up
-        step()
-        step()
-    times: dict[str, list[float]] = {"fixed": [], "ohem": []}
     load_before = os.getloadavg()
     reps = 1 if args.smoke else args.reps
-    for rep in range(reps):
-        for key in (("fixed", "ohem") if rep % 2 == 0 else ("ohem", "fixed")):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            steps[key]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[key].append((time.perf_counter() - start) * 1e3)
+    timed = interleaved_times(steps, reps=reps, device=device, warmup=2)
+    times = {key: [us / 1e3 for us in timed[key]["samples_us"]] for key in steps}
 
     def stats(xs: list[float]) -> dict[str, float]:
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
@@ -315,17 +311,19 @@ def losses_suite_throughput(args: argparse.Namespace, device: torch.device) -> d
             model = model.to(memory_format=torch.channels_last)
         trainers[key] = (model, build_optimizer(model, cfg.optim))
         train_step(model, trainers[key][1], [next(batches)], step=1, device=device)  # warm-up
-    per_round: dict[str, list[float]] = {k: [] for k in trainers}
-    load_before = os.getloadavg()
-    for _ in range(rounds):
-        for key, (model, optimizer) in trainers.items():
-            t0, images = time.perf_counter(), 0
+    def chunk(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        def run() -> None:
             for s in range(steps):
-                images += train_step(model, optimizer, [next(batches)], step=s + 1, device=device).images
-            synchronize(device)
-            per_round[key].append(images / (time.perf_counter() - t0))
-        print("  round: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in per_round.items()), flush=True)
+                train_step(model, optimizer, [next(batches)], step=s + 1, device=device)
+
+        return run
+
+    # every arm once per round, in rotating order; drop_last makes every batch args.suite_batch images
+    load_before = os.getloadavg()
+    timed = interleaved_times({k: chunk(*mo) for k, mo in trainers.items()}, reps=rounds, device=device, warmup=0)
     load_after = os.getloadavg()
+    images = steps * args.suite_batch
+    per_round = {k: [images / (us / 1e6) for us in t["samples_us"]] for k, t in timed.items()}
     med = {k: statistics.median(v) for k, v in per_round.items()}
     rows = [{"arm": k, "images_per_s_median": None if args.smoke else med[k],
              "images_per_s_rounds": None if args.smoke else per_round[k],
