@@ -86,7 +86,7 @@ def claim_rows(results: dict[str, Any]) -> list[list[str]]:
         metric = "rare-class AP" if c.metric == "rare_AP" else "AP"
         ours = (
             f"{methods[c.arm]['label']} − {methods[c.reference]['label']}: {format_difference(d)} {metric} "
-            f"({d.verdict}, {d.n} seeds)"
+            f"({d.verdict}, {d.n} seed{'s' if d.n != 1 else ''})"
         )
         rows.append([f"{c.claim} ({c.source})", ours, _agrees(c.expected, d.verdict)])
     return rows
