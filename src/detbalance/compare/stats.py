@@ -270,6 +270,7 @@ def findings(suite: Mapping[str, Any]) -> list[str]:
     if by_verdict["no measurable difference"]:
         lines.append(f"No measurable difference in {name} from {base}: " + "; ".join(by_verdict["no measurable difference"]) + ".")
     if by_verdict["needs seeds"]:
+        seeds = max(d.n for key, d in diffs.items() if d.verdict == "needs seeds" and key != clean)
         lines.append(
             f"Difference in {name} from {base}: " + "; ".join(by_verdict["needs seeds"])
             + f". With {seeds} seed{'s' if seeds != 1 else ''} there is no verdict: it needs at least {MIN_SEEDS} "
