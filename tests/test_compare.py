@@ -87,6 +87,13 @@ def test_suite_selection():
         select_suites("noise", user_data=True)
     with pytest.raises(ValueError, match="--suite must be one of"):
         select_suites("nope", user_data=False)
+    assert select_suites("noise, losses", user_data=False) == ["noise", "losses"]
+    with pytest.raises(ValueError, match="'nope'"):
+        select_suites("losses,nope", user_data=False)
+    with pytest.raises(ValueError, match="needs the built-in benchmark"):
+        select_suites("losses,noise", user_data=True)
+    with pytest.raises(ValueError, match="twice"):
+        select_suites("losses,losses", user_data=False)
 
 
 def test_compare_end_to_end_reuse_and_keying(tmp_path, monkeypatch):

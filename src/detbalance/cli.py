@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "its finished runs and resumes interrupted ones; other settings go to other run folders.",
     )
     p.add_argument("--suite", default=None,
-                   help="losses | samplers | ssd | classes | noise | all (default: losses; with --data every "
-                   "suite that fits the data)")
+                   help="losses | samplers | ssd | classes | noise | all, or a comma-separated list run in that "
+                   "order, e.g. classes,noise (default: losses; with --data every suite that fits the data)")
     p.add_argument("--data", default=None, help="training data: a COCO .json or a folder (as make-data writes)")
     p.add_argument("--val", default=None, help="validation data, required with --data")
     p.add_argument("--preset", default=None, help="built-in benchmark preset (default: each suite's own)")

@@ -26,17 +26,23 @@ __all__ = ["run_compare", "select_suites"]
 
 
 def select_suites(suite: str | None, *, user_data: bool) -> list[str]:
-    """The suites to run: ``suite`` (``all`` for every one); with ``--data`` and no ``--suite`` every suite
-    that fits a user's dataset (the noise suite needs the built-in benchmark's controlled noise)."""
+    """The suites to run: ``suite`` (one name, a comma-separated list run in the order given, or ``all`` for
+    every one); with ``--data`` and no ``--suite`` every suite that fits a user's dataset (the noise suite needs
+    the built-in benchmark's controlled noise)."""
     if suite is None:
         return [n for n, s in SUITES.items() if not s.builtin_only] if user_data else ["losses"]
     if suite == "all":
         return [n for n, s in SUITES.items() if not (user_data and s.builtin_only)]
-    if suite not in SUITES:
-        raise ValueError(f"--suite must be one of {', '.join([*SUITES, 'all'])}; got {suite!r}")
-    if user_data and SUITES[suite].builtin_only:
-        raise ValueError(f"--suite {suite} needs the built-in benchmark (it controls the label noise); drop --data")
-    return [suite]
+    names = [n.strip() for n in suite.split(",")]
+    for name in names:
+        if name not in SUITES:
+            raise ValueError(f"--suite must be one of {', '.join([*SUITES, 'all'])} or a comma-separated list of "
+                             f"them; got {name!r}")
+        if user_data and SUITES[name].builtin_only:
+            raise ValueError(f"--suite {name} needs the built-in benchmark (it controls the label noise); drop --data")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--suite {suite!r} names a suite twice")
+    return names
 
 
 def _assigner(arch: str) -> str:
