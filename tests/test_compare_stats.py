@@ -105,7 +105,7 @@ def test_study_table_rows_come_from_the_paired_verdicts(tmp_path):
 
     losses = {"methods": [method("ce", [0.30, 0.31, 0.32]), method("alpha_ce", [0.40, 0.40, 0.41]),
                           method("focal", [0.35, 0.36, 0.37]), method("ghm_c", [0.2, 0.2, 0.21]),
-                          method("ghm_c_r", [0.2, 0.21, 0.2])]}
+                          method("ghm_c_r", [0.2, 0.21, 0.2])], "baseline": "ce", "title": "RetinaNet"}
     rows = claim_rows({"suites": {"losses": losses}})
     assert len(rows) == len(CLAIMS)
     assert rows[0][1].startswith("focal − ce: +5.0 [+5.0, +5.0] AP (better, 3 seeds)") and rows[0][2] == "yes"
@@ -115,6 +115,20 @@ def test_study_table_rows_come_from_the_paired_verdicts(tmp_path):
                                 tmp_path)
     text = readme.read_text()
     assert "| paper's claim | our result" in text and "detbalance compare --study" in text
+    # the per-suite table: mean ± std over seeds and the paired difference to the baseline with its verdict
+    assert "| focal | 3 | 36.0 ± 1.0 | – | +5.0 [+5.0, +5.0] | better |" in text
+    assert "| ce | 3 | 31.0 ± 1.0 | – | baseline | – |" in text
+
+
+def test_study_suite_table_uses_the_suites_primary_metric():
+    from detbalance.compare.study import suite_tables
+
+    suite = {**_suite([0.30, 0.30, 0.30], {"a": [0.34, 0.36, 0.38]}, primary="rare_AP"), "title": "classes"}
+    suite["methods"].append({"key": "b", "label": "B", "runs": []})
+    text = "\n".join(suite_tables({"suites": {"classes": suite}}))
+    assert "verdicts on rare-class AP" in text and "ΔRare-class AP" not in text
+    assert "| A | 3 | 36.0 ± 2.0 | 18.0 ± 1.0 | +3.0 [+0.5, +5.5] | better |" in text
+    assert "| B | 0 | not run | – | – | – |" in text
 
 
 def _curve_run(seed, aps, iters=800):
@@ -147,9 +161,9 @@ def test_plateau_reads_the_best_arms_last_quarter_over_seeds():
 def test_study_readme_has_a_plateau_row_per_suite(tmp_path):
     from detbalance.compare.study import write_study_readme
 
-    losses = {"optim": "sgd", "iterations": 800, "baseline": "a",
+    losses = {"title": "L", "optim": "sgd", "iterations": 800, "baseline": "a",
               "methods": [{"key": "a", "label": "A", "runs": [_curve_run(0, [0.1] * 5 + [0.30, 0.32, 0.305])]}]}
-    ssd = {"optim": "adamw", "iterations": 800, "baseline": "m",
+    ssd = {"title": "S", "optim": "adamw", "iterations": 800, "baseline": "m",
            "methods": [{"key": "m", "label": "M", "runs": [{"seed": 0, "metrics": {"AP": 0.2}}]}]}
     text = write_study_readme({"setup": {}, "suites": {"losses": losses, "ssd": ssd}}, tmp_path).read_text()
     assert "| losses | sgd | 800 | A | 30.0 -> 30.5 (600 -> 800, 1 seed) | +0.5 | yes |" in text

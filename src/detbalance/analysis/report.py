@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MethodSummary", "inline_html", "summarize_method", "write_report"]
+__all__ = ["MethodSummary", "format_mean_std", "inline_html", "summarize_method", "write_report"]
 
 # Columns of each suite's table: (key in a run's metrics, header).
 _METRIC_COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("APs", "APs"), ("rare_AP", "rare-class AP"))
@@ -60,7 +60,9 @@ def summarize_method(method: dict[str, Any]) -> MethodSummary:
     return MethodSummary(method["key"], method["label"], len(runs), mean, std, ips)
 
 
-def _fmt(mean: float, std: float, *, scale: float = 100.0) -> str:
+def format_mean_std(mean: float, std: float, *, scale: float = 100.0) -> str:
+    """``mean ± std`` in points (``scale`` 100: a fraction shown in %); the mean alone when the std is
+    unknown (one seed), ``–`` when there is no value."""
     if math.isnan(mean):
         return "–"
     if math.isnan(std):
@@ -230,7 +232,7 @@ def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple
     header += ["seeds", "train img/s (load)"]
     rows = []
     for s, method in zip(summaries, suite["methods"], strict=True):
-        cells = [s.label] + [_fmt(s.mean[k], s.std[k]) for k, _ in _METRIC_COLUMNS]
+        cells = [s.label] + [format_mean_std(s.mean[k], s.std[k]) for k, _ in _METRIC_COLUMNS]
         for metric in diff_metrics:
             if s is base:
                 cells += ["baseline", "–"]

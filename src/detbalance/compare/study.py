@@ -18,7 +18,7 @@ from typing import Any
 
 from detbalance.compare.stats import PLATEAU_AP, format_difference, metric_by_seed, paired_difference, plateau
 
-__all__ = ["CLAIMS", "Claim", "claim_rows", "plateau_rows", "write_study_readme"]
+__all__ = ["CLAIMS", "Claim", "claim_rows", "plateau_rows", "suite_tables", "write_study_readme"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,43 @@ def plateau_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def suite_tables(results: dict[str, Any]) -> list[str]:
+    """Markdown lines: per suite, every arm's AP and rare-class AP (mean ± std over seeds) and its paired
+    difference to the baseline on the suite's primary metric, with the verdict."""
+    from detbalance.analysis.report import format_mean_std, summarize_method
+    from detbalance.compare.stats import suite_differences
+
+    lines: list[str] = []
+    for name, suite in results.get("suites", {}).items():
+        primary = suite.get("primary", "AP")
+        label = "rare-class AP" if primary == "rare_AP" else "AP"
+        diffs = suite_differences(suite, primary)
+        base = next(m for m in suite["methods"] if m["key"] == suite["baseline"])
+        lines += [
+            f"**{name}** ({suite['title']}; {suite.get('optim', '–')}, {suite.get('iterations', '–')} iterations; "
+            f"verdicts on {label})",
+            "",
+            f"| method | seeds | AP | rare-class AP | Δ{label} vs {base['label']} [95 % CI] | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method in suite["methods"]:
+            s = summarize_method(method)
+            if not method["runs"]:
+                lines.append(f"| {method['label']} | 0 | not run | – | – | – |")
+                continue
+            if method is base:
+                diff, verdict = "baseline", "–"
+            else:
+                d = diffs[method["key"]]
+                diff, verdict = format_difference(d), d.verdict
+            lines.append(
+                f"| {method['label']} | {len(method['runs'])} | {format_mean_std(s.mean['AP'], s.std['AP'])} | "
+                f"{format_mean_std(s.mean['rare_AP'], s.std['rare_AP'])} | {diff} | {verdict} |"
+            )
+        lines.append("")
+    return lines
+
+
 EVIDENCE_FILE = "disagreements.md"
 """Hand-written evidence for the rows that disagree, kept beside the study and copied into its README."""
 
@@ -157,6 +194,12 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
         "Differences are paired per seed (arms share initial weights), in AP points. Where a row says **no**, "
         "the evidence for why follows below, after the loss and sampler reference checks.",
         "",
+        "## Results per suite",
+        "",
+        "AP in %, mean ± sample std over the seeds run; Δ is the mean per-seed difference to the suite's "
+        "baseline with its 95 % Student-t interval (3 seeds for a verdict).",
+        "",
+        *suite_tables(results),
         "## Budgets: is each suite at a plateau?",
         "",
         f"Issue 12's rule: the best arm's AP changes by less than {100 * PLATEAU_AP:.0f} AP over the last quarter "
