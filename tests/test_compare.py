@@ -264,3 +264,42 @@ def test_compare_skips_runs_another_process_trains_and_comes_back(tmp_path, monk
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(waits) == 1
     assert [len(m["runs"]) for m in results["suites"]["noise"]["methods"]] == [1, 1]
+
+
+def test_a_run_shared_by_two_suites_is_copied_not_trained_again(tmp_path, monkeypatch):
+    from detbalance.compare.runs import find_twin
+    from detbalance.config import dump_toml
+
+    classes = dict((m.key, c) for m, c in suite_configs("classes", iters=10, seed=1))
+    losses = dict((m.key, c) for m, c in suite_configs("losses", iters=10, seed=1))
+    cfg = classes["none"]
+    assert dump_toml(cfg) == dump_toml(losses["focal"])  # the classes suite's baseline is the losses suite's focal arm
+    original = run_dir(tmp_path, "losses", "focal", cfg)
+    original.mkdir(parents=True)
+    (original / "config.toml").write_text(dump_toml(cfg))
+    (original / "metrics.jsonl").write_text('{"type": "eval", "step": 10, "metrics": {"AP": 0.4}}\n')
+    per_class = {"0": 0.6, "1": 0.5, "2": 0.3, "3": 0.2}
+    result = {"config": dump_toml(cfg), "seed": 1, "folder": str(original), "wall_s": 60.0,
+              "metrics": {"AP": 0.4, "per_class": per_class, "rare_AP": 0.25}}
+    (original / "result.json").write_text(json.dumps(result))
+    folder = run_dir(tmp_path, "classes", "none", cfg)
+    # another seed, another config, and the folder itself are not twins
+    assert find_twin(tmp_path, folder, dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, seed=2))) is None
+    assert find_twin(tmp_path, run_dir(tmp_path, "classes", "repeat", classes["repeat"]), classes["repeat"]) is None
+    assert find_twin(tmp_path, original, cfg) is None
+    twin = find_twin(tmp_path, folder, cfg)
+    assert twin == original
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("fit() called for a run whose twin is finished")
+
+    monkeypatch.setattr("detbalance.engine.fit", no_training)
+    out, reused = run_one(folder, cfg, on_step=lambda m: None, rare=["3"], twin=twin)
+    assert reused and out["twin_of"] == str(original) and out["metrics"]["rare_AP"] == 0.2  # this suite's rare set
+    assert out["metrics"]["AP"] == 0.4 and json.loads((folder / "result.json").read_text()) == out
+    assert (folder / "metrics.jsonl").read_text() == (original / "metrics.jsonl").read_text()
+    assert json.loads((original / "result.json").read_text()) == result  # the original is untouched
+    # a copy is never the source of another copy; a second call reuses the copy itself
+    assert find_twin(tmp_path, run_dir(tmp_path, "x", "y", cfg), cfg) == original
+    again, reused = run_one(folder, cfg, on_step=lambda m: None, rare=["3"], twin=twin)
+    assert reused and again == out

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from detbalance import __version__
-from detbalance.compare.runs import claimed, load_average, read_result, run_dir, run_one, write_json_atomic
+from detbalance.compare.runs import (
+    claimed,
+    find_twin,
+    load_average,
+    read_result,
+    run_dir,
+    run_one,
+    write_json_atomic,
+)
 from detbalance.compare.stats import RARE_FRACTION, findings, rare_classes
 from detbalance.compare.suites import SUITES, Budget, Decay, Optimizer, suite_configs
 
@@ -267,7 +275,8 @@ def run_compare(
                     if not mine:
                         busy.append(item)
                         continue
-                    run, reused = run_one(folder, cfg, on_step=on_step, rare=entry["rare_classes"])
+                    twin = find_twin(output, folder, cfg)
+                    run, reused = run_one(folder, cfg, on_step=on_step, rare=entry["rare_classes"], twin=twin)
                 run = {**run, "folder": str(folder.relative_to(output))}
                 bar.set_completed(done_before + cfg.engine.iterations, skipped=reused)
                 mentry["runs"].append(run)
@@ -280,10 +289,14 @@ def run_compare(
     if finished_only:
         _drop_unfinished(results, pending)
     runs = [r for e in results["suites"].values() for m in e["methods"] for r in m["runs"]]
-    wall = sum(float(r.get("wall_s") or 0.0) for r in runs)
+    # a run copied from its twin in another suite cost nothing here: its training time is counted once
+    trained = [r for r in runs if "twin_of" not in r]
+    wall = sum(float(r.get("wall_s") or 0.0) for r in trained)
+    twins = len(runs) - len(trained)
     results["setup"]["wall time"] = (
-        f"{wall / 60:.1f} min summed over the {len(runs)} runs used "
-        f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min)"
+        f"{wall / 60:.1f} min summed over the {len(trained)} runs used"
+        + (f" ({twins} more copied from an identical run of another suite, counted once)" if twins else "")
+        + f" (this invocation: {(time.perf_counter() - t0) / 60:.1f} min)"
     )
     results["setup"]["load average at end"] = str(load_average())
     # The runs may have been trained by earlier invocations with other thread counts: say what they used.

@@ -4,6 +4,8 @@ A run lives in ``OUTPUT/runs/<suite>/<method>/<key>/seed<k>/`` where ``<key>`` i
 run's whole resolved config except the seed. Different settings (``--iters``, ``--optim``, ``--budget``,
 another dataset, ...) therefore go to another folder, and a finished run is never deleted: rerunning a
 command reuses its finished runs (``result.json``) and resumes the interrupted ones from their checkpoint.
+Two suites may hold the same run (the ``classes`` suite's baseline is the ``losses`` suite's focal arm): a
+finished twin, with the same key and seed and an identical config, is copied instead of trained again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +27,7 @@ import torch
 
 from detbalance.config import ExperimentConfig, dump_toml, load_toml
 
-__all__ = ["claimed", "load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
+__all__ = ["claimed", "find_twin", "load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
 
 
 def run_key(cfg: ExperimentConfig) -> str:
@@ -149,6 +152,39 @@ def _grad_density(run: Path, *, num_images: int = 64, bins: int = 30) -> dict[st
     return {"counts": [float(c) for c in stats.density], "bins": bins, "images": len(indices), "split": "train"}
 
 
+def find_twin(output: Path, folder: Path, cfg: ExperimentConfig) -> Path | None:
+    """A finished run of exactly ``cfg`` (same key, seed and config text) in another suite or method folder
+    under ``output/runs``, or ``None``."""
+    config_text = dump_toml(cfg)
+    pattern = f"*/*/{run_key(cfg)}/seed{cfg.engine.seed}"
+    for other in sorted((Path(output) / "runs").glob(pattern)):
+        if other.resolve() == Path(folder).resolve():
+            continue
+        saved = read_result(other / "result.json")
+        if saved is not None and "twin_of" not in saved and saved.get("config") == config_text:
+            return other
+    return None
+
+
+def _copy_twin(twin: Path, folder: Path, rare: list[str]) -> dict[str, Any]:
+    """Copy a finished twin run into ``folder``; the rare-class AP is recomputed for this suite's rare classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.toml", "metrics.jsonl", "checkpoint.pt"):
+        if (twin / name).is_file():
+            shutil.copy2(twin / name, folder / name)
+    out = json.loads((twin / "result.json").read_text(encoding="utf-8"))
+    metrics = dict(out["metrics"])
+    metrics["rare_AP"] = _rare_ap(metrics.get("per_class", {}), rare)
+    out.update(metrics=metrics, folder=str(folder), twin_of=str(twin))
+    write_json_atomic(folder / "result.json", out)
+    return out
+
+
+def _rare_ap(per_class: dict[str, float], rare: list[str]) -> float:
+    aps = [per_class[c] for c in rare if c in per_class and not math.isnan(per_class[c])]
+    return sum(aps) / len(aps) if aps else math.nan
+
+
 def read_result(path: Path) -> dict[str, Any] | None:
     """A run's ``result.json``, or ``None`` when missing; a corrupt one is an error naming the file."""
     if not path.is_file():
@@ -160,9 +196,17 @@ def read_result(path: Path) -> dict[str, Any] | None:
 
 
 def run_one(
-    folder: Path, cfg: ExperimentConfig, *, on_step: Callable[[Any], None], rare: list[str]
+    folder: Path,
+    cfg: ExperimentConfig,
+    *,
+    on_step: Callable[[Any], None],
+    rare: list[str],
+    twin: Path | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Train (or resume, or reuse) one run; returns ``(result, reused)``.
+
+    ``twin`` (from :func:`find_twin`): a finished run of the same config elsewhere, copied into ``folder``
+    (``result.json`` names it under ``twin_of``) when ``folder`` holds no run yet.
 
     Raises:
         ValueError: the folder holds a run of another configuration (a key collision; nothing is deleted).
@@ -176,6 +220,8 @@ def run_one(
             raise ValueError(f"{folder}: holds a run of another configuration; refusing to overwrite it")
         return saved, True
     config_file = folder / "config.toml"
+    if twin is not None and not config_file.exists():
+        return _copy_twin(twin, folder, rare), True
     resume = (folder / "checkpoint.pt").exists() and config_file.exists()
     if resume and load_toml(config_file.read_text(), source=str(config_file)) != cfg:
         raise ValueError(f"{folder}: holds a run of another configuration; refusing to overwrite it")
@@ -184,9 +230,7 @@ def run_one(
     res = fit(cfg, output=folder, resume=resume, on_step=on_step, progress=False)
     train_s = time.perf_counter() - t0
     metrics = dict(res.metrics)
-    per_class = metrics.get("per_class", {})
-    rare_aps = [per_class[c] for c in rare if c in per_class and not math.isnan(per_class[c])]
-    metrics["rare_AP"] = sum(rare_aps) / len(rare_aps) if rare_aps else math.nan
+    metrics["rare_AP"] = _rare_ap(metrics.get("per_class", {}), rare)
     t1 = time.perf_counter()
     density = _grad_density(folder)
     out = {
