@@ -110,6 +110,7 @@ def test_study_table_rows_come_from_the_paired_verdicts(tmp_path):
     assert len(rows) == len(CLAIMS)
     assert rows[0][1].startswith("focal − ce: +5.0 [+5.0, +5.0] AP (better, 3 seeds)") and rows[0][2] == "yes"
     assert rows[1][2] == "no" and "worse" in rows[1][1]  # focal below alpha-CE here
+    assert rows[3][2] == "not reproduced" and "no measurable difference" in rows[3][1]  # GHM-R: +0.0 [-2.5, +2.5]
     assert rows[4][1:] == ["not run", "–"]
     readme = write_study_readme({"setup": {"command": "detbalance compare --study"}, "suites": {"losses": losses}},
                                 tmp_path)

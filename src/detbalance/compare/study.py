@@ -61,12 +61,16 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 def _agrees(expected: str, verdict: str) -> str:
+    """``yes``; ``no`` (the opposite was measured); ``not reproduced`` (a claimed gain that 3 seeds cannot
+    tell from no difference); ``undecided`` (too few seeds for a verdict)."""
     if verdict == "needs seeds":
         return "undecided (needs 3 seeds)"
     if verdict == expected:
         return "yes"
     if expected == "no measurable difference" and verdict == "better":
         return "yes (better)"
+    if expected == "better" and verdict == "no measurable difference":
+        return "not reproduced"
     return "no"
 
 
@@ -191,8 +195,9 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
         "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
-        "Differences are paired per seed (arms share initial weights), in AP points. Where a row says **no**, "
-        "the evidence for why follows below, after the loss and sampler reference checks.",
+        "Differences are paired per seed (arms share initial weights), in AP points. **no**: the opposite of the "
+        "claim was measured; **not reproduced**: the claimed gain cannot be told from no difference. For "
+        "either, the evidence follows below, after the loss and sampler reference checks.",
         "",
         "## Results per suite",
         "",
