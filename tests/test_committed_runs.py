@@ -1,0 +1,22 @@
+"""Every run folder committed under docs/ is a finished run: an unfinished one (config and metrics without a
+checkpoint, which is never committed) would make a fresh clone refuse to resume that run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_run_folders_are_finished():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "docs"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    tracked = set(files.split())
+    folders = {str(Path(f).parent) for f in tracked if "/runs/" in f and Path(f).name in ("config.toml", "metrics.jsonl")}
+    unfinished = sorted(d for d in folders if f"{d}/result.json" not in tracked)
+    assert not unfinished, f"run folders committed without result.json (still training when committed): {unfinished}"
