@@ -34,8 +34,13 @@ def test_methods_differ_only_in_the_remedy(suite):
     for method, cfg in configs:
         assert without_remedy(cfg, method) == base
         assert cfg.engine.seed == 3 and cfg.engine.iterations == 10 and cfg.data.val is not None
-    # an explicit preset drops the clean arm (there is no clean twin of an arbitrary preset)
-    assert "focal_clean" not in [m.key for m, _ in suite_configs(suite, preset="tiny", iters=10, seed=0)]
+    # an explicit preset drops the clean arms (there is no clean twin of an arbitrary preset)
+    keys = [m.key for m, _ in suite_configs(suite, preset="tiny", iters=10, seed=0)]
+    assert not {"focal_clean", "ghm_c_clean"} & set(keys)
+    # a clean twin trains the remedy of the arm it is the twin of, on the clean labels
+    remedies = {m.key: cfg.remedy for m, cfg in configs}
+    for arm, twin in SUITES[suite].clean.items():
+        assert remedies[arm] == remedies[twin] and next(m for m, _ in configs if m.key == twin).train_preset
 
 
 @pytest.mark.parametrize("suite", ["losses", "samplers", "ssd"])

@@ -8,10 +8,13 @@ import pytest
 
 from detbalance.compare.stats import (
     MIN_SEEDS,
+    clean_twins,
     findings,
+    noise_cost,
     paired_difference,
     plateau,
     rare_classes,
+    robustness_difference,
     t_quantile_975,
 )
 
@@ -189,3 +192,50 @@ def test_study_readme_keeps_the_hand_written_evidence(tmp_path):
     text = write_study_readme({"setup": {}, "suites": {}}, tmp_path).read_text()
     assert "## Where we disagree, and why\n\nGHM-C vs FL: measured under SGD too.\n" in text
     assert "stays unexplained" not in text
+
+
+def _noise_suite():
+    def method(key, values):
+        return {"key": key, "label": key, "runs": [{"seed": s, "metrics": {"AP": v}} for s, v in enumerate(values)]}
+
+    return {
+        "baseline": "focal",
+        "clean": {"focal": "focal_clean", "ghm_c": "ghm_c_clean"},
+        "methods": [method("focal", [0.60, 0.58, 0.61]), method("ghm_c", [0.47, 0.44, 0.49]),
+                    method("focal_clean", [0.66, 0.64, 0.65]), method("ghm_c_clean", [0.50, 0.49, 0.51])],
+    }
+
+
+def test_noise_cost_and_robustness_are_paired_per_seed_by_hand():
+    suite = _noise_suite()
+    # focal: 0.60-0.66, 0.58-0.64, 0.61-0.65 = -0.06, -0.06, -0.04; GHM-C: -0.03, -0.05, -0.02
+    focal, ghm = noise_cost(suite, "focal"), noise_cost(suite, "ghm_c")
+    assert focal.diffs == pytest.approx([-0.06, -0.06, -0.04]) and ghm.diffs == pytest.approx([-0.03, -0.05, -0.02])
+    # GHM-C's drop minus focal's: +0.03, +0.01, +0.02 -> mean 0.02, sd 0.01: the interval of the first test
+    r = robustness_difference(suite, "ghm_c", "focal")
+    assert r.diffs == pytest.approx([0.03, 0.01, 0.02]) and r.mean == pytest.approx(0.02)
+    assert r.low == pytest.approx(0.02 - 0.0248414, abs=1e-6) and r.verdict == "no measurable difference"
+    text = findings(suite)[0]
+    assert "What the noise costs each loss (AP, noisy minus clean labels): focal -5.3 [" in text
+    assert "Robustness: ghm_c's drop minus focal's = +2.0 [-0.5, +4.5] AP points" in text
+    assert "no measurable difference in robustness" in text
+    # clean arms are neither verdict rows nor the plateau's best arm
+    assert "focal_clean (" not in text.split("What the noise costs")[0]
+
+
+def test_clean_twins_of_an_older_results_json_are_the_baselines():
+    assert clean_twins({"baseline": "focal", "clean": "focal_clean"}) == {"focal": "focal_clean"}
+    assert clean_twins({"baseline": "ce"}) == {}
+
+
+def test_the_robustness_claim_row(tmp_path):
+    from detbalance.compare.study import CLAIMS, claim_rows
+
+    (i, claim), = [(i, c) for i, c in enumerate(CLAIMS) if c.robustness]
+    row = claim_rows({"suites": {"noise": _noise_suite()}})[i]
+    assert row[1] == "(ghm_c − ghm_c_clean) − (focal − focal_clean): +2.0 [-0.5, +4.5] AP (no measurable difference, 3 seeds)"
+    assert row[2] == "not reproduced"
+    without_twin = _noise_suite()
+    without_twin["methods"] = without_twin["methods"][:3]
+    without_twin["clean"] = {"focal": "focal_clean"}
+    assert claim_rows({"suites": {"noise": without_twin}})[i][1:] == ["arm missing", "–"]

@@ -121,8 +121,9 @@ def _drop_unfinished(results: dict[str, Any], pending: list[str]) -> None:
         if not any(m["key"] == entry["baseline"] for m in entry["methods"]):
             del results["suites"][name]
             results["setup"].setdefault("suites without a finished baseline run", []).append(name)
-        elif entry.get("clean") and not any(m["key"] == entry["clean"] for m in entry["methods"]):
-            entry["clean"] = None
+        elif entry.get("clean"):
+            present = {m["key"] for m in entry["methods"]}
+            entry["clean"] = {arm: twin for arm, twin in entry["clean"].items() if arm in present and twin in present}
 
 
 def _setup(command: str, seeds: list[int], batch_size: int, device: str) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def run_compare(
             "optim": opt.name,
             "baseline": s.baseline,
             "primary": s.primary,
-            "clean": s.clean if any(m.key == s.clean for m, _ in per_seed[0]) else None,
+            "clean": {arm: twin for arm, twin in s.clean.items() if {arm, twin} <= {m.key for m, _ in per_seed[0]}},
             "data_summary": info["summary"],
             "train_class_frequency": info["class_frequency"],
             "rare_classes": info["rare"],

@@ -22,10 +22,13 @@ __all__ = [
     "RARE_FRACTION",
     "PairedDifference",
     "Plateau",
+    "clean_twins",
     "findings",
+    "noise_cost",
     "paired_difference",
     "plateau",
     "rare_classes",
+    "robustness_difference",
     "t_quantile_975",
 ]
 
@@ -150,6 +153,31 @@ def suite_differences(suite: Mapping[str, Any], metric: str) -> dict[str, Paired
     return {k: paired_difference(metric_by_seed(m, metric), base) for k, m in methods.items() if k != suite["baseline"]}
 
 
+def clean_twins(suite: Mapping[str, Any]) -> dict[str, str]:
+    """``{arm: its clean-label twin}`` of a suite in ``results.json`` (the noise suite; empty elsewhere).
+
+    A ``results.json`` written before arms had their own twins names one clean arm, the baseline's.
+    """
+    clean = suite.get("clean") or {}
+    return {suite["baseline"]: clean} if isinstance(clean, str) else dict(clean)
+
+
+def noise_cost(suite: Mapping[str, Any], arm: str, metric: str = "AP") -> PairedDifference:
+    """What the label noise costs ``arm``: its metric minus its clean-label twin's, paired per seed."""
+    methods = {m["key"]: m for m in suite["methods"]}
+    return paired_difference(metric_by_seed(methods[arm], metric), metric_by_seed(methods[clean_twins(suite)[arm]], metric))
+
+
+def robustness_difference(suite: Mapping[str, Any], arm: str, reference: str, metric: str = "AP") -> PairedDifference:
+    """``arm``'s noise cost minus ``reference``'s, paired per seed (a difference of differences).
+
+    Positive: the noise costs ``arm`` less than ``reference``, i.e. ``arm`` is the more robust to it. Each
+    seed's term, ``(arm - arm_clean) - (reference - reference_clean)``, pairs all four runs of that seed.
+    """
+    a, r = noise_cost(suite, arm, metric), noise_cost(suite, reference, metric)
+    return paired_difference(dict(zip(a.seeds, a.diffs)), dict(zip(r.seeds, r.diffs)))
+
+
 @dataclass(frozen=True)
 class Plateau:
     """How much the best arm's AP moved over the last quarter of its runs (issue 12's plateau rule).
@@ -200,10 +228,11 @@ def _quarter_points(run: Mapping[str, Any]) -> tuple[int, float, int, float] | N
 
 
 def plateau(suite: Mapping[str, Any]) -> Plateau | None:
-    """The :class:`Plateau` of the suite's best arm by mean final AP (the clean arm aside); ``None`` without curves."""
+    """The :class:`Plateau` of the suite's best arm by mean final AP (clean arms aside); ``None`` without curves."""
     best, best_ap = None, -math.inf
+    clean = set(clean_twins(suite).values())
     for m in suite["methods"]:
-        if m["key"] == suite.get("clean"):
+        if m["key"] in clean:
             continue
         aps = [v for v in metric_by_seed(m, "AP").values() if not math.isnan(v)]
         if aps and sum(aps) / len(aps) > best_ap:
@@ -248,7 +277,8 @@ def findings(suite: Mapping[str, Any]) -> list[str]:
     labels = {m["key"]: m["label"] for m in suite["methods"]}
     base = labels[suite["baseline"]]
     diffs = suite_differences(suite, metric)
-    clean = suite.get("clean")
+    twins = clean_twins(suite)
+    clean = set(twins.values())
     lines: list[str] = []
     seeds = max((d.n for d in diffs.values()), default=0)
     if metric == "rare_AP":
@@ -260,7 +290,7 @@ def findings(suite: Mapping[str, Any]) -> list[str]:
         )
     by_verdict: dict[str, list[str]] = {v: [] for v in VERDICTS}
     for key, d in diffs.items():
-        if key == clean:
+        if key in clean:
             continue
         by_verdict[d.verdict].append(f"{labels[key]} ({format_difference(d)})")
     if by_verdict["better"]:
@@ -270,21 +300,30 @@ def findings(suite: Mapping[str, Any]) -> list[str]:
     if by_verdict["no measurable difference"]:
         lines.append(f"No measurable difference in {name} from {base}: " + "; ".join(by_verdict["no measurable difference"]) + ".")
     if by_verdict["needs seeds"]:
-        seeds = max(d.n for key, d in diffs.items() if d.verdict == "needs seeds" and key != clean)
+        seeds = max(d.n for key, d in diffs.items() if d.verdict == "needs seeds" and key not in clean)
         lines.append(
             f"Difference in {name} from {base}: " + "; ".join(by_verdict["needs seeds"])
             + f". With {seeds} seed{'s' if seeds != 1 else ''} there is no verdict: it needs at least {MIN_SEEDS} "
             f"seeds (`--seeds {MIN_SEEDS}`) for a 95 % interval."
         )
-    if clean is not None and clean in labels:
-        clean_vals = metric_by_seed(next(m for m in suite["methods"] if m["key"] == clean), metric)
+    if twins:
         drops = []
-        for m in suite["methods"]:
-            if m["key"] == clean:
-                continue
-            d = paired_difference(metric_by_seed(m, metric), clean_vals)
-            drops.append(f"{m['label']} {format_difference(d)} ({d.verdict})")
-        lines.append(f"Against {labels[clean]} (what the noise costs, {name}): " + "; ".join(drops) + ".")
+        for arm, twin in twins.items():
+            d = noise_cost(suite, arm, metric)
+            drops.append(f"{labels[arm]} {format_difference(d)} against {labels[twin]} ({d.verdict})")
+        lines.append(f"What the noise costs each loss ({name}, noisy minus clean labels): " + "; ".join(drops) + ".")
+        base_key = suite["baseline"]
+        if base_key in twins:
+            for arm in twins:
+                if arm == base_key:
+                    continue
+                r = robustness_difference(suite, arm, base_key, metric)
+                word = {"better": "more robust", "worse": "less robust", "no measurable difference":
+                        "no measurable difference in robustness"}.get(r.verdict, f"no verdict without {MIN_SEEDS} seeds")
+                lines.append(
+                    f"Robustness: {labels[arm]}'s drop minus {base}'s = {format_difference(r)} {name} points "
+                    f"(paired per seed; negative: the noise costs {labels[arm]} more): {word}."
+                )
     base_ap = [v for v in metric_by_seed(next(m for m in suite["methods"] if m["key"] == suite["baseline"]), "AP").values()
                if not math.isnan(v)]
     if base_ap and sum(base_ap) / len(base_ap) < MIN_BASELINE_AP:
