@@ -220,9 +220,9 @@ SUITES: dict[str, Suite] = {
         preset="default",
         baseline="fixed",
         optim_evidence=(
-            "not measured on this suite: the SGD vs AdamW study ran on RetinaNet and SSD (docs/pilots/optim/), "
-            "where AdamW trained every arm further in the same iterations; this suite's curve under SGD has not "
-            "been run. `--optim sgd` runs the OHEM paper's optimiser"
+            "the SGD vs AdamW learning-curve study (docs/pilots/optim/, fixed 1:3 arm, seed 0, 3000 iterations): "
+            "AdamW reached 58.1 AP against 32.2 under SGD and led at every evaluation (e.g. 48.8 vs 24.9 at "
+            "iteration 1500). `--optim sgd` runs the OHEM paper's optimiser"
         ),
         description=(
             "Two-stage detector sized for 128 px images (RPN 128 proposals per image in training, 5x5 RoIAlign, "
