@@ -238,4 +238,9 @@ def test_the_robustness_claim_row(tmp_path):
     without_twin = _noise_suite()
     without_twin["methods"] = without_twin["methods"][:3]
     without_twin["clean"] = {"focal": "focal_clean"}
-    assert claim_rows({"suites": {"noise": without_twin}})[i][1:] == ["arm missing", "–"]
+    assert claim_rows({"suites": {"noise": without_twin}})[i][1:] == ["an arm has no finished run", "–"]
+    one_seed = _noise_suite()
+    for m in one_seed["methods"]:
+        m["runs"] = m["runs"][:1]
+    assert claim_rows({"suites": {"noise": one_seed}})[i][1:] == [
+        "(ghm_c − ghm_c_clean) − (focal − focal_clean): +3.0 (1 seed) AP", "undecided (needs 3 seeds)"]

@@ -107,7 +107,7 @@ def claim_rows(results: dict[str, Any]) -> list[list[str]]:
         if c.robustness:
             needed += [twins.get(c.arm, ""), twins.get(c.reference, "")]
         if any(key not in methods for key in needed):
-            rows.append([f"{c.claim} ({c.source})", "arm missing", "–"])
+            rows.append([f"{c.claim} ({c.source})", "an arm has no finished run", "–"])
             continue
         metric = "rare-class AP" if c.metric == "rare_AP" else "AP"
         arm, ref = methods[c.arm]["label"], methods[c.reference]["label"]
@@ -117,7 +117,9 @@ def claim_rows(results: dict[str, Any]) -> list[list[str]]:
         else:
             d = paired_difference(metric_by_seed(methods[c.arm], c.metric), metric_by_seed(methods[c.reference], c.metric))
             what = f"{arm} − {ref}"
-        ours = f"{what}: {format_difference(d)} {metric} ({d.verdict}, {d.n} seed{'s' if d.n != 1 else ''})"
+        ours = f"{what}: {format_difference(d)} {metric}"
+        if d.n > 1:  # format_difference names a single seed itself
+            ours += f" ({d.verdict}, {d.n} seeds)"
         rows.append([f"{c.claim} ({c.source})", ours, _agrees(c.expected, d.verdict)])
     return rows
 
