@@ -244,3 +244,15 @@ def test_the_robustness_claim_row(tmp_path):
         m["runs"] = m["runs"][:1]
     assert claim_rows({"suites": {"noise": one_seed}})[i][1:] == [
         "(ghm_c − ghm_c_clean) − (focal − focal_clean): +3.0 (1 seed) AP", "undecided (needs 3 seeds)"]
+
+
+def test_a_clean_twin_gets_no_verdict_in_the_tables(tmp_path):
+    from detbalance.analysis.report import write_report
+    from detbalance.compare.study import suite_tables
+
+    suite = {**_noise_suite(), "title": "noise"}
+    text = "\n".join(suite_tables({"suites": {"noise": suite}}))
+    assert "| ghm_c_clean | 3 | 50.0 ± 1.0 | – | clean-label twin of ghm_c | – |" in text
+    assert "| ghm_c | 3 | 46.7 ± 2.5 | – | -13.0 [-15.5, -10.5] | worse |" in text
+    path = write_report({"setup": {}, "suites": {"noise": suite}}, tmp_path)
+    assert "| ghm_c_clean |" in path.read_text() and "clean-label twin of ghm_c (findings: the noise cost)" in path.read_text()

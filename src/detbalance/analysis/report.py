@@ -213,7 +213,7 @@ def _throughput(s: MethodSummary, method: dict[str, Any]) -> str:
 
 
 def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple]:
-    from detbalance.compare.stats import findings, format_difference, suite_differences
+    from detbalance.compare.stats import clean_twins, findings, format_difference, suite_differences
 
     blocks: list[tuple] = [("h2", f"Suite `{name}`: {suite['title']}"), ("p", suite.get("description", ""))]
     if suite.get("recipe"):
@@ -230,12 +230,16 @@ def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple
         label = "AP" if metric == "AP" else "rare AP"
         header += [f"Δ{label} vs {base.label} [95 % CI]", f"verdict ({label})"]
     header += ["seeds", "train img/s (load)"]
+    labels = {m["key"]: m["label"] for m in suite["methods"]}
+    twin_of = {twin: arm for arm, twin in clean_twins(suite).items()}  # a clean twin is not a remedy to rank
     rows = []
     for s, method in zip(summaries, suite["methods"], strict=True):
         cells = [s.label] + [format_mean_std(s.mean[k], s.std[k]) for k, _ in _METRIC_COLUMNS]
         for metric in diff_metrics:
             if s is base:
                 cells += ["baseline", "–"]
+            elif s.key in twin_of:
+                cells += [f"clean-label twin of {labels[twin_of[s.key]]} (findings: the noise cost)", "–"]
             else:
                 d = diffs[metric][s.key]
                 cells += [format_difference(d), d.verdict]
