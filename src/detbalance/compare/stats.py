@@ -154,12 +154,8 @@ def suite_differences(suite: Mapping[str, Any], metric: str) -> dict[str, Paired
 
 
 def clean_twins(suite: Mapping[str, Any]) -> dict[str, str]:
-    """``{arm: its clean-label twin}`` of a suite in ``results.json`` (the noise suite; empty elsewhere).
-
-    A ``results.json`` written before arms had their own twins names one clean arm, the baseline's.
-    """
-    clean = suite.get("clean") or {}
-    return {suite["baseline"]: clean} if isinstance(clean, str) else dict(clean)
+    """``{arm: its clean-label twin}`` of a suite in ``results.json`` (the noise suite; empty elsewhere)."""
+    return dict(suite.get("clean") or {})
 
 
 def noise_cost(suite: Mapping[str, Any], arm: str, metric: str = "AP") -> PairedDifference:

@@ -309,8 +309,8 @@ SUITES: dict[str, Suite] = {
             "split is clean. These are the outliers GHM-C claims to down-weight. The clean arms train focal "
             "loss and GHM-C on the same images with their clean annotations (`balanced` preset): each loss's "
             "drop from its clean twin is what the noise costs it, and the difference between the two drops "
-            "tests GHM-C's claim to be robust to outliers. The gradient-norm density is probed on the noisy "
-            "training images."
+            "tests GHM-C's claim to be robust to outliers. Each run's gradient-norm density is probed on its own "
+            "training images: the noisy ones for the noisy arms, the clean ones for their twins."
         ),
         methods=(
             Method("focal", "focal (2, 0.25)", RemedyConfig(cls_loss=FocalConfig())),
