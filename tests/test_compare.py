@@ -115,9 +115,10 @@ def test_compare_end_to_end_reuse_and_keying(tmp_path, monkeypatch):
             assert 0.0 <= run["metrics"]["AP"] <= 1.0 and run["wall_s"] > 0
             assert run["grad_density"]["split"] == "train" and sum(run["grad_density"]["counts"]) > 0
             assert len([p for p in run["curve"] if "AP" in p]) >= MIN_CURVE_POINTS
-            assert len(run["load_average"]) == 2 and run["images_per_s"] > 0
+            assert len(run["load_average"]) == 2 and run["images_per_s"] > 0 and run["device"] == "CPU"
             assert (tmp_path / run["folder"] / "checkpoint.pt").is_file()
     assert "| focal (2, 0.25) |" in text and "| GHM-C |" in text and "pos:neg (retinanet assignment, per level)" in text
+    assert "| trained on | CPU (4 runs) |" in text
     assert "| seeds | 2 (0, 1) |" in text and "verdict (AP)" in text and "needs seeds" in text
     assert "**Runs used.**" in text and "runs/noise/ghm_c/" in text
     for png in ("noise_ap.png", "noise_curves.png", "noise_per_class.png", "noise_grad_density.png"):
@@ -308,3 +309,19 @@ def test_a_run_shared_by_two_suites_is_copied_not_trained_again(tmp_path, monkey
     assert find_twin(tmp_path, run_dir(tmp_path, "x", "y", cfg), cfg) == original
     again, reused = run_one(folder, cfg, on_step=lambda m: None, rare=["3"], twin=twin)
     assert reused and again == out
+
+
+def test_throughput_names_the_device_unless_every_run_was_on_a_cpu():
+    from detbalance.analysis.report import _throughput, summarize_method
+
+    def method(*devices):
+        runs = [{"metrics": {"AP": 0.5}, "images_per_s": 100.0 * (i + 1), "load_average": [1.0, 2.5],
+                 **({"device": d} if d else {})} for i, d in enumerate(devices)]
+        return {"key": "m", "label": "m", "runs": runs}
+
+    cpu = method("CPU", "CPU")
+    assert _throughput(summarize_method(cpu), cpu) == "150 (load 2.5)"
+    mixed = method("CPU", "CUDA NVIDIA H200")
+    assert _throughput(summarize_method(mixed), mixed) == "150 on CPU, CUDA NVIDIA H200 (load 2.5)"
+    old = method(None)
+    assert _throughput(summarize_method(old), old) == "100 on unrecorded (load 2.5)"

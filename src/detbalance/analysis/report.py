@@ -209,7 +209,10 @@ def _throughput(s: MethodSummary, method: dict[str, Any]) -> str:
     if math.isnan(s.images_per_s):
         return "–"
     loads = [x for r in method["runs"] for x in (r.get("load_average") or []) if x is not None]
-    return f"{s.images_per_s:.0f}" + (f" (load {max(loads):.1f})" if loads else "")
+    devices = {r.get("device", "unrecorded") for r in method["runs"]}
+    # img/s on a GPU and on a CPU are not one quantity: name the device unless every run was on a CPU
+    where = "" if devices == {"CPU"} else f" on {', '.join(sorted(devices))}"
+    return f"{s.images_per_s:.0f}{where}" + (f" (load {max(loads):.1f})" if loads else "")
 
 
 def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple]:

@@ -307,6 +307,8 @@ def run_compare(
         "torch threads per run: "
         + ", ".join(f"{t if t is not None else 'unrecorded'} ({n} runs)" for t, n in sorted(threads.items(), key=str)),
     )
+    devices = Counter(r.get("device", "unrecorded") for r in runs)
+    results["setup"]["trained on"] = ", ".join(f"{d} ({n} runs)" for d, n in sorted(devices.items()))
     for entry in results["suites"].values():
         entry["findings"] = findings(entry)
     write_json_atomic(output / "results.json", results)

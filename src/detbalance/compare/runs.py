@@ -27,7 +27,7 @@ import torch
 
 from detbalance.config import ExperimentConfig, dump_toml, load_toml
 
-__all__ = ["claimed", "find_twin", "load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
+__all__ = ["claimed", "device_name", "find_twin", "load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
 
 
 def run_key(cfg: ExperimentConfig) -> str:
@@ -35,6 +35,25 @@ def run_key(cfg: ExperimentConfig) -> str:
     below it; the data seed, which picks the benchmark instance, stays in the key)."""
     text = dump_toml(replace(cfg, engine=replace(cfg.engine, seed=0)))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def device_name(device: str) -> str:
+    """What a run with ``engine.device = device`` trains on, as the report names it: ``CPU`` or
+    ``CUDA <GPU name>``. (``result.json`` names each device that trained a part of a resumed run, in order:
+    ``CUDA NVIDIA H200 then CPU``.)"""
+    from detbalance.engine.run import resolve_device
+
+    resolved = resolve_device(device)
+    return f"CUDA {torch.cuda.get_device_name(resolved)}" if resolved.type == "cuda" else "CPU"
+
+
+def _devices(folder: Path, current: str) -> str:
+    """The devices that trained the run in ``folder``, in order (``current`` when none is named)."""
+    try:
+        lines = (folder / "devices.txt").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    return " then ".join(dict.fromkeys(line for line in lines if line)) or current
 
 
 def run_dir(output: Path, suite: str, method: str, cfg: ExperimentConfig) -> Path:
@@ -225,9 +244,22 @@ def run_one(
     resume = (folder / "checkpoint.pt").exists() and config_file.exists()
     if resume and load_toml(config_file.read_text(), source=str(config_file)) != cfg:
         raise ValueError(f"{folder}: holds a run of another configuration; refusing to overwrite it")
+    # A run may be resumed on another machine: each part of it names its device in devices.txt, written at its
+    # first step (fit() creates the folder and refuses a fresh run into a folder that holds files)
+    device = device_name(cfg.engine.device)
+    named = False
+
+    def step(m: Any) -> None:
+        nonlocal named
+        if not named:
+            with open(folder / "devices.txt", "a", encoding="utf-8") as f:
+                f.write(device + "\n")
+            named = True
+        on_step(m)
+
     load_before = load_average()
     t0 = time.perf_counter()
-    res = fit(cfg, output=folder, resume=resume, on_step=on_step, progress=False)
+    res = fit(cfg, output=folder, resume=resume, on_step=step, progress=False)
     train_s = time.perf_counter() - t0
     metrics = dict(res.metrics)
     metrics["rare_AP"] = _rare_ap(metrics.get("per_class", {}), rare)
@@ -241,6 +273,7 @@ def run_one(
         "images_per_s": res.images_per_s,
         "load_average": [load_before, load_average()],
         "threads": torch.get_num_threads(),
+        "device": _devices(folder, device),
         "wall_s": train_s + (time.perf_counter() - t1),
         "resumed": resume,
         "curve": _curve(res.metrics_file),
