@@ -15,6 +15,7 @@ import torch
 from detbalance.builders import build_model
 from detbalance.compare import MIN_CURVE_POINTS, SUITES, run_compare, select_suites, suite_configs
 from detbalance.compare.runs import run_dir, run_key, run_one
+from detbalance.config import dump_toml
 from detbalance.engine import seed_everything
 
 
@@ -223,6 +224,27 @@ def test_an_interrupted_compare_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert [p["iter"] for p in runs[1]["curve"] if "AP" in p] == list(range(1, 9))
 
 
+def test_a_run_interrupted_before_its_first_checkpoint_starts_again(tmp_path):
+    method, cfg = suite_configs("noise", preset="tiny", iters=4, seed=0, batch_size=4, device="cpu")[0]
+    folder = run_dir(tmp_path, "noise", method.key, cfg)
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(dump_toml(cfg))  # what fit() writes first, before any checkpoint
+    (folder / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 9.0}\n')
+    (folder / "devices.txt").write_text("CUDA left by the interrupted part\n")
+    result, reused = run_one(folder, cfg, on_step=lambda m: None, rare=[])
+    assert not reused and not result["resumed"] and result["device"] == "CPU"
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert steps and steps == sorted(steps) and steps[-1] == 4 and 9.0 not in [
+        json.loads(line).get("loss") for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    other = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, iterations=5))
+    (folder / "result.json").unlink()
+    (folder / "checkpoint.pt").unlink()
+    with pytest.raises(ValueError, match="another configuration"):
+        run_one(folder, other, on_step=lambda m: None, rare=[])  # not its run: nothing is rewritten
+
+
 def test_a_run_is_claimed_by_one_process_at_a_time(tmp_path):
     from detbalance.compare.runs import claimed
 
@@ -274,7 +296,6 @@ def test_compare_skips_runs_another_process_trains_and_comes_back(tmp_path, monk
 
 def test_a_run_shared_by_two_suites_is_copied_not_trained_again(tmp_path, monkeypatch):
     from detbalance.compare.runs import find_twin
-    from detbalance.config import dump_toml
 
     classes = dict((m.key, c) for m, c in suite_configs("classes", iters=10, seed=1))
     losses = dict((m.key, c) for m, c in suite_configs("losses", iters=10, seed=1))

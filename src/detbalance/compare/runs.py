@@ -241,9 +241,15 @@ def run_one(
     config_file = folder / "config.toml"
     if twin is not None and not config_file.exists():
         return _copy_twin(twin, folder, rare), True
-    resume = (folder / "checkpoint.pt").exists() and config_file.exists()
-    if resume and load_toml(config_file.read_text(), source=str(config_file)) != cfg:
+    started = config_file.exists()
+    if started and load_toml(config_file.read_text(), source=str(config_file)) != cfg:
         raise ValueError(f"{folder}: holds a run of another configuration; refusing to overwrite it")
+    resume = started and (folder / "checkpoint.pt").exists()
+    # Interrupted before its first checkpoint: this run's own config and metrics, nothing to resume from.
+    # It starts again from step 0 (the same seed gives the same run); its files are the only ones rewritten.
+    restart = started and not resume
+    if restart:
+        (folder / "devices.txt").unlink(missing_ok=True)
     # A run may be resumed on another machine: each part of it names its device in devices.txt, written at its
     # first step (fit() creates the folder and refuses a fresh run into a folder that holds files)
     device = device_name(cfg.engine.device)
@@ -259,7 +265,7 @@ def run_one(
 
     load_before = load_average()
     t0 = time.perf_counter()
-    res = fit(cfg, output=folder, resume=resume, on_step=step, progress=False)
+    res = fit(cfg, output=folder, resume=resume, overwrite=restart, on_step=step, progress=False)
     train_s = time.perf_counter() - t0
     metrics = dict(res.metrics)
     metrics["rare_AP"] = _rare_ap(metrics.get("per_class", {}), rare)
