@@ -115,10 +115,11 @@ def test_study_table_rows_come_from_the_paired_verdicts(tmp_path):
     assert rows[1][2] == "no" and "worse" in rows[1][1]  # focal below alpha-CE here
     assert rows[3][2] == "not reproduced" and "no measurable difference" in rows[3][1]  # GHM-R: +0.0 [-2.5, +2.5]
     assert rows[4][1:] == ["not run", "–"]
-    readme = write_study_readme({"setup": {"command": "detbalance compare --study"}, "suites": {"losses": losses}},
-                                tmp_path)
+    setup = {"command": "detbalance compare --study", "trained on": "CPU (4 runs), CUDA NVIDIA H200 then CPU (2 runs)"}
+    readme = write_study_readme({"setup": setup, "suites": {"losses": losses}}, tmp_path)
     text = readme.read_text()
     assert "| paper's claim | our result" in text and "detbalance compare --study" in text
+    assert "trained on: CPU (4 runs), CUDA NVIDIA H200 then CPU (2 runs);" in text
     # the per-suite table: mean ± std over seeds and the paired difference to the baseline with its verdict
     assert "| focal | 3 | 36.0 ± 1.0 | – | +5.0 [+5.0, +5.0] | better |" in text
     assert "| ce | 3 | 31.0 ± 1.0 | – | baseline | – |" in text

@@ -126,13 +126,13 @@ def _drop_unfinished(results: dict[str, Any], pending: list[str]) -> None:
             entry["clean"] = {arm: twin for arm, twin in entry["clean"].items() if arm in present and twin in present}
 
 
-def _setup(command: str, seeds: list[int], batch_size: int, device: str) -> dict[str, Any]:
+def _setup(command: str, seeds: list[int], batch_size: int) -> dict[str, Any]:
     return {
         "command": command,
         "batch size": batch_size,
         "seeds": f"{len(seeds)} ({', '.join(map(str, seeds))})",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        + ("CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else "CPU"),
+        # the devices the runs trained on are listed under "trained on" once the runs are known
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "load average at start": str(load_average()),
         "versions": f"detbalance {__version__}, torch {torch.__version__}, python {platform.python_version()}",
     }
@@ -204,7 +204,7 @@ def run_compare(
     output.mkdir(parents=True, exist_ok=True)
     seed_list = list(range(seeds))
     command = command or "detbalance " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results: dict[str, Any] = {"setup": _setup(command, seed_list, batch_size, device), "suites": {}}
+    results: dict[str, Any] = {"setup": _setup(command, seed_list, batch_size), "suites": {}}
 
     plan = []
     for name in names:

@@ -220,7 +220,8 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
         command,
         "```",
         "",
-        f"Wall time: {setup.get('wall time', '–')}. Machine: {setup.get('machine', '–')}; load average "
+        f"Wall time: {setup.get('wall time', '–')}. Machine: {setup.get('machine', '–')}; trained on: "
+        f"{setup.get('trained on', '–')}; load average "
         f"{setup.get('load average at start', '–')} at start, {setup.get('load average at end', '–')} at end.",
         "",
         "| paper's claim | our result (arm − reference, mean [95 % t-interval]) | agrees? |",
