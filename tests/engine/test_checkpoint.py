@@ -69,3 +69,33 @@ def test_unusable_files(tmp_path: Path) -> None:
     torch.save({"format": "detbalance-checkpoint", "format_version": 99}, tmp_path / "new.pt")
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(tmp_path / "new.pt")
+
+
+class _Sampling(torch.nn.Module):
+    """A model part with a sampling generator, as the adapted Faster R-CNN heads have."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        from detbalance.detectors.faster_rcnn import _GeneratorMixin
+
+        self.part = type("Part", (torch.nn.Module, _GeneratorMixin), {})()
+        self.part._init_generator(seed)
+
+
+def test_generator_states_continue_on_the_same_device_type_and_restart_from_seed_and_step_on_another() -> None:
+    from detbalance.engine.checkpoint import generator_states, set_generator_states
+
+    cpu = torch.device("cpu")
+    model = _Sampling(11)
+    torch.randperm(50, generator=model.part.generator(cpu))
+    states = generator_states(model)
+    expected = torch.randperm(50, generator=model.part.generator(cpu))
+    other = _Sampling(11)
+    assert set_generator_states(other, states, cpu, step=5) == []
+    assert torch.equal(torch.randperm(50, generator=other.part.generator(cpu)), expected)
+
+    # a CUDA generator's state (philox seed and offset: 16 bytes) cannot continue on a CPU generator
+    cuda_state = torch.zeros(16, dtype=torch.uint8)
+    assert set_generator_states(other, {"part": cuda_state}, cpu, step=5) == ["part"]
+    reseeded = torch.Generator().manual_seed(11 + 5)
+    assert torch.equal(torch.randperm(50, generator=other.part.generator(cpu)), torch.randperm(50, generator=reseeded))

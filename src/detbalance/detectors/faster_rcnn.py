@@ -163,9 +163,22 @@ class _GeneratorMixin:
         """The generator's state (``None`` before the first sample), for checkpoints."""
         return None if self._generator is None else self._generator.get_state()
 
-    def set_generator_state(self, state: Tensor, device: torch.device | str = "cpu") -> None:
-        """Restore :meth:`generator_state` on ``device``."""
-        self.generator(torch.device(device)).set_state(state)
+    def set_generator_state(self, state: Tensor, device: torch.device | str = "cpu", *, step: int = 0) -> bool:
+        """Restore :meth:`generator_state` on ``device``; ``True`` when the stream continues.
+
+        A state saved on another device type (a CUDA run resumed on a CPU, or back: their generators differ
+        in kind and state size) cannot continue there. The generator is then seeded afresh with the
+        adaptation seed + ``step`` (the resumed run samples reproducibly, but not as the uninterrupted run
+        would have) and ``False`` is returned.
+        """
+        device = torch.device(device)
+        fresh = torch.Generator(device=device)
+        if fresh.get_state().numel() != state.numel():
+            fresh.manual_seed(self._seed + step)
+            self._generator = fresh
+            return False
+        self.generator(device).set_state(state)
+        return True
 
 
 class BalancedRPN(_GeneratorMixin, RegionProposalNetwork):

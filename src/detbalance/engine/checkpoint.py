@@ -86,13 +86,23 @@ def generator_states(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def set_generator_states(model: nn.Module, states: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Restore :func:`generator_states` (the generators are created on ``device``)."""
+def set_generator_states(
+    model: nn.Module, states: dict[str, torch.Tensor], device: torch.device, *, step: int = 0
+) -> list[str]:
+    """Restore :func:`generator_states` (the generators are created on ``device``).
+
+    Returns the names of the parts whose state was saved on another device type (a run checkpointed on a
+    GPU and resumed on a CPU, or back): their streams cannot continue, so each is seeded afresh from its
+    seed and ``step`` (see ``set_generator_state``). The caller says so.
+    """
     modules = dict(model.named_modules())
+    restarted = []
     for name, state in states.items():
         if name not in modules or not callable(getattr(modules[name], "set_generator_state", None)):
             raise CheckpointError(f"checkpoint has a generator state for {name!r}, which this model lacks")
-        modules[name].set_generator_state(state, device)
+        if not modules[name].set_generator_state(state, device, step=step):
+            restarted.append(name)
+    return restarted
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

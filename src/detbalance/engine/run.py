@@ -522,7 +522,15 @@ def _fit(
         if recorder is not None and state["recorder"] is not None:
             recorder.load_state_dict(state["recorder"])
         set_rng_state(state["rng"][info.rank])
-        set_generator_states(model, state["generators"][info.rank], device)
+        restarted = set_generator_states(model, state["generators"][info.rank], device, step=state["step"])
+        if restarted:
+            warnings.warn(
+                f"{ckpt_path}: the sampling generators of {', '.join(restarted)} were saved on another device "
+                f"type than {device.type}; they are seeded afresh from their seeds + step {state['step']}, so "
+                "this run samples RoIs reproducibly but not as it would have on its first device",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         step, epoch, batch = state["step"], state["epoch"], state["batch"]
         if main:
             _truncate_jsonl(metrics_file, step)
