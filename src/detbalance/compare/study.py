@@ -55,7 +55,13 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("GHM-R added to GHM-C improves AP", "Li et al. 2019 (GHM), GHM-C + GHM-R", "losses", "ghm_c_r", "ghm_c"),
     Claim("OHEM above fixed 1:3 sampling", "Shrivastava et al. 2016", "samplers", "ohem", "fixed"),
     Claim("S-OHEM above OHEM", "Li et al. 2017 (S-OHEM)", "samplers", "sohem", "ohem"),
-    Claim("3:1 hard-negative mining above all negatives", "Liu et al. 2016 (SSD), sec. 2.2", "ssd", "mining", "all"),
+    Claim(
+        "3:1 hard-negative mining above all negatives (the paper: 'faster optimization and a more stable training')",
+        "Liu et al. 2016 (SSD), sec. 2.2",
+        "ssd",
+        "mining",
+        "all",
+    ),
     Claim(
         "softmax focal loss can replace SSD's hard-negative mining",
         "Lin et al. 2017 (focal loss as the alternative to sampling heuristics)",
