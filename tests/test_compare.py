@@ -346,3 +346,11 @@ def test_throughput_names_the_device_unless_every_run_was_on_a_cpu():
     assert _throughput(summarize_method(mixed), mixed) == "150 on CPU, CUDA NVIDIA H200 (load 2.5)"
     old = method(None)
     assert _throughput(summarize_method(old), old) == "100 on unrecorded (load 2.5)"
+
+
+def test_a_run_names_every_device_that_trained_a_part_of_it(tmp_path):
+    from detbalance.compare.runs import _devices
+
+    assert _devices(tmp_path, "CPU") == "CPU"  # nothing recorded: the device training it now
+    (tmp_path / "devices.txt").write_text("CUDA NVIDIA H200\nCUDA NVIDIA H200\nCPU\nCUDA NVIDIA H200\n")
+    assert _devices(tmp_path, "CPU") == "CUDA NVIDIA H200 then CPU then CUDA NVIDIA H200"

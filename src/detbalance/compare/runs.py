@@ -11,6 +11,7 @@ finished twin, with the same key and seed and an identical config, is copied ins
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -53,7 +54,7 @@ def _devices(folder: Path, current: str) -> str:
         lines = (folder / "devices.txt").read_text(encoding="utf-8").splitlines()
     except OSError:
         lines = []
-    return " then ".join(dict.fromkeys(line for line in lines if line)) or current
+    return " then ".join(device for device, _ in itertools.groupby(line for line in lines if line)) or current
 
 
 def run_dir(output: Path, suite: str, method: str, cfg: ExperimentConfig) -> Path:
