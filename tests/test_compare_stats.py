@@ -256,3 +256,25 @@ def test_a_clean_twin_gets_no_verdict_in_the_tables(tmp_path):
     assert "| ghm_c | 3 | 46.7 ± 2.5 | – | -13.0 [-15.5, -10.5] | worse |" in text
     path = write_report({"setup": {}, "suites": {"noise": suite}}, tmp_path)
     assert "| ghm_c_clean |" in path.read_text() and "clean-label twin of ghm_c (findings: the noise cost)" in path.read_text()
+
+
+def test_a_can_replace_claim_needs_an_interval_that_excludes_a_loss_over_one_ap():
+    from detbalance.compare.study import CLAIMS, claim_rows
+
+    def method(key, values):
+        return {"key": key, "label": key, "runs": [{"seed": s, "metrics": {"AP": v}} for s, v in enumerate(values)]}
+
+    i = next(k for k, c in enumerate(CLAIMS) if c.suite == "ssd" and c.expected == "not worse")
+
+    def agrees(focal):
+        ssd = {"methods": [method("mining", [0.50, 0.52, 0.48]), method("all", [0.49, 0.51, 0.47]),
+                           method("focal", focal)], "baseline": "mining", "title": "SSD"}
+        return claim_rows({"suites": {"ssd": ssd}})[i][2]
+
+    # differences -0.2, -0.3, -0.1 AP: interval [-0.45, +0.05] lies above -1 AP
+    assert agrees([0.498, 0.517, 0.479]) == "yes"
+    # differences -2.1, -5.8, -1.9 (the SSD study's seeds): interval [-8.7, +2.2], no verdict either way
+    assert agrees([0.479, 0.462, 0.461]) == "not shown (the interval allows a loss of 8.7 AP)"
+    # differences -3, -3.2, -2.8: worse
+    assert agrees([0.47, 0.488, 0.452]) == "no"
+    assert agrees([0.47]) == "undecided (needs 3 seeds)"

@@ -18,6 +18,7 @@ from typing import Any
 
 from detbalance.compare.stats import (
     PLATEAU_AP,
+    PairedDifference,
     clean_twins,
     format_difference,
     metric_by_seed,
@@ -33,7 +34,10 @@ __all__ = ["CLAIMS", "Claim", "claim_rows", "plateau_rows", "suite_tables", "wri
 class Claim:
     """A paper's claim as a paired comparison: ``arm`` vs ``reference`` in ``suite`` on ``metric``.
 
-    ``expected`` is the verdict the paper's claim predicts (``better`` or ``no measurable difference``).
+    ``expected`` is what the paper's claim predicts: ``better``, or ``not worse`` (a claim that one method
+    can replace another: it holds when the 95 % interval of the difference excludes a loss of more than
+    :data:`NONINFERIORITY_MARGIN`, a non-inferiority test; "no measurable difference" alone is not evidence
+    that nothing is lost).
     ``robustness`` compares what the noise costs each arm instead (each arm minus its clean-label twin, the
     noise suite): ``arm``'s drop minus ``reference``'s, paired per seed; ``better`` means it loses less.
     """
@@ -63,12 +67,12 @@ CLAIMS: tuple[Claim, ...] = (
         "all",
     ),
     Claim(
-        "softmax focal loss can replace SSD's hard-negative mining",
+        "softmax focal loss can replace SSD's hard-negative mining (loses at most 1 AP)",
         "Lin et al. 2017 (focal loss as the alternative to sampling heuristics)",
         "ssd",
         "focal",
         "mining",
-        expected="no measurable difference",
+        expected="not worse",
     ),
     Claim("repeat-factor sampling raises rare-class AP", "Gupta et al. 2019 (LVIS), sec. 4", "classes", "repeat", "none", "rare_AP"),
     Claim("class-frequency weights raise rare-class AP", "Cui et al. 2019 (effective number)", "classes", "weights", "none", "rare_AP"),
@@ -85,16 +89,25 @@ CLAIMS: tuple[Claim, ...] = (
 """The rows of the study's table (issue 12, item 5)."""
 
 
-def _agrees(expected: str, verdict: str) -> str:
+NONINFERIORITY_MARGIN = 0.01
+"""A loss of at most 1 AP point (metrics are fractions): the margin of a ``not worse`` claim."""
+
+
+def _agrees(expected: str, d: PairedDifference) -> str:
     """``yes``; ``no`` (the opposite was measured); ``not reproduced`` (a claimed gain that 3 seeds cannot
-    tell from no difference); ``undecided`` (too few seeds for a verdict)."""
-    if verdict == "needs seeds":
+    tell from no difference); ``not shown`` (a claim of no loss whose interval allows a larger one);
+    ``undecided`` (too few seeds for a verdict)."""
+    if d.verdict == "needs seeds":
         return "undecided (needs 3 seeds)"
-    if verdict == expected:
+    if expected == "not worse":
+        if d.low > -NONINFERIORITY_MARGIN:
+            return "yes"
+        if d.verdict == "worse":
+            return "no"
+        return f"not shown (the interval allows a loss of {-100 * d.low:.1f} AP)"
+    if d.verdict == expected:
         return "yes"
-    if expected == "no measurable difference" and verdict == "better":
-        return "yes (better)"
-    if expected == "better" and verdict == "no measurable difference":
+    if expected == "better" and d.verdict == "no measurable difference":
         return "not reproduced"
     return "no"
 
@@ -126,7 +139,7 @@ def claim_rows(results: dict[str, Any]) -> list[list[str]]:
         ours = f"{what}: {format_difference(d)} {metric}"
         if d.n > 1:  # format_difference names a single seed itself
             ours += f" ({d.verdict}, {d.n} seeds)"
-        rows.append([f"{c.claim} ({c.source})", ours, _agrees(c.expected, d.verdict)])
+        rows.append([f"{c.claim} ({c.source})", ours, _agrees(c.expected, d)])
     return rows
 
 
@@ -235,8 +248,9 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
         "Differences are paired per seed (arms share initial weights), in AP points. **no**: the opposite of the "
-        "claim was measured; **not reproduced**: the claimed gain cannot be told from no difference. For "
-        "either, the evidence follows below, after the loss and sampler reference checks.",
+        "claim was measured; **not reproduced**: the claimed gain cannot be told from no difference; **not "
+        "shown**: a claim that one method can replace another (loses at most 1 AP) whose interval allows a "
+        "larger loss. For each, the evidence follows below, after the loss and sampler reference checks.",
         "",
         "## Results per suite",
         "",
