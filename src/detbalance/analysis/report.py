@@ -216,7 +216,7 @@ def _throughput(s: MethodSummary, method: dict[str, Any]) -> str:
 
 
 def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple]:
-    from detbalance.compare.stats import clean_twins, findings, format_difference, suite_differences
+    from detbalance.compare.stats import findings, format_difference, suite_differences, twin_of_labels
 
     blocks: list[tuple] = [("h2", f"Suite `{name}`: {suite['title']}"), ("p", suite.get("description", ""))]
     if suite.get("recipe"):
@@ -233,8 +233,7 @@ def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple
         label = "AP" if metric == "AP" else "rare AP"
         header += [f"Δ{label} vs {base.label} [95 % CI]", f"verdict ({label})"]
     header += ["seeds", "train img/s (load)"]
-    labels = {m["key"]: m["label"] for m in suite["methods"]}
-    twin_of = {twin: arm for arm, twin in clean_twins(suite).items()}  # a clean twin is not a remedy to rank
+    twin_of = twin_of_labels(suite)
     rows = []
     for s, method in zip(summaries, suite["methods"], strict=True):
         cells = [s.label] + [format_mean_std(s.mean[k], s.std[k]) for k, _ in _METRIC_COLUMNS]
@@ -242,7 +241,7 @@ def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple
             if s is base:
                 cells += ["baseline", "–"]
             elif s.key in twin_of:
-                cells += [f"clean-label twin of {labels[twin_of[s.key]]} (findings: the noise cost)", "–"]
+                cells += [f"clean-label twin of {twin_of[s.key]} (findings: the noise cost)", "–"]
             else:
                 d = diffs[metric][s.key]
                 cells += [format_difference(d), d.verdict]

@@ -30,6 +30,7 @@ __all__ = [
     "rare_classes",
     "robustness_difference",
     "t_quantile_975",
+    "twin_of_labels",
 ]
 
 MIN_SEEDS = 3
@@ -156,6 +157,13 @@ def suite_differences(suite: Mapping[str, Any], metric: str) -> dict[str, Paired
 def clean_twins(suite: Mapping[str, Any]) -> dict[str, str]:
     """``{arm: its clean-label twin}`` of a suite in ``results.json`` (the noise suite; empty elsewhere)."""
     return dict(suite.get("clean") or {})
+
+
+def twin_of_labels(suite: Mapping[str, Any]) -> dict[str, str]:
+    """``{clean twin: label of the arm it is the twin of}``: the twins are not remedies, so the tables give
+    them no difference to the baseline and no verdict."""
+    labels = {m["key"]: m["label"] for m in suite["methods"]}
+    return {twin: labels[arm] for arm, twin in clean_twins(suite).items()}
 
 
 def noise_cost(suite: Mapping[str, Any], arm: str, metric: str = "AP") -> PairedDifference:

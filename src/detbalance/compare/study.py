@@ -25,6 +25,7 @@ from detbalance.compare.stats import (
     paired_difference,
     plateau,
     robustness_difference,
+    twin_of_labels,
 )
 
 __all__ = ["CLAIMS", "Claim", "claim_rows", "plateau_rows", "suite_tables", "write_study_readme"]
@@ -171,8 +172,7 @@ def suite_tables(results: dict[str, Any]) -> list[str]:
         label = "rare-class AP" if primary == "rare_AP" else "AP"
         diffs = suite_differences(suite, primary)
         base = next(m for m in suite["methods"] if m["key"] == suite["baseline"])
-        labels = {m["key"]: m["label"] for m in suite["methods"]}
-        twin_of = {twin: arm for arm, twin in clean_twins(suite).items()}  # not a remedy: no verdict
+        twin_of = twin_of_labels(suite)
         lines += [
             f"**{name}** ({suite['title']}; {suite.get('optim', '–')}, {suite.get('iterations', '–')} iterations; "
             f"verdicts on {label})",
@@ -188,7 +188,7 @@ def suite_tables(results: dict[str, Any]) -> list[str]:
             if method is base:
                 diff, verdict = "baseline", "–"
             elif method["key"] in twin_of:
-                diff, verdict = f"clean-label twin of {labels[twin_of[method['key']]]}", "–"
+                diff, verdict = f"clean-label twin of {twin_of[method['key']]}", "–"
             else:
                 d = diffs[method["key"]]
                 diff, verdict = format_difference(d), d.verdict
