@@ -126,6 +126,7 @@ def test_corrupt_json(tmp_path: Path, coco_dir: Path, capsys: pytest.CaptureFixt
     assert main(["train", "--data", str(bad), *TINY, "--output", str(tmp_path / "r")]) == 1
     line = _error_line(capsys)
     assert str(bad) in line and "invalid JSON at line 1" in line
+    assert not (tmp_path / "r").exists()  # the failed command removed the (empty) run folder it created
 
 
 def test_box_with_x2_before_x1(tmp_path: Path, coco_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -159,7 +160,7 @@ def test_unknown_set_key_and_debug(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["train", "--resume"]) == 1
     assert "--resume needs --output" in _error_line(capsys)
     assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 1
-    assert "none.pt' not found" in _error_line(capsys)
+    assert "none.pt': not found" in _error_line(capsys)
 
 
 def test_compare_profile_plot_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -184,11 +185,15 @@ def test_compare_profile_plot_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyP
         "finished_only": False,
     }
     calls.clear()
-    assert main(["compare", "--data", "d/train", "--val", "d/test", "--optim", "sgd", "--budget", "full",
-                 "--data-seed", "3", "--study", "--finished-only"]) == 0
+    for split in ("train", "test"):
+        (tmp_path / "d" / split).mkdir(parents=True)
+        (tmp_path / "d" / split / "annotations.json").write_text("{}")
+    train, test = str(tmp_path / "d" / "train"), str(tmp_path / "d" / "test")
+    assert main(["compare", "--data", train, "--val", test, "--optim", "sgd", "--budget", "full",
+                 "--data-seed", "3", "--study", "--finished-only", "--output", str(tmp_path)]) == 0
     kw = calls["compare"]
     assert (kw["suite"], kw["data"], kw["val"], kw["optim"], kw["budget"], kw["data_seed"], kw["study"],
-            kw["finished_only"]) == (None, "d/train", "d/test", "sgd", "full", 3, True, True)
+            kw["finished_only"]) == (None, train, test, "sgd", "full", 3, True, True)
     assert main(["profile", "--data", "builtin:tiny", "--output", str(tmp_path), "--num-images", "3"]) == 0
     assert calls["profile"] == {"data": "builtin:tiny", "config": None, "checkpoint": None, "output": tmp_path,
                                 "num_images": 3, "progress": True}

@@ -20,17 +20,20 @@ from detbalance.config import (
     ClassWeightsConfig,
     DataConfig,
     ExperimentConfig,
+    FixedRatioConfig,
     FocalConfig,
     GHMCConfig,
     GHMRConfig,
     GIoUConfig,
     L1Config,
     NormalizerConfig,
+    OHEMConfig,
     OptimConfig,
     RemedyConfig,
     ScheduleConfig,
     SmoothL1Config,
     SSDMiningConfig,
+    StratifiedOHEMConfig,
 )
 from detbalance.data import (
     DetectionDataset,
@@ -247,16 +250,34 @@ def _weighted(loss: nn.Module | None, cfg: object | None) -> nn.Module | None:
 # ---------------------------------------------------------------------------------------------- model
 
 
+def _hyperparameters(cfg: Any) -> dict[str, Any]:
+    """A sampler config's hyperparameters: its fields but the ``name`` that picks it in TOML."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "name"}
+
+
 def build_roi_sampler(remedy: RemedyConfig) -> Any:
     """The Faster R-CNN RoI sampler of ``remedy``: the configured one (torchvision's 512 @ 0.25 when unset);
     with ``remedy.bootstrap`` a fixed-ratio sampler becomes a
     :class:`~detbalance.sampling.BootstrappedSampler` (mined background first)."""
-    from detbalance.sampling import BootstrappedSampler, FixedRatioSampler
+    from detbalance.sampling import BootstrappedSampler, FixedRatioSampler, OHEMSampler, StratifiedOHEMSampler
 
-    sampler = remedy.roi_sampler if remedy.roi_sampler is not None else FixedRatioSampler()
-    if remedy.bootstrap is not None and isinstance(sampler, FixedRatioSampler):
-        return BootstrappedSampler(num_samples=sampler.num_samples, positive_fraction=sampler.positive_fraction)
-    return sampler
+    cfg = remedy.roi_sampler
+    match cfg:
+        case None | FixedRatioConfig():
+            sampler_class = BootstrappedSampler if remedy.bootstrap is not None else FixedRatioSampler
+            return sampler_class(**(_hyperparameters(cfg) if cfg is not None else {}))
+        case OHEMConfig():
+            return OHEMSampler(**_hyperparameters(cfg))
+        case StratifiedOHEMConfig():
+            return StratifiedOHEMSampler(**_hyperparameters(cfg))
+    raise TypeError(f"remedy.roi_sampler: no sampler for {type(cfg).__name__}")
+
+
+def build_rpn_sampler(remedy: RemedyConfig) -> Any:
+    """The Faster R-CNN RPN anchor sampler of ``remedy`` (``None``: torchvision's own, 256 @ 0.5)."""
+    from detbalance.sampling import FixedRatioSampler
+
+    return None if remedy.rpn_sampler is None else FixedRatioSampler(**_hyperparameters(remedy.rpn_sampler))
 
 
 def build_model(
@@ -308,8 +329,7 @@ def build_model(
             )
         case "faster_rcnn":
             roi_sampler = build_roi_sampler(r)
-            # The config classes are the samplers (they add only a ``name``); the RPN's likewise.
-            rpn_sampler = r.rpn_sampler
+            rpn_sampler = build_rpn_sampler(r)
             frcnn_class_weight = None
             if class_weight is not None and r.cls_loss is None:
                 # Plain CE with class weights: the head's per-RoI weighting, sum_i w[y_i] CE_i / N.

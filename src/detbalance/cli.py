@@ -1,7 +1,19 @@
 """The ``detbalance`` command line: train, eval, make-data, compare, profile, plot.
 
-Errors print one line (``detbalance: error: ...``) and exit with status 1; ``--debug`` shows the traceback.
-Heavy modules are imported inside the subcommands, so ``--help`` and ``--version`` are instant.
+Errors print one line (``detbalance: error: ...``) and exit with status 1 (2 for a flag argparse rejects);
+``--debug`` shows the traceback. A command that fails removes the output folder it created, if it holds
+nothing.
+
+How a command is put together (add a flag or a command the same way):
+
+1. every flag is declared once, in :func:`build_parser`;
+2. ``_check_<command>(args)`` validates the arguments, the paths and the config **without importing torch**
+   (only :mod:`detbalance.config` and :mod:`detbalance._preflight`), raising ``ValueError`` with a message
+   that names the flag; what it parses (the config, the default output folder) it stores on ``args``;
+3. ``_cmd_<command>(args)`` imports the heavy modules and does the work.
+
+:func:`main` runs the check, then sets the CPU threads, then the command, so a wrong argument is reported
+in well under a second even on a busy machine (importing torch takes seconds there).
 
 Examples::
 
@@ -18,22 +30,41 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from detbalance import __version__
+from detbalance._preflight import (
+    BENCHMARK_PRESETS,
+    RUN_FILES,
+    SUITE_NAMES,
+    check_data_spec,
+    check_device,
+    check_output_folder,
+    select_suites,
+)
 
 __all__ = ["build_parser", "main"]
+
+_PRESETS = ", ".join(BENCHMARK_PRESETS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"detbalance: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="detbalance",
         description="Train and compare object detectors under sample imbalance (focal, GHM, OHEM, S-OHEM, "
         "SSD mining, repeat-factor sampling) on torchvision detectors.",
@@ -43,12 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads), >= 1")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     p = sub.add_parser("train", help="train one experiment", description="Train one experiment (see configs/).")
     p.add_argument("--config", type=Path, default=None, help="experiment TOML (default: the built-in defaults)")
-    p.add_argument("--data", default=None, help="training data: builtin[:preset], a COCO .json or a folder")
+    p.add_argument("--data", default=None, help="training data: builtin[:PRESET], a COCO .json or a folder "
+                   f"(presets: {_PRESETS})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set engine.iterations=200 (repeatable)")
     p.add_argument("--output", type=Path, default=None, help="run folder (default: runs/<name>-<time>)")
@@ -57,24 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the run files into an --output that already holds files or a run (replacing it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     common(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(check=_check_train, func=_cmd_train, output_is_folder=True)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (COCO AP)")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", default=None,
-                   help="evaluation data (default: the run's held-out data; required when it has none)")
-    p.add_argument("--batch-size", type=int, default=8)
+                   help="evaluation data: builtin[:PRESET], a COCO .json or a folder (default: the run's held-out "
+                   "data; required when it has none)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch, >= 1")
     p.add_argument("--output", type=Path, default=None, help="also write the metrics to this JSON file")
     common(p)
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(check=_check_eval, func=_cmd_eval, output_is_folder=False)
 
     p = sub.add_parser("make-data", help="write the built-in benchmark as COCO files")
-    p.add_argument("--preset", default="default", help="default | balanced | noisy | tiny")
+    p.add_argument("--preset", default="default", choices=BENCHMARK_PRESETS, metavar="PRESET",
+                   help=f"one of {_PRESETS} (default: default)")
     p.add_argument("--output", type=Path, required=True, help="folder; gets train/ and test/ (COCO json + images)")
     p.add_argument("--split", choices=("train", "test", "both"), default="both")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generation seed, >= 0")
     common(p)
-    p.set_defaults(func=_cmd_make_data)
+    p.set_defaults(check=_check_make_data, func=_cmd_make_data, output_is_folder=True)
 
     p = sub.add_parser(
         "compare",
@@ -84,21 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
         "its finished runs and resumes interrupted ones; other settings go to other run folders.",
     )
     p.add_argument("--suite", default=None,
-                   help="losses | samplers | ssd | classes | noise | all, or a comma-separated list run in that "
+                   help=f"{' | '.join(SUITE_NAMES)} | all, or a comma-separated list run in that "
                    "order, e.g. classes,noise (default: losses; with --data every suite that fits the data)")
     p.add_argument("--data", default=None, help="training data: a COCO .json or a folder (as make-data writes)")
-    p.add_argument("--val", default=None, help="validation data, required with --data")
-    p.add_argument("--preset", default=None, help="built-in benchmark preset (default: each suite's own)")
-    p.add_argument("--data-seed", type=int, default=0, help="draw another instance of the built-in benchmark")
+    p.add_argument("--val", default=None, help="validation data (a COCO .json or a folder); goes with --data")
+    p.add_argument("--preset", default=None, choices=BENCHMARK_PRESETS, metavar="PRESET",
+                   help=f"built-in benchmark preset, one of {_PRESETS} (default: each suite's own)")
+    p.add_argument("--data-seed", type=int, default=0, help="draw another instance of the built-in benchmark (>= 0)")
     p.add_argument("--budget", choices=("short", "full"), default="short",
-                   help="iterations per run: short (default, minutes) or full (each suite's plateau)")
-    p.add_argument("--iters", type=int, default=None, help="iterations per run, overriding --budget")
+                   help="iterations per run: short (default: 700, SSD 1500; minutes) or full (6000 for every "
+                   "suite: the longest budget measured, not a plateau)")
+    p.add_argument("--iters", type=int, default=None, help="iterations per run (>= 1), overriding --budget")
     p.add_argument("--optim", choices=("sgd", "adamw"), default=None,
                    help="training recipe (default: each suite's own; see the report)")
     p.add_argument("--decay", choices=("cosine", "step"), default="cosine", help="learning-rate decay")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...); verdicts need 3")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="number of seeds, >= 1 (runs seeds 0 .. N-1); verdicts need 3")
     p.add_argument("--output", type=Path, default=Path("compare-out"))
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per iteration, >= 1")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--study", action="store_true",
                    help="also write README.md with the paper-claims table (docs/study)")
@@ -106,23 +143,125 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: report the finished runs, list the others (read a long study while it runs)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     common(p)
-    p.set_defaults(func=_cmd_compare)
+    p.set_defaults(check=_check_compare, func=_cmd_compare, output_is_folder=True)
 
     p = sub.add_parser("profile", help="imbalance statistics of a dataset and a detector")
-    p.add_argument("--data", required=True, help="builtin[:preset], a COCO .json or a folder")
+    p.add_argument("--data", required=True, help=f"builtin[:PRESET], a COCO .json or a folder (presets: {_PRESETS})")
     p.add_argument("--config", type=Path, default=None, help="experiment TOML (default: the checkpoint's)")
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--num-images", type=int, default=200, help="decoded images for the model statistics, >= 1")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     common(p)
-    p.set_defaults(func=_cmd_profile)
+    p.set_defaults(check=_check_profile, func=_cmd_profile, output_is_folder=True)
 
     p = sub.add_parser("plot", help="plot a training run's metrics and recorder statistics")
     p.add_argument("run_dir", type=Path)
     common(p)
-    p.set_defaults(func=_cmd_plot)
+    p.set_defaults(check=_check_plot, func=_cmd_plot, output_is_folder=False)
     return parser
+
+
+# ------------------------------------------------------------------------------- checks (no torch here)
+
+
+def _at_least(flag: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def _check_file(flag: str, path: Path | None) -> None:
+    if path is not None and not path.is_file():
+        raise ValueError(f"{flag} {str(path)!r}: " + ("is a folder, not a file" if path.is_dir() else "not found"))
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    _at_least("--threads", getattr(args, "threads", None), 1)
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from detbalance.config import apply_overrides, load_config
+
+    config = args.config
+    if args.resume:
+        if args.output is None:
+            raise ValueError("--resume needs --output (the run folder to continue)")
+        if config is None:
+            config = args.output / "config.toml"
+            if not config.is_file():
+                raise ValueError(f"--resume: --output {str(args.output)!r} holds no run (no config.toml)")
+    _check_file("--config", config)
+    cfg = load_config(config)
+    if args.data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(args.data)))
+    cfg = apply_overrides(cfg, args.overrides)
+    check_data_spec(cfg.data.train, flag="--data" if args.data is not None else "data.train", split="train")
+    if cfg.data.val is not None:
+        check_data_spec(cfg.data.val, flag="data.val", split="test")
+    if args.output is None:
+        stem = config.stem if config is not None else "train"
+        args.output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_folder(args.output)
+    if config is not None and not args.resume:
+        run_files = {(Path(args.output) / name).resolve() for name in RUN_FILES}
+        if Path(config).resolve() in run_files:
+            raise ValueError(
+                f"--config {str(config)!r} is a file that training into --output {str(args.output)!r} would "
+                "replace; copy it elsewhere, choose another --output, or continue that run with --resume"
+            )
+    args.cfg = cfg
+
+
+def _check_eval(args: argparse.Namespace) -> None:
+    _check_file("--checkpoint", args.checkpoint)
+    if args.data is not None:
+        check_data_spec(args.data, flag="--data", split="test")
+    _at_least("--batch-size", args.batch_size, 1)
+    if args.output is not None and args.output.is_dir():
+        raise ValueError(f"--output {str(args.output)!r} is a folder; give the JSON file to write")
+
+
+def _check_make_data(args: argparse.Namespace) -> None:
+    _at_least("--seed", args.seed, 0)
+    check_output_folder(args.output)
+
+
+def _check_compare(args: argparse.Namespace) -> None:
+    if args.val is not None and args.data is None:
+        raise ValueError("--val needs --data (the training data it validates)")
+    if args.data is not None and args.val is None:
+        raise ValueError("--data needs --val (a validation set: never evaluate on the training images)")
+    if args.data is not None and args.preset is not None:
+        raise ValueError("--preset picks a built-in benchmark; it cannot go with --data")
+    _at_least("--seeds", args.seeds, 1)
+    _at_least("--iters", args.iters, 1)
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--data-seed", args.data_seed, 0)
+    check_device(args.device)
+    select_suites(args.suite, user_data=args.data is not None)
+    if args.data is not None:
+        check_data_spec(args.data, flag="--data", split="train")
+        check_data_spec(args.val, flag="--val", split="test")
+    check_output_folder(args.output)
+
+
+def _check_profile(args: argparse.Namespace) -> None:
+    from detbalance.config import load_config
+
+    check_data_spec(args.data, flag="--data", split="train")
+    _check_file("--config", args.config)
+    _check_file("--checkpoint", args.checkpoint)
+    if args.config is not None:
+        load_config(args.config)
+    _at_least("--num-images", args.num_images, 1)
+    check_output_folder(args.output)
+
+
+def _check_plot(args: argparse.Namespace) -> None:
+    if not args.run_dir.is_dir():
+        raise ValueError(f"run folder {str(args.run_dir)!r} not found")
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -142,34 +281,9 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from detbalance.config import apply_overrides, load_config
     from detbalance.engine import fit
 
-    config = args.config
-    if args.resume:
-        if args.output is None:
-            raise ValueError("--resume needs --output (the run folder to continue)")
-        if config is None:
-            config = args.output / "config.toml"
-    cfg = load_config(config)
-    if args.data is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(args.data)))
-    cfg = apply_overrides(cfg, args.overrides)
-    output = args.output
-    if output is None:
-        stem = config.stem if config is not None else "train"
-        output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if config is not None and not args.resume:
-        from detbalance.engine.run import RUN_FILES
-
-        run_files = {(Path(output) / name).resolve() for name in RUN_FILES}
-        if Path(config).resolve() in run_files:
-            raise ValueError(
-                f"--config {str(config)!r} is a file that training into --output {str(output)!r} would replace; "
-                "copy it elsewhere, choose another --output, or continue that run with --resume"
-            )
+    cfg, output = args.cfg, args.output
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no held-out data")  # printed below as a note
         result = fit(cfg, output=output, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
@@ -209,8 +323,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from detbalance.engine.files import write_json
     from detbalance.engine.run import load_trained_model
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, cfg, info = load_trained_model(args.checkpoint)
     spec = args.data if args.data is not None else (cfg.data.val or held_out_spec(cfg.data.train))
     if spec is None:
@@ -295,8 +407,6 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from detbalance.analysis.plots import plot_run
 
-    if not args.run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {str(args.run_dir)!r} not found")
     for path in plot_run(args.run_dir):
         print(f"plot: {path}")
     return 0
@@ -310,6 +420,22 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what a command would create), or ``None``."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            return missing
+        missing = p
+    return missing
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if it holds no file (only empty folders); a folder with anything in it stays."""
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
@@ -320,7 +446,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     args.command_line = "detbalance " + " ".join(argv)
     debug = bool(getattr(args, "debug", False))
+    created: Path | None = None
     try:
+        _check_common(args)
+        args.check(args)  # arguments, paths and config, before torch is imported
+        if args.output_is_folder:
+            created = _first_missing(Path(args.output))
         from detbalance.engine.train import configure_cpu
 
         configure_cpu(getattr(args, "threads", None))  # before any tensor work: denormals, thread count
@@ -329,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("detbalance: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        if created is not None:
+            _remove_if_empty(created)
         if debug:
             traceback.print_exc()
         else:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from detbalance.sampling.roi_sampler import FixedRatioSampler, OHEMSampler, StratifiedOHEMSampler
+from detbalance._sampler_params import FixedRatioParams, OHEMParams, StratifiedOHEMParams
 
 __all__ = [
     "ASL1Config",
@@ -265,12 +265,13 @@ def _as_config_error(check: Any) -> None:
         raise ConfigError(key, rest) from None
 
 
-# The RoI samplers' hyperparameters are declared once, on the sampler classes of
-# detbalance.sampling.roi_sampler; a config class adds only the ``name`` that picks it in TOML.
+# The RoI samplers' hyperparameters are declared once, in the torch-free detbalance._sampler_params, which
+# the sampler classes of detbalance.sampling.roi_sampler extend with the sampling; a config class adds only
+# the ``name`` that picks it in TOML (builders.build_roi_sampler maps it to its sampler).
 
 
 @dataclass(frozen=True)
-class FixedRatioConfig(FixedRatioSampler):
+class FixedRatioConfig(FixedRatioParams):
     """Random RoI sampling at a fixed foreground fraction (Fast R-CNN: 512 per image at 0.25);
     see :class:`~detbalance.sampling.FixedRatioSampler`."""
 
@@ -281,7 +282,7 @@ class FixedRatioConfig(FixedRatioSampler):
 
 
 @dataclass(frozen=True)
-class OHEMConfig(OHEMSampler):
+class OHEMConfig(OHEMParams):
     """Online hard example mining (Shrivastava et al., 2016); see :class:`~detbalance.sampling.OHEMSampler`."""
 
     name: Literal["ohem"] = "ohem"
@@ -291,7 +292,7 @@ class OHEMConfig(OHEMSampler):
 
 
 @dataclass(frozen=True)
-class StratifiedOHEMConfig(StratifiedOHEMSampler):
+class StratifiedOHEMConfig(StratifiedOHEMParams):
     """Stratified OHEM (Li et al., 2017); the engine passes the training progress each step. See
     :class:`~detbalance.sampling.StratifiedOHEMSampler` for which parts are the paper's and which ours."""
 
@@ -305,7 +306,7 @@ RoISamplerConfig = FixedRatioConfig | OHEMConfig | StratifiedOHEMConfig
 
 
 @dataclass(frozen=True)
-class RPNSamplerConfig(FixedRatioSampler):
+class RPNSamplerConfig(FixedRatioParams):
     """The RPN's fixed-ratio anchor sampler (Faster R-CNN: 256 per image at 0.5)."""
 
     num_samples: int = 256

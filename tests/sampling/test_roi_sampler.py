@@ -114,12 +114,23 @@ def test_bad_hyperparameters_raise_naming_them(make, name):
 
 
 def test_config_classes_are_the_samplers_plus_a_name():
-    """Each hyperparameter is declared once: the config class adds only ``name``."""
+    """Each hyperparameter is declared once (torch-free): the sampler adds the sampling, the config only ``name``,
+    and the builder maps a config to the sampler with the same hyperparameters."""
     import dataclasses
+
+    from detbalance.builders import build_roi_sampler
+    from detbalance.config import RemedyConfig
 
     for config, sampler in ((FixedRatioConfig, FixedRatioSampler), (OHEMConfig, OHEMSampler),
                             (StratifiedOHEMConfig, StratifiedOHEMSampler)):
-        assert issubclass(config, sampler)
-        own = {f.name for f in dataclasses.fields(config)} - {f.name for f in dataclasses.fields(sampler)}
+        params = sampler.__mro__[1]
+        assert issubclass(config, params) and not issubclass(config, sampler)
+        assert {f.name for f in dataclasses.fields(sampler)} == {f.name for f in dataclasses.fields(params)}
+        own = {f.name for f in dataclasses.fields(config)} - {f.name for f in dataclasses.fields(params)}
         assert own == {"name"}
         assert "num_samples" not in config.__dict__.get("__annotations__", {})
+        assert "num_samples" not in sampler.__dict__.get("__annotations__", {})
+        cfg = config(num_samples=7)
+        built = build_roi_sampler(RemedyConfig(roi_sampler=cfg))
+        assert type(built) is sampler
+        assert dataclasses.asdict(built) == {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from detbalance import __version__
+from detbalance._preflight import select_suites
 from detbalance.compare.runs import (
     claimed,
     find_twin,
@@ -31,26 +32,6 @@ from detbalance.compare.stats import RARE_FRACTION, findings, rare_classes
 from detbalance.compare.suites import SUITES, Budget, Decay, Optimizer, suite_configs
 
 __all__ = ["run_compare", "select_suites"]
-
-
-def select_suites(suite: str | None, *, user_data: bool) -> list[str]:
-    """The suites to run: ``suite`` (one name, a comma-separated list run in the order given, or ``all`` for
-    every one); with ``--data`` and no ``--suite`` every suite that fits a user's dataset (the noise suite needs
-    the built-in benchmark's controlled noise)."""
-    if suite is None:
-        return [n for n, s in SUITES.items() if not s.builtin_only] if user_data else ["losses"]
-    if suite == "all":
-        return [n for n, s in SUITES.items() if not (user_data and s.builtin_only)]
-    names = [n.strip() for n in suite.split(",")]
-    for name in names:
-        if name not in SUITES:
-            raise ValueError(f"--suite must be one of {', '.join([*SUITES, 'all'])} or a comma-separated list of "
-                             f"them; got {name!r}")
-        if user_data and SUITES[name].builtin_only:
-            raise ValueError(f"--suite {name} needs the built-in benchmark (it controls the label noise); drop --data")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--suite {suite!r} names a suite twice")
-    return names
 
 
 def _assigner(arch: str) -> str:
@@ -165,8 +146,9 @@ def run_compare(
             ``data``: every suite that fits it; else ``losses``).
         preset: built-in benchmark preset for every suite (``None``: each suite's own).
         iters: iterations per run (``None``: the suite's ``budget``).
-        budget: ``short`` (the default, minutes) or ``full`` (the plateau budget of the study).
-        seeds: number of seeds (0, 1, ...); verdicts need 3.
+        budget: ``short`` (the default, minutes) or ``full`` (the study's 6000 iterations: the longest budget
+            measured, not a plateau).
+        seeds: number of seeds, >= 1 (seeds ``0 .. seeds - 1`` run); verdicts need 3.
         output: report folder; runs are kept under ``output/runs``.
         batch_size: images per iteration.
         device: ``auto`` | ``cpu`` | ``cuda[:N]``.
@@ -195,7 +177,9 @@ def run_compare(
         raise ValueError(f"--budget must be 'short' or 'full', got {budget!r}")
     if data_seed < 0:
         raise ValueError(f"--data-seed must be >= 0, got {data_seed}")
-    if (data is None) != (val is None):
+    if val is not None and data is None:
+        raise ValueError("--val needs --data (the training data it validates)")
+    if data is not None and val is None:
         raise ValueError("--data needs --val (a validation set: never evaluate on the training images)")
     if data is not None and preset is not None:
         raise ValueError("--preset picks a built-in benchmark; it cannot go with --data")

@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from detbalance import __version__
+from detbalance._preflight import RUN_FILES  # the files fit writes into its run folder
 from detbalance.builders import (
     build_datasets,
     build_hooks,
@@ -82,9 +83,6 @@ from detbalance.engine.hooks import TrainingHook
 from detbalance.engine.train import NonFiniteLossError, StepMetrics, train_step
 
 __all__ = ["FitResult", "fit", "load_trained_model", "pass_batches", "resolve_device", "seed_everything"]
-
-#: The files :func:`fit` writes into its run folder (others there are left alone).
-RUN_FILES = ("config.toml", "metrics.jsonl", "balance.jsonl", "checkpoint.pt")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ to a sampler whose ``needs_losses`` attribute is true (the detector runs that pa
 may also say how the two loss terms of the back-propagated loss are weighted at a training progress
 (``loss_weights(progress) -> (w_cls, w_loc)``); without that method both weights are 1.
 
-The samplers here are frozen dataclasses of their hyperparameters (each declared once, here; the config
-classes of :mod:`detbalance.config` extend them with a ``name``):
+The samplers here are frozen dataclasses of their hyperparameters. Each hyperparameter is declared once, in
+the torch-free :mod:`detbalance._sampler_params`, which the config classes of :mod:`detbalance.config`
+extend with a ``name`` (so that reading a configuration needs no torch) and these classes extend with the
+sampling:
 
 * :class:`FixedRatioSampler`: Fast/Faster R-CNN's random sampling at a fixed foreground fraction;
 * :class:`BootstrappedSampler`: fixed ratio, mined background RoIs first (offline bootstrapping);
@@ -28,13 +30,13 @@ see the README for Libra R-CNN's IoU-balanced sampling written that way.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from detbalance._sampler_params import FixedRatioParams, OHEMParams, StratifiedOHEMParams
 from detbalance.sampling.fixed_ratio import sample_fixed_ratio_batched
 from detbalance.sampling.ohem import select_hard_examples
 from detbalance.sampling.stratified_ohem import select_hard_examples_stratified
@@ -116,25 +118,6 @@ def sampler_loss_weights(sampler: Any, progress: float) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------- validation
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_fraction(name: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1]{' or None' if allow_none else ''}, got {value!r}")
-
-
-def _check_pair(name: str, value: object) -> None:
-    if not (isinstance(value, tuple) and len(value) == 2
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                    for v in value)):
-        raise ValueError(f"{name} must be a (start, end) pair of finite numbers >= 0, got {value!r}")
-
-
 def _require_losses(losses: RoILosses | None, rois: RoIBatch, who: str) -> RoILosses:
     if losses is None:
         raise ValueError(f"losses must be given to {who} (it ranks RoIs by their loss)")
@@ -158,7 +141,7 @@ def _offsets(counts: list[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class FixedRatioSampler:
+class FixedRatioSampler(FixedRatioParams):
     """Random sampling at a fixed foreground fraction (Ren et al., "Faster R-CNN", NeurIPS 2015).
 
     Per image, up to ``int(num_samples * positive_fraction)`` foreground RoIs, the rest of the budget
@@ -171,13 +154,6 @@ class FixedRatioSampler:
     """
 
     needs_losses: ClassVar[bool] = False
-
-    num_samples: int = 512
-    positive_fraction: float = 0.25
-
-    def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, minimum=1)
-        _check_fraction("positive_fraction", self.positive_fraction)
 
     def __call__(
         self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
@@ -232,7 +208,7 @@ class BootstrappedSampler(FixedRatioSampler):
 
 
 @dataclass(frozen=True)
-class OHEMSampler:
+class OHEMSampler(OHEMParams):
     """Online hard example mining (Shrivastava, Gupta and Girshick, CVPR 2016, arXiv:1604.03540).
 
     The paper's recipe: per image, the ``B`` RoIs of highest loss ``cls + loc`` among all proposals,
@@ -248,15 +224,6 @@ class OHEMSampler:
 
     needs_losses: ClassVar[bool] = True
 
-    num_samples: int = 128
-    nms_iou: float | None = 0.7
-    positive_fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, minimum=1)
-        _check_fraction("nms_iou", self.nms_iou, allow_none=True)
-        _check_fraction("positive_fraction", self.positive_fraction, allow_none=True)
-
     def __call__(
         self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
     ) -> SampledIndices:
@@ -269,7 +236,7 @@ class OHEMSampler:
 
 
 @dataclass(frozen=True)
-class StratifiedOHEMSampler:
+class StratifiedOHEMSampler(StratifiedOHEMParams):
     r"""Stratified OHEM (Li, Zhang, Yu, Chen and Li, arXiv:1705.02233, 2017).
 
     From the paper (its abstract; we could not obtain the full text, so the stage schedule and the
@@ -297,36 +264,6 @@ class StratifiedOHEMSampler:
     """
 
     needs_losses: ClassVar[bool] = True
-
-    num_samples: int = 128
-    strata: int = 4
-    nms_iou: float | None = 0.7
-    cls_weight: tuple[float, float] = (1.5, 0.5)
-    loc_weight: tuple[float, float] = (0.5, 1.5)
-    decay: tuple[float, float] = (1.0, 0.25)
-
-    def __post_init__(self) -> None:
-        _check_int("num_samples", self.num_samples, minimum=1)
-        _check_int("strata", self.strata, minimum=1)
-        _check_fraction("nms_iou", self.nms_iou, allow_none=True)
-        _check_pair("cls_weight", self.cls_weight)
-        _check_pair("loc_weight", self.loc_weight)
-        _check_pair("decay", self.decay)
-
-    def loss_weights(self, progress: float) -> tuple[float, float]:
-        """``(w_cls, w_loc)`` at ``progress`` in ``[0, 1]`` (linear between start and end)."""
-        _check_fraction("progress", progress)
-        t = float(progress)
-        return (self.cls_weight[0] + t * (self.cls_weight[1] - self.cls_weight[0]),
-                self.loc_weight[0] + t * (self.loc_weight[1] - self.loc_weight[0]))
-
-    def distribution(self, progress: float) -> list[float]:
-        r"""Sampling distribution over strata (hardest first) at ``progress``: :math:`\pi_s \propto e^{-\beta s}`."""
-        _check_fraction("progress", progress)
-        beta = self.decay[0] + float(progress) * (self.decay[1] - self.decay[0])
-        weights = [math.exp(-beta * s) for s in range(self.strata)]
-        total = sum(weights)
-        return [w / total for w in weights]
 
     def __call__(
         self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
