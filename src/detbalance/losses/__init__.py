@@ -1,4 +1,4 @@
-"""Losses that re-weight examples: focal, GHM-C/GHM-R, smooth L1/ASL1/L1/GIoU, class weights, normalisers.
+"""Losses that re-weight examples: focal, GHM-C/GHM-R, QFL/VFL (IoU-quality targets), smooth L1/ASL1/L1/GIoU, class weights, normalisers.
 
 Functions are the core (tensors positional, hyperparameters keyword-only, ``reduction="none"`` by default
 except the GHM losses, whose paper form is a normalised mean); each module holds hyperparameters (or, for
@@ -6,7 +6,14 @@ GHM, the EMA histogram) and calls its function. Every module is a :class:`Detect
 contract the detector adapters read (:mod:`detbalance.losses.contract`).
 """
 
-from detbalance.losses.contract import DetectionLoss, LossKind, ScaledLoss, check_slot, declare_loss
+from detbalance.losses.contract import (
+    AnchorBatch,
+    DetectionLoss,
+    LossKind,
+    ScaledLoss,
+    check_slot,
+    declare_loss,
+)
 from detbalance.losses.focal import (
     SigmoidFocalLoss,
     SoftmaxFocalLoss,
@@ -16,11 +23,20 @@ from detbalance.losses.focal import (
 )
 from detbalance.losses.ghm import GHMCLoss, GHMRLoss, ghm_c_loss, ghm_r_loss, gradient_density
 from detbalance.losses.normalizer import PositiveNormalizer, normalize_by_positives
+from detbalance.losses.quality import (
+    QualityFocalLoss,
+    VarifocalLoss,
+    aligned_box_iou,
+    quality_focal_loss,
+    quality_targets,
+    varifocal_loss,
+)
 from detbalance.losses.regression import ASL1Loss, GIoULoss, L1Loss, SmoothL1Loss, asl1_loss, smooth_l1_loss
 from detbalance.losses.weighting import ClassWeightedLoss, class_frequency_weights, sample_class_weights
 
 __all__ = [
     "ASL1Loss",
+    "AnchorBatch",
     "ClassWeightedLoss",
     "DetectionLoss",
     "GHMCLoss",
@@ -29,10 +45,13 @@ __all__ = [
     "L1Loss",
     "LossKind",
     "PositiveNormalizer",
+    "QualityFocalLoss",
     "ScaledLoss",
     "SigmoidFocalLoss",
     "SmoothL1Loss",
     "SoftmaxFocalLoss",
+    "VarifocalLoss",
+    "aligned_box_iou",
     "asl1_loss",
     "check_slot",
     "class_frequency_weights",
@@ -41,9 +60,12 @@ __all__ = [
     "ghm_r_loss",
     "gradient_density",
     "normalize_by_positives",
+    "quality_focal_loss",
+    "quality_targets",
     "sample_class_weights",
     "sigmoid_focal_gradient",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
     "softmax_focal_loss",
+    "varifocal_loss",
 ]

@@ -16,6 +16,12 @@ Every loss the adapters accept is a :class:`DetectionLoss`. Its class (or instan
 * ``reference_weight``: the loss weight its authors use when the adapter is given none (GHM-R: 10).
 * ``last_density``: the gradient-density histogram of the latest call (GHM), else ``None``, for recorders.
 
+A dense head (RetinaNet) hands a ``"sigmoid"`` loss its per-anchor batch, an :class:`AnchorBatch` (logits,
+labels, anchors, matched boxes, decoded predicted boxes), and asks it for its targets through
+:meth:`DetectionLoss.dense_targets`: the one-hot labels by default (focal, GHM-C, CE), the IoU quality of the
+positives' predicted boxes for QFL and VFL. The adapter keeps no branch per loss; a new loss that needs other
+per-anchor facts overrides ``dense_targets``.
+
 Classification losses accept ``weight=`` (per element or per row) for per-sample class weights. A plain
 function or a foreign module (``nn.BCEWithLogitsLoss``) enters through :func:`declare_loss`, which states its
 contract explicitly; the adapters read nothing else and guess nothing, so a loss in the wrong slot fails with
@@ -25,16 +31,33 @@ a ``ValueError`` naming the slot (:func:`check_slot`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from torch import Tensor, nn
 
 from detbalance.losses._reduction import check_nonnegative
+from detbalance.types import one_hot_targets
 
-__all__ = ["DetectionLoss", "LossKind", "ScaledLoss", "check_slot", "declare_loss"]
+__all__ = ["AnchorBatch", "DetectionLoss", "LossKind", "ScaledLoss", "check_slot", "declare_loss"]
 
 LossKind = Literal["sigmoid", "softmax", "box"]
 KINDS: tuple[str, ...] = ("sigmoid", "softmax", "box")
+
+
+class AnchorBatch(NamedTuple):
+    """What a dense head knows about every anchor of a batch, flattened over images and levels (``N = B A``).
+
+    ``logits: Tensor[N, K]`` the classification scores of the ``K`` object classes; ``labels: Tensor[N]``
+    int64 (``-1`` ignore, ``0`` background, ``1..K``); ``anchors: Tensor[N, 4]``; ``matched_boxes:
+    Tensor[N, 4]`` the assigned ground-truth box (meaningful where ``labels > 0``); ``pred_boxes: Tensor[N, 4]``
+    the decoded predicted boxes, detached. Boxes are ``(x1, y1, x2, y2)`` pixels of the transformed image.
+    """
+
+    logits: Tensor
+    labels: Tensor
+    anchors: Tensor
+    matched_boxes: Tensor
+    pred_boxes: Tensor
 
 
 class DetectionLoss(nn.Module):
@@ -58,6 +81,14 @@ class DetectionLoss(nn.Module):
     reference_weight: float = 1.0
     reduction: str = "none"
     last_density: Tensor | None = None
+
+    def dense_targets(self, batch: AnchorBatch) -> Tensor:
+        """One-vs-all targets ``Tensor[N, K]`` of a sigmoid loss on a dense head: the one-hot labels.
+
+        QFL and VFL override it (the IoU quality of the positives' predicted boxes). Ignored and background
+        anchors get all-zero rows; the adapter masks the ignored ones out.
+        """
+        return one_hot_targets(batch.labels, batch.logits.shape[-1], dtype=batch.logits.dtype, validate_args=False)
 
 
 class _DeclaredLoss(DetectionLoss):
@@ -145,6 +176,9 @@ class ScaledLoss(DetectionLoss):
     @property
     def last_density(self) -> Tensor | None:  # type: ignore[override]
         return self.loss.last_density
+
+    def dense_targets(self, batch: AnchorBatch) -> Tensor:
+        return self.loss.dense_targets(batch)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.loss(*args, **kwargs) * self.scale

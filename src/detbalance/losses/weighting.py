@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from detbalance.losses.contract import DetectionLoss
+from detbalance.losses.contract import AnchorBatch, DetectionLoss
 from detbalance.types import BACKGROUND
 
 __all__ = ["ClassWeightedLoss", "class_frequency_weights", "sample_class_weights"]
@@ -136,8 +136,15 @@ class ClassWeightedLoss(DetectionLoss):
     def last_density(self) -> Tensor | None:  # type: ignore[override]
         return self.loss.last_density
 
+    def dense_targets(self, batch: AnchorBatch) -> Tensor:
+        return self.loss.dense_targets(batch)
+
     def row_weights(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """``Tensor[N]`` per-sample weights for a call (sigmoid: classes read from the one-hot ``targets``)."""
+        """``Tensor[N]`` per-sample weights for a call.
+
+        Sigmoid: a row's class is its largest target column when that is positive (one-hot or soft IoU
+        targets), else background.
+        """
         if self.kind == "softmax":
             return sample_class_weights(targets, self.class_weight, background_weight=self.background_weight)
         k = self.class_weight.numel()
@@ -145,7 +152,7 @@ class ClassWeightedLoss(DetectionLoss):
         if cols not in (k, k + 1):
             raise ValueError(f"class_weight has {k} classes but logits have {cols} columns (expected {k} or {k + 1})")
         best, col = targets.detach().max(-1)
-        labels = torch.where(best > 0.5, col + (1 if cols == k else 0), torch.full_like(col, BACKGROUND))
+        labels = torch.where(best > 0, col + (1 if cols == k else 0), torch.full_like(col, BACKGROUND))
         return sample_class_weights(labels, self.class_weight, background_weight=self.background_weight)
 
     def forward(self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, **kwargs: Any) -> Tensor:
