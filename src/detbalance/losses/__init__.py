@@ -1,4 +1,5 @@
-"""Losses that re-weight examples: focal, GHM-C/GHM-R, QFL/VFL (IoU-quality targets), smooth L1/ASL1/L1/GIoU, class weights, normalisers.
+"""Losses that re-weight examples: focal, GHM-C/GHM-R, QFL/VFL (IoU-quality targets), smooth L1/ASL1/L1/GIoU, class weights, normalisers;
+for long-tailed RoI classifiers Seesaw, EQLv2 and the federated loss.
 
 Functions are the core (tensors positional, hyperparameters keyword-only, ``reduction="none"`` by default
 except the GHM losses, whose paper form is a normalised mean); each module holds hyperparameters (or, for
@@ -13,6 +14,13 @@ from detbalance.losses.contract import (
     ScaledLoss,
     check_slot,
     declare_loss,
+)
+from detbalance.losses.eqlv2 import EQLv2Loss, eqlv2_gradient_statistics, eqlv2_loss, eqlv2_weights
+from detbalance.losses.federated import (
+    FederatedLoss,
+    federated_class_weights,
+    federated_classes,
+    federated_loss,
 )
 from detbalance.losses.focal import (
     SigmoidFocalLoss,
@@ -32,6 +40,7 @@ from detbalance.losses.quality import (
     varifocal_loss,
 )
 from detbalance.losses.regression import ASL1Loss, GIoULoss, L1Loss, SmoothL1Loss, asl1_loss, smooth_l1_loss
+from detbalance.losses.seesaw import SeesawLoss, seesaw_factors, seesaw_loss
 from detbalance.losses.weighting import ClassWeightedLoss, class_frequency_weights, sample_class_weights
 
 __all__ = [
@@ -39,6 +48,8 @@ __all__ = [
     "AnchorBatch",
     "ClassWeightedLoss",
     "DetectionLoss",
+    "EQLv2Loss",
+    "FederatedLoss",
     "GHMCLoss",
     "GHMRLoss",
     "GIoULoss",
@@ -47,6 +58,7 @@ __all__ = [
     "PositiveNormalizer",
     "QualityFocalLoss",
     "ScaledLoss",
+    "SeesawLoss",
     "SigmoidFocalLoss",
     "SmoothL1Loss",
     "SoftmaxFocalLoss",
@@ -56,6 +68,12 @@ __all__ = [
     "check_slot",
     "class_frequency_weights",
     "declare_loss",
+    "eqlv2_gradient_statistics",
+    "eqlv2_loss",
+    "eqlv2_weights",
+    "federated_class_weights",
+    "federated_classes",
+    "federated_loss",
     "ghm_c_loss",
     "ghm_r_loss",
     "gradient_density",
@@ -63,6 +81,8 @@ __all__ = [
     "quality_focal_loss",
     "quality_targets",
     "sample_class_weights",
+    "seesaw_factors",
+    "seesaw_loss",
     "sigmoid_focal_gradient",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
