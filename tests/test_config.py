@@ -114,7 +114,7 @@ def test_missing_keys_take_defaults_and_ints_are_floats() -> None:
         ("[engine]\namp = 1\n", "engine.amp: expected true or false, got 1"),
         ("[model]\narch = 'yolo'\n", "model.arch: must be one of ['retinanet', 'faster_rcnn', 'ssd'], got 'yolo'"),
         ("[remedy.cls_loss]\ngamma = 2.0\n", "remedy.cls_loss.name: is required"),
-        ("[remedy.cls_loss]\nname = 'fcal'\n", "remedy.cls_loss.name: must be one of ['focal', 'ce', 'ghm_c']"),
+        ("[remedy.cls_loss]\nname = 'fcal'\n", "remedy.cls_loss.name: must be one of ['focal', 'ce', 'ghm_c', 'qfl', 'vfl']"),
         ("[remedy.cls_loss]\nname = 'focal'\ngamma = -1.0\n", "remedy.cls_loss.gamma: must be >= 0, got -1.0"),
         ("[optim]\nbetas = [0.9]\n", "optim.betas: expected an array of 2 values"),
         ("[schedule]\nmilestones = [20, 10]\n", "schedule.milestones: must be increasing"),

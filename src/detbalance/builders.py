@@ -29,11 +29,13 @@ from detbalance.config import (
     NormalizerConfig,
     OHEMConfig,
     OptimConfig,
+    QFLConfig,
     RemedyConfig,
     ScheduleConfig,
     SmoothL1Config,
     SSDMiningConfig,
     StratifiedOHEMConfig,
+    VFLConfig,
 )
 from detbalance.data import (
     DetectionDataset,
@@ -167,7 +169,14 @@ def build_cls_loss(remedy: RemedyConfig, arch: str, *, class_weight: Tensor | No
     (sigmoid) or a per-class ``alpha`` (softmax, ``alpha_t = alpha[label]``, the same per-sample weight). The
     loss weight is applied by :func:`_weighted`, the one place that does.
     """
-    from detbalance.losses import ClassWeightedLoss, GHMCLoss, SigmoidFocalLoss, SoftmaxFocalLoss
+    from detbalance.losses import (
+        ClassWeightedLoss,
+        GHMCLoss,
+        QualityFocalLoss,
+        SigmoidFocalLoss,
+        SoftmaxFocalLoss,
+        VarifocalLoss,
+    )
 
     c = remedy.cls_loss
     if arch == "retinanet":
@@ -180,6 +189,10 @@ def build_cls_loss(remedy: RemedyConfig, arch: str, *, class_weight: Tensor | No
                 loss = SigmoidFocalLoss(alpha=alpha, gamma=0.0)
             case GHMCConfig():
                 loss = GHMCLoss(**_loss_options(c))
+            case QFLConfig():
+                loss = QualityFocalLoss(**_loss_options(c))
+            case VFLConfig():
+                loss = VarifocalLoss(**_loss_options(c))
             case _:
                 raise ValueError(f"remedy.cls_loss: unsupported {c!r} for retinanet")
         return loss if class_weight is None else ClassWeightedLoss(loss, class_weight)

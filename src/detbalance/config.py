@@ -63,6 +63,7 @@ __all__ = [
     "NormalizerConfig",
     "OHEMConfig",
     "OptimConfig",
+    "QFLConfig",
     "RPNSamplerConfig",
     "RemedyConfig",
     "RepeatFactorConfig",
@@ -70,6 +71,7 @@ __all__ = [
     "ScheduleConfig",
     "SmoothL1Config",
     "StratifiedOHEMConfig",
+    "VFLConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -228,7 +230,50 @@ class GIoUConfig:
         _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
 
 
-ClsLossConfig = FocalConfig | CEConfig | GHMCConfig
+@dataclass(frozen=True)
+class QFLConfig:
+    """Quality Focal Loss (Li et al., NeurIPS 2020, GFL, eq. 5): ``|y - sigma|^beta * BCE`` with a soft IoU target.
+
+    RetinaNet only. A positive's target is the IoU of its decoded, detached predicted box with its matched
+    ground truth (mmdetection's ``GFLHead``); defaults: ``configs/gfl/gfl_r50_fpn_1x_coco.py`` (beta 2).
+    """
+
+    name: Literal["qfl"] = "qfl"
+    beta: float = 2.0
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.beta >= 0.0, "beta", f"must be >= 0, got {self.beta}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class VFLConfig:
+    """Varifocal Loss (Zhang et al., CVPR 2021, eq. 2): ``q * BCE`` on positives, ``alpha p^gamma * BCE`` on negatives.
+
+    RetinaNet only. ``q`` is the IoU of the decoded, detached predicted box with its matched ground truth,
+    clamped below at ``iou_floor`` (mmdetection's ``VFNetHead``: 1e-6); defaults:
+    ``configs/vfnet/vfnet_r50_fpn_1x_coco.py`` (alpha 0.75, gamma 2, iou_weighted).
+    """
+
+    name: Literal["vfl"] = "vfl"
+    alpha: float = 0.75
+    gamma: float = 2.0
+    iou_weighted: bool = True
+    iou_floor: float | None = 1e-6
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.alpha >= 0.0, "alpha", f"must be >= 0, got {self.alpha}")
+        _require(self.gamma >= 0.0, "gamma", f"must be >= 0, got {self.gamma}")
+        _require(
+            self.iou_floor is None or 0.0 <= self.iou_floor <= 1.0, "iou_floor",
+            f"must be in [0, 1] or none, got {self.iou_floor}",
+        )
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+ClsLossConfig = FocalConfig | CEConfig | GHMCConfig | QFLConfig | VFLConfig
 BoxLossConfig = SmoothL1Config | L1Config | ASL1Config | GHMRConfig | GIoUConfig
 
 
@@ -594,6 +639,12 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "remedy.cls_loss",
             f"GHM-C is a sigmoid (one-vs-all) loss and needs model.arch = 'retinanet', got {arch!r}",
+        )
+    if isinstance(r.cls_loss, QFLConfig | VFLConfig) and arch != "retinanet":
+        raise ConfigError(
+            "remedy.cls_loss",
+            f"{r.cls_loss.name.upper()} is a sigmoid loss on IoU-quality targets of a dense head and needs "
+            f"model.arch = 'retinanet', got {arch!r}",
         )
     if isinstance(r.box_loss, GHMRConfig) and arch != "retinanet":
         raise ConfigError("remedy.box_loss", f"GHM-R is only wired for model.arch = 'retinanet', got {arch!r}")

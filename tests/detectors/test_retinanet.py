@@ -25,9 +25,11 @@ from detbalance.losses import (
     GIoULoss,
     L1Loss,
     PositiveNormalizer,
+    QualityFocalLoss,
     SigmoidFocalLoss,
     SmoothL1Loss,
     SoftmaxFocalLoss,
+    VarifocalLoss,
     declare_loss,
 )
 from tests.detectors.inputs import SIZE, make_batch
@@ -128,6 +130,8 @@ CLS_LOSSES = {
     "alpha_ce": lambda: SigmoidFocalLoss(alpha=0.75, gamma=0.0),
     "focal": lambda: SigmoidFocalLoss(alpha=0.25, gamma=2.0),
     "ghm_c": lambda: GHMCLoss(bins=30, momentum=0.75),
+    "qfl": lambda: QualityFocalLoss(beta=2.0),
+    "vfl": lambda: VarifocalLoss(alpha=0.75, gamma=2.0),
 }
 BOX_LOSSES = {
     "smooth_l1": lambda: SmoothL1Loss(beta=1.0 / 9.0),

@@ -9,8 +9,10 @@ classification and regression branches (same modules, same weights) and replaces
 The loss of a batch, for ``B`` images with ``A`` anchors each (all FPN levels concatenated), reads the
 losses' declared contract (:mod:`detbalance.losses.contract`) and nothing else:
 
-* classification: one-vs-all targets from :func:`detbalance.types.one_hot_targets` over the ``K`` object
-  classes. torchvision's classifier has ``K + 1`` columns whose column 0 is never a class; it is left out of
+* classification: one-vs-all targets over the ``K`` object classes, built by the loss from the batch's
+  :class:`~detbalance.losses.AnchorBatch` (``cls_loss.dense_targets``): the one-hot labels
+  (:func:`detbalance.types.one_hot_targets`) for focal, CE and GHM-C; for QFL and VFL the IoU of each
+  positive's decoded, detached predicted box with its matched ground truth in its class column. torchvision's classifier has ``K + 1`` columns whose column 0 is never a class; it is left out of
   the loss (and of GHM's histogram) unless ``background_column=True`` (torchvision's own loss). Anchors
   between the IoU thresholds (label ``-1``) are left out;
 * regression: positives only, targets encoded with the head's ``box_coder`` exactly as torchvision
@@ -54,8 +56,7 @@ from detbalance.detectors._dense import (
 )
 from detbalance.detectors._targets import check_detection_targets, install_target_check
 from detbalance.detectors.recorder import BalanceRecorder
-from detbalance.losses import DetectionLoss, L1Loss
-from detbalance.types import one_hot_targets
+from detbalance.losses import AnchorBatch, DetectionLoss, L1Loss
 
 __all__ = [
     "AnchorOutputs",
@@ -196,8 +197,21 @@ class BalancedRetinaNetHead(RetinaNetHead):
         valid = labels >= 0
         num_positives = positive.sum(1)
 
-        # Classification: the K class columns (torchvision's column 0 only with background_column).
-        cls_targets = one_hot_targets(labels, c - 1, dtype=cls_logits.dtype, validate_args=False)
+        # Classification: the K class columns (torchvision's column 0 only with background_column). The loss
+        # builds its targets from the per-anchor batch (one-hot labels; QFL/VFL: IoU of the detached decoded box).
+        anchors_flat = torch.stack(list(anchors)).reshape(b * a, 4)
+        with torch.no_grad():
+            pred_boxes = self.regression_head.box_coder.decode_single(
+                bbox_regression.detach().reshape(b * a, 4), anchors_flat
+            )
+        batch = AnchorBatch(
+            logits=cls_logits[..., 1:].reshape(b * a, c - 1),
+            labels=labels.reshape(-1),
+            anchors=anchors_flat,
+            matched_boxes=matched_boxes.reshape(b * a, 4),
+            pred_boxes=pred_boxes,
+        )
+        cls_targets = self.cls_loss.dense_targets(batch).reshape(b, a, c - 1)
         logits = cls_logits if self.background_column else cls_logits[..., 1:]
         if self.background_column:
             cls_targets = torch.cat([torch.zeros_like(cls_targets[..., :1]), cls_targets], dim=-1)
@@ -284,7 +298,8 @@ def balance_retinanet(
     Args:
         model: A torchvision ``RetinaNet`` (e.g. from :func:`~detbalance.detectors.build.build_detector`).
         cls_loss: A ``"sigmoid"`` :class:`~detbalance.losses.DetectionLoss`: ``SigmoidFocalLoss`` (focal:
-            gamma 2, alpha 0.25; alpha-CE: gamma 0, alpha 0.75), ``GHMCLoss``, a ``ClassWeightedLoss``, or
+            gamma 2, alpha 0.25; alpha-CE: gamma 0, alpha 0.75), ``GHMCLoss``, ``QualityFocalLoss`` (GFL),
+            ``VarifocalLoss`` (VarifocalNet), a ``ClassWeightedLoss``, or
             ``declare_loss(fn, kind="sigmoid")`` for your own callable.
         box_loss: A ``"box"`` loss (``L1Loss``, ``SmoothL1Loss``, ``ASL1Loss``, ``GIoULoss``, ``GHMRLoss``);
             ``None`` is torchvision's ``L1Loss()``.
