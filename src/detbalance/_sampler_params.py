@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["FixedRatioParams", "OHEMParams", "StratifiedOHEMParams"]
+__all__ = ["FixedRatioParams", "OHEMParams", "ScoreHLRParams", "StratifiedOHEMParams"]
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -113,3 +113,33 @@ class StratifiedOHEMParams:
         weights = [math.exp(-beta * s) for s in range(self.strata)]
         total = sum(weights)
         return [w / total for w in weights]
+
+
+@dataclass(frozen=True)
+class ScoreHLRParams:
+    """Hyperparameters of :class:`~detbalance.sampling.ScoreHLRSampler` (PISA's ISR-N; mmdetection's ``configs/pisa``).
+
+    Args:
+        num_samples: Budget per image.
+        positive_fraction: Largest foreground share.
+        k: Power of the weight mapping.
+        bias: Shift of the weight mapping, in ``[0, 1]``.
+        score_thr: Negatives at or below this score are not ranked.
+        iou_thr: IoU of the NMS-match grouping.
+    """
+
+    num_samples: int = 512
+    positive_fraction: float = 0.25
+    k: float = 0.5
+    bias: float = 0.0
+    score_thr: float = 0.05
+    iou_thr: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_int("num_samples", self.num_samples, minimum=1)
+        _check_fraction("positive_fraction", self.positive_fraction)
+        if isinstance(self.k, bool) or not isinstance(self.k, int | float) or not 0.0 <= float(self.k) < math.inf:
+            raise ValueError(f"k must be a finite number >= 0, got {self.k!r}")
+        _check_fraction("bias", self.bias)
+        _check_fraction("score_thr", self.score_thr)
+        _check_fraction("iou_thr", self.iou_thr)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from detbalance.config import (
     ASL1Config,
+    ATSSConfig,
     CEConfig,
     ClassWeightsConfig,
     DataConfig,
@@ -32,6 +33,7 @@ from detbalance.config import (
     QFLConfig,
     RemedyConfig,
     ScheduleConfig,
+    ScoreHLRConfig,
     SmoothL1Config,
     SSDMiningConfig,
     StratifiedOHEMConfig,
@@ -272,7 +274,13 @@ def build_roi_sampler(remedy: RemedyConfig) -> Any:
     """The Faster R-CNN RoI sampler of ``remedy``: the configured one (torchvision's 512 @ 0.25 when unset);
     with ``remedy.bootstrap`` a fixed-ratio sampler becomes a
     :class:`~detbalance.sampling.BootstrappedSampler` (mined background first)."""
-    from detbalance.sampling import BootstrappedSampler, FixedRatioSampler, OHEMSampler, StratifiedOHEMSampler
+    from detbalance.sampling import (
+        BootstrappedSampler,
+        FixedRatioSampler,
+        OHEMSampler,
+        ScoreHLRSampler,
+        StratifiedOHEMSampler,
+    )
 
     cfg = remedy.roi_sampler
     match cfg:
@@ -283,6 +291,8 @@ def build_roi_sampler(remedy: RemedyConfig) -> Any:
             return OHEMSampler(**_hyperparameters(cfg))
         case StratifiedOHEMConfig():
             return StratifiedOHEMSampler(**_hyperparameters(cfg))
+        case ScoreHLRConfig():
+            return ScoreHLRSampler(**_hyperparameters(cfg))
     raise TypeError(f"remedy.roi_sampler: no sampler for {type(cfg).__name__}")
 
 
@@ -291,6 +301,25 @@ def build_rpn_sampler(remedy: RemedyConfig) -> Any:
     from detbalance.sampling import FixedRatioSampler
 
     return None if remedy.rpn_sampler is None else FixedRatioSampler(**_hyperparameters(remedy.rpn_sampler))
+
+
+def build_assigner(remedy: RemedyConfig) -> Any:
+    """The dense head's anchor assigner of ``remedy`` (``None``: torchvision's IoU matching)."""
+    from detbalance.sampling import ATSSAssigner
+
+    match remedy.assigner:
+        case None:
+            return None
+        case ATSSConfig():
+            return ATSSAssigner(**_hyperparameters(remedy.assigner))
+    raise TypeError(f"remedy.assigner: no assigner for {type(remedy.assigner).__name__}")
+
+
+def build_pisa(remedy: RemedyConfig) -> Any:
+    """PISA's ISR-P + CARL of ``remedy`` (:class:`~detbalance.losses.PrimeSampleAttention`), or ``None``."""
+    from detbalance.losses.pisa import PrimeSampleAttention
+
+    return None if remedy.pisa is None else PrimeSampleAttention(**_hyperparameters(remedy.pisa))
 
 
 def build_model(
@@ -339,6 +368,8 @@ def build_model(
                 recorder=recorder,
                 cls_loss_weight=1.0,
                 box_loss_weight=1.0,
+                assigner=build_assigner(r),
+                pisa=build_pisa(r),
             )
         case "faster_rcnn":
             roi_sampler = build_roi_sampler(r)
@@ -349,7 +380,7 @@ def build_model(
                 cls_loss, frcnn_class_weight = None, class_weight
             return balance_faster_rcnn(
                 model, roi_sampler=roi_sampler, rpn_sampler=rpn_sampler, box_cls_loss=cls_loss,
-                class_weight=frcnn_class_weight, recorder=recorder,
+                class_weight=frcnn_class_weight, recorder=recorder, pisa=build_pisa(r),
             )
         case "ssd":
             from detbalance.detectors.ssd import balance_ssd

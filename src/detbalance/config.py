@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from detbalance._sampler_params import FixedRatioParams, OHEMParams, StratifiedOHEMParams
+from detbalance._sampler_params import FixedRatioParams, OHEMParams, ScoreHLRParams, StratifiedOHEMParams
 
 __all__ = [
     "ASL1Config",
+    "ATSSConfig",
     "BootstrapConfig",
     "CEConfig",
     "ClassWeightsConfig",
@@ -64,11 +65,13 @@ __all__ = [
     "OHEMConfig",
     "OptimConfig",
     "QFLConfig",
+    "PISAConfig",
     "RPNSamplerConfig",
     "RemedyConfig",
     "RepeatFactorConfig",
     "SSDMiningConfig",
     "ScheduleConfig",
+    "ScoreHLRConfig",
     "SmoothL1Config",
     "StratifiedOHEMConfig",
     "VFLConfig",
@@ -347,7 +350,54 @@ class StratifiedOHEMConfig(StratifiedOHEMParams):
         _as_config_error(super().__post_init__)
 
 
-RoISamplerConfig = FixedRatioConfig | OHEMConfig | StratifiedOHEMConfig
+@dataclass(frozen=True)
+class ScoreHLRConfig(ScoreHLRParams):
+    """PISA's ISR-N: Score-HLR sampling with importance weights on the kept negatives (Cao et al., 2020);
+    see :class:`~detbalance.sampling.ScoreHLRSampler` (defaults: mmdetection's ``configs/pisa``)."""
+
+    name: Literal["score_hlr"] = "score_hlr"
+
+    def __post_init__(self) -> None:
+        _as_config_error(super().__post_init__)
+
+
+RoISamplerConfig = FixedRatioConfig | OHEMConfig | StratifiedOHEMConfig | ScoreHLRConfig
+
+
+@dataclass(frozen=True)
+class ATSSConfig:
+    """ATSS anchor assignment (Zhang et al., CVPR 2020) in place of the dense head's IoU matching;
+    see :class:`~detbalance.sampling.ATSSAssigner` (``topk`` candidates per level, mmdetection: 9)."""
+
+    topk: int = 9
+    name: Literal["atss"] = "atss"
+
+    def __post_init__(self) -> None:
+        _require(self.topk >= 1, "topk", f"must be an int >= 1, got {self.topk}")
+
+
+AssignerConfig = ATSSConfig
+
+
+@dataclass(frozen=True)
+class PISAConfig:
+    """PISA's ISR-P (``isr_k``, ``isr_bias``) and CARL (``carl_k``, ``carl_bias``) on the positives
+    (Cao et al., CVPR 2020; mmdetection's ``isr=dict(k=2, bias=0)``, ``carl=dict(k=1, bias=0.2)``);
+    ``isr_k = "none"`` or ``carl_k = "none"`` switches that part off. See
+    :class:`~detbalance.losses.PrimeSampleAttention`."""
+
+    isr_k: float | None = 2.0
+    isr_bias: float = 0.0
+    carl_k: float | None = 1.0
+    carl_bias: float = 0.2
+
+    def __post_init__(self) -> None:
+        for key in ("isr_k", "carl_k"):
+            v = getattr(self, key)
+            _require(v is None or (math.isfinite(v) and v >= 0), key, f"must be a finite number >= 0 or none, got {v}")
+        for key in ("isr_bias", "carl_bias"):
+            v = getattr(self, key)
+            _require(0.0 <= v <= 1.0, key, f"must be in [0, 1], got {v}")
 
 
 @dataclass(frozen=True)
@@ -488,7 +538,9 @@ class RemedyConfig:
     * ``normalizer``: RetinaNet ``per_batch`` (the focal paper);
     * ``roi_sampler`` / ``rpn_sampler``: Faster R-CNN fixed ratio 512 @ 0.25 / 256 @ 0.5;
     * ``ssd_mining``: SSD 3:1 hard negatives;
-    * ``class_weights``, ``repeat_factor``, ``bootstrap``: off.
+    * ``class_weights``, ``repeat_factor``, ``bootstrap``: off;
+    * ``assigner``: RetinaNet's IoU matching (0.5 / 0.4); ``{name = "atss", topk = 9}`` is ATSS;
+    * ``pisa``: off; ``{}`` is PISA's ISR-P + CARL (RetinaNet, Faster R-CNN).
     """
 
     cls_loss: ClsLossConfig | None = None
@@ -500,6 +552,8 @@ class RemedyConfig:
     class_weights: ClassWeightsConfig | None = None
     repeat_factor: RepeatFactorConfig | None = None
     bootstrap: BootstrapConfig | None = None
+    assigner: AssignerConfig | None = None
+    pisa: PISAConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -618,6 +672,8 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         "normalizer": ("retinanet",),
         "ssd_mining": ("ssd",),
         "box_loss": ("retinanet", "ssd"),
+        "assigner": ("retinanet",),
+        "pisa": ("retinanet", "faster_rcnn"),
     }
     why = {
         "roi_sampler": "RoI sampling (fixed ratio, OHEM, S-OHEM) exists only in the two-stage Faster R-CNN",
@@ -626,6 +682,8 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         "normalizer": "the positive-count normaliser is RetinaNet's (SSD divides by its positives itself)",
         "ssd_mining": "hard negative mining at 3:1 is SSD's sampler",
         "box_loss": "Faster R-CNN keeps torchvision's box losses",
+        "assigner": "the anchor assigner (ATSS) is an option of the dense RetinaNet head",
+        "pisa": "ISR-P and CARL are wired for RetinaNet's and Faster R-CNN's heads",
     }
     for key, archs in only.items():
         value = getattr(r, key)
@@ -650,6 +708,12 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         raise ConfigError("remedy.box_loss", f"GHM-R is only wired for model.arch = 'retinanet', got {arch!r}")
     if isinstance(r.box_loss, GIoUConfig) and arch != "retinanet":
         raise ConfigError("remedy.box_loss", f"GIoU needs decoded boxes; only 'retinanet' provides them, got {arch!r}")
+    if r.pisa is not None and arch == "retinanet" and (isinstance(r.cls_loss, GHMCConfig)
+                                                       or isinstance(r.box_loss, GHMRConfig)):
+        raise ConfigError(
+            "remedy.pisa",
+            "ISR-P and CARL weight each positive's loss; GHM-C / GHM-R normalise themselves and cannot take them",
+        )
     e = cfg.engine
     if cfg.schedule.warmup_iters >= e.iterations:
         raise ConfigError(

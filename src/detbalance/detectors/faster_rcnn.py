@@ -43,14 +43,15 @@ from torchvision.ops import box_iou
 
 from detbalance.detectors._targets import check_detection_targets
 from detbalance.detectors.recorder import BalanceRecorder
+from detbalance.losses.pisa import PrimeSampleAttention, aligned_box_iou, carl_loss, isr_p_weights
 from detbalance.sampling.roi_sampler import (
     RoIBatch,
     RoILosses,
     RoISampler,
     sampler_loss_weights,
     sampler_needs_losses,
+    split_weighted_sample,
 )
-from detbalance.types import SampledIndices
 
 __all__ = [
     "MINED_BOXES_KEY",
@@ -376,6 +377,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
     progress: float
     mined_iou: float | None
     background_weight: float
+    pisa: PrimeSampleAttention | None
 
     @classmethod
     def from_roi_heads(
@@ -389,6 +391,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         mined_iou: float | None = 0.7,
         recorder: BalanceRecorder | None = None,
         seed: int | None = None,
+        pisa: PrimeSampleAttention | None = None,
     ) -> BalancedRoIHeads:
         """A :class:`BalancedRoIHeads` sharing ``heads``' pooler, box head, predictor, matcher and coder.
 
@@ -404,6 +407,8 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
                 selected RoIs and ``"ohem/all"`` of every RoI when the read-only pass runs, class sums
                 ``"faster_rcnn/roi_cls"``).
             seed: Seed of the sampling generator; ``None`` draws one from the global generator.
+            pisa: PISA's ISR-P and CARL on the sampled RoIs (:class:`~detbalance.losses.PrimeSampleAttention`);
+                ``None`` off.
 
         Raises:
             ValueError: On a non-callable sampler, a self-normalising ``box_cls_loss``, bad class weights,
@@ -418,6 +423,8 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
             )
         if heads.has_mask() or heads.has_keypoint():
             raise ValueError("balance_faster_rcnn supports box-only heads; got a mask or keypoint branch")
+        if pisa is not None and not isinstance(pisa, PrimeSampleAttention):
+            raise ValueError(f"pisa must be a PrimeSampleAttention or None, got {pisa!r}")
         columns = int(heads.box_predictor.cls_score.out_features)
         if class_weight is not None and (
             not isinstance(class_weight, Tensor) or class_weight.shape != (columns - 1,)
@@ -453,6 +460,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         new.background_weight = float(background_weight)
         new.mined_iou = None if mined_iou is None else float(mined_iou)
         new.recorder = recorder
+        new.pisa = pisa
         new.progress = 0.0
         new._init_generator(seed)
         new.train(heads.training)
@@ -539,17 +547,62 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         regression_targets = torch.where(
             (labels_flat > 0)[:, None], regression_targets, torch.zeros_like(regression_targets)
         )
-        batch = RoIBatch(labels_flat, boxes, batch_idx, max_iou, is_mined, self.progress, len(rois))
+        gt_offsets = torch.tensor([0] + [g.shape[0] for g in gt_boxes[:-1]], device=device).cumsum(0)
+        gt_index = torch.cat([i + o for i, o in zip(matched_idxs, gt_offsets)])
+        gt_index = torch.where(labels_flat > 0, gt_index, torch.full_like(gt_index, -1))
+        batch = RoIBatch(labels_flat, boxes, batch_idx, max_iou, is_mined, self.progress, len(rois), gt_index)
         return batch, regression_targets
 
     def _losses(self, box_features: Tensor, labels: Tensor, regression_targets: Tensor) -> tuple[Tensor, Tensor]:
         """Per-RoI ``(cls, loc)`` of pooled features, the classification term class-weighted if set."""
+        cls, loc, _, _ = self._outputs_and_losses(box_features, labels, regression_targets)
+        return cls, loc
+
+    def _outputs_and_losses(
+        self, box_features: Tensor, labels: Tensor, regression_targets: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(cls, loc, class_logits, box_regression)`` of pooled features."""
         class_logits, box_regression = self.box_predictor(self.box_head(box_features))
         cls, loc = roi_losses(class_logits, box_regression, labels, regression_targets,
                               box_cls_loss=self.box_cls_loss)
         if self.class_weight is not None:
             cls = cls * _class_weights(labels, self.class_weight, self.background_weight).to(cls.dtype)
-        return cls, loc
+        return cls, loc, class_logits, box_regression
+
+    def _scores_and_boxes(self, class_logits: Tensor, box_regression: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """Each RoI's largest foreground probability and its decoded box for that class (read-only pass)."""
+        n = class_logits.shape[0]
+        scores, arg = class_logits.float().softmax(-1)[:, 1:].max(-1)
+        deltas = box_regression.reshape(n, -1, 4)[torch.arange(n, device=boxes.device), arg + 1]
+        return scores, self.box_coder.decode_single(deltas.to(boxes.dtype), boxes)
+
+    def _pisa_terms(
+        self, rois: RoIBatch, selected: Tensor, cls: Tensor, loc: Tensor, class_logits: Tensor,
+        box_regression: Tensor, regression_targets: Tensor, num: int,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """ISR-P weights of the sampled RoIs' classification terms and the CARL loss (``None`` where off)."""
+        pisa = self.pisa
+        if pisa is None:
+            return None, None
+        labels = rois.labels[selected]
+        pos = torch.nonzero(labels > 0).flatten()
+        boxes = rois.boxes[selected][pos]
+        pos_labels = labels[pos]
+        weight = None
+        if pisa.isr_k is not None:
+            with torch.no_grad():
+                deltas = box_regression.detach().reshape(labels.shape[0], -1, 4)[pos, pos_labels]
+                pred = self.box_coder.decode_single(deltas.to(boxes.dtype), boxes)
+                target = self.box_coder.decode_single(regression_targets[selected][pos].to(boxes.dtype), boxes)
+                ious = aligned_box_iou(pred, target)
+                gt_index = rois.gt_index[selected][pos] if rois.gt_index is not None else pos_labels
+                w = isr_p_weights(ious, pos_labels, gt_index, cls[pos].detach(), k=pisa.isr_k, bias=pisa.isr_bias)
+                weight = torch.ones_like(cls).index_copy(0, pos, w.to(cls.dtype))
+        carl = None
+        if pisa.carl_k is not None:
+            p = class_logits.float().softmax(-1)[pos, pos_labels]
+            carl = carl_loss(p, loc[pos].float(), k=pisa.carl_k, bias=pisa.carl_bias, avg_factor=float(num))
+        return weight, carl
 
     def forward(  # type: ignore[override]  # torchvision's signature
         self,
@@ -569,20 +622,33 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         if sampler_needs_losses(self.sampler):
             with torch.no_grad():  # OHEM's read-only RoI network
                 pooled = self.box_roi_pool(features, list(boxes.split(rois.counts())), image_shapes)
-                cls_all, loc_all = self._losses(pooled, labels, regression_targets)
-            all_losses = RoILosses(cls_all.float(), loc_all.float())
+                cls_all, loc_all, logits_all, deltas_all = self._outputs_and_losses(pooled, labels, regression_targets)
+                scores_all, pred_boxes_all = self._scores_and_boxes(logits_all, deltas_all, boxes)
+            all_losses = RoILosses(cls_all.float(), loc_all.float(), scores_all, pred_boxes_all)
             if self.recorder is not None:
                 self.recorder.record_losses("ohem/all", (all_losses.cls + all_losses.loc)[labels >= 0])
-        sampled: SampledIndices = self.sampler(rois, losses=all_losses, generator=self.generator(labels.device))
+        sampled, negative_weight = split_weighted_sample(
+            self.sampler(rois, losses=all_losses, generator=self.generator(labels.device))
+        )
 
         selected = sampled.all()
         per_image = torch.bincount(rois.batch_idx[selected], minlength=rois.num_images).tolist()
         pooled = self.box_roi_pool(features, list(boxes[selected].split(per_image)), image_shapes)
         sel_labels = labels[selected]
-        cls, loc = self._losses(pooled, sel_labels, regression_targets[selected])
+        cls, loc, class_logits, box_regression = self._outputs_and_losses(
+            pooled, sel_labels, regression_targets[selected])
         w_cls, w_loc = sampler_loss_weights(self.sampler, self.progress)
         num = max(1, selected.numel())
+        if negative_weight is not None:  # ISR-N: the sampler weights the negatives it keeps
+            neg_pos = torch.searchsorted(selected, sampled.negative)
+            cls = cls * torch.ones_like(cls).index_copy(0, neg_pos, negative_weight.to(cls.dtype))
+        isr_weight, carl = self._pisa_terms(rois, selected, cls, loc, class_logits, box_regression,
+                                            regression_targets, num)
+        if isr_weight is not None:
+            cls = cls * isr_weight
         losses = {"loss_classifier": cls.sum() * (w_cls / num), "loss_box_reg": loc.sum() * (w_loc / num)}
+        if carl is not None:
+            losses["loss_carl"] = carl
         if self.recorder is not None:
             self.recorder.record_counts("faster_rcnn/roi", sampled.positive.numel(), sampled.negative.numel())
             self.recorder.record_losses("faster_rcnn/roi", cls + loc)
@@ -600,6 +666,7 @@ def balance_faster_rcnn(
     background_weight: float = 1.0,
     mined_iou: float | None = 0.7,
     recorder: BalanceRecorder | None = None,
+    pisa: PrimeSampleAttention | None = None,
 ) -> FasterRCNN:
     """Adapt a torchvision Faster R-CNN in place to a sampling / loss remedy and return it.
 
@@ -620,6 +687,8 @@ def balance_faster_rcnn(
         background_weight: See ``class_weight``.
         mined_iou: See :meth:`BalancedRoIHeads.from_roi_heads`.
         recorder: Optional :class:`~detbalance.detectors.recorder.BalanceRecorder`.
+        pisa: PISA's ISR-P and CARL (:class:`~detbalance.losses.PrimeSampleAttention`); with
+            ``roi_sampler=ScoreHLRSampler()`` (ISR-N) it is mmdetection's ``faster-rcnn_r50_fpn_pisa`` recipe.
 
     Returns:
         ``model`` itself, adapted. Bootstrapped boxes arrive per image as ``target["mined_boxes"]``
@@ -634,7 +703,7 @@ def balance_faster_rcnn(
         raise ValueError(f"model.rpn must be a RegionProposalNetwork, got {type(model.rpn).__name__}")
     model.roi_heads = BalancedRoIHeads.from_roi_heads(
         model.roi_heads, sampler=roi_sampler, box_cls_loss=box_cls_loss, class_weight=class_weight,
-        background_weight=background_weight, mined_iou=mined_iou, recorder=recorder,
+        background_weight=background_weight, mined_iou=mined_iou, recorder=recorder, pisa=pisa,
     )
     if rpn_sampler is not None:
         model.rpn = BalancedRPN.from_rpn(model.rpn, sampler=rpn_sampler, recorder=recorder)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -57,6 +58,11 @@ from detbalance.detectors._dense import (
 from detbalance.detectors._targets import check_detection_targets, install_target_check
 from detbalance.detectors.recorder import BalanceRecorder
 from detbalance.losses import AnchorBatch, DetectionLoss, L1Loss
+from detbalance.losses.pisa import PrimeSampleAttention, aligned_box_iou, carl_loss, isr_p_weights
+
+#: An anchor assigner: ``(anchors[A, 4], gt_boxes[G, 4], anchors_per_level) -> matched index Tensor[A]`` in
+#: torchvision's ``Matcher`` convention (``>= 0`` object, ``-1`` background, ``-2`` ignored).
+Assigner = Callable[[Tensor, Tensor, Sequence[int]], Tensor]
 
 __all__ = [
     "AnchorOutputs",
@@ -85,6 +91,10 @@ class BalancedRetinaNetHead(RetinaNetHead):
         cls_loss_weight: Factor on the classification loss.
         box_loss_weight: Factor on the box loss.
         background_column: Put torchvision's column 0 into the classification loss (torchvision does).
+        assigner: Optional anchor assigner (e.g. :class:`~detbalance.sampling.ATSSAssigner`) replacing
+            torchvision's IoU matching; ``None`` keeps it.
+        pisa: PISA's ISR-P (weights on the positives' classification loss) and CARL (an extra
+            ``"carl"`` term); needs per-element (not self-normalising) losses. ``None`` off.
     """
 
     def __init__(
@@ -99,8 +109,14 @@ class BalancedRetinaNetHead(RetinaNetHead):
         cls_loss_weight: float = 1.0,
         box_loss_weight: float = 1.0,
         background_column: bool = False,
+        assigner: Assigner | None = None,
+        pisa: PrimeSampleAttention | None = None,
     ) -> None:
         nn.Module.__init__(self)
+        if assigner is not None and not callable(assigner):
+            raise ValueError(f"assigner must be a callable (anchors, gt_boxes, anchors_per_level) or None, got {assigner!r}")
+        if pisa is not None and not isinstance(pisa, PrimeSampleAttention):
+            raise ValueError(f"pisa must be a PrimeSampleAttention or None, got {pisa!r}")
         self.cls_loss = loss_for_slot(cls_loss, slot="cls_loss", kind="sigmoid")
         self.box_loss = loss_for_slot(box_loss, slot="box_loss", kind="box")
         check_normalizer(normalizer)
@@ -115,6 +131,13 @@ class BalancedRetinaNetHead(RetinaNetHead):
         self.recorder = recorder
         self.background_column = bool(background_column)
         self.anchors_per_level: list[int] = []
+        self.assigner = assigner
+        self.pisa = pisa
+        if pisa is not None and (self.cls_loss.self_normalizing or self.box_loss.self_normalizing):
+            raise ValueError(
+                "pisa needs per-element cls_loss and box_loss (ISR-P weights each positive's classification "
+                "loss, CARL each positive's box loss); a self-normalising loss (GHM) cannot take them"
+            )
 
     @classmethod
     def from_head(
@@ -129,6 +152,8 @@ class BalancedRetinaNetHead(RetinaNetHead):
         box_loss_weight: float = 1.0,
         prior_prob: float | None = 0.01,
         background_column: bool = False,
+        assigner: Assigner | None = None,
+        pisa: PrimeSampleAttention | None = None,
     ) -> BalancedRetinaNetHead:
         """Wrap the branches of an existing head (shared, not copied); see :func:`balance_retinanet`."""
         if not isinstance(head, RetinaNetHead):
@@ -145,6 +170,8 @@ class BalancedRetinaNetHead(RetinaNetHead):
             cls_loss_weight=cls_loss_weight,
             box_loss_weight=box_loss_weight,
             background_column=background_column,
+            assigner=assigner,
+            pisa=pisa,
         )
         if prior_prob is not None:
             with torch.no_grad():
@@ -192,6 +219,10 @@ class BalancedRetinaNetHead(RetinaNetHead):
         bbox_regression = head_outputs["bbox_regression"]
         b, a, c = cls_logits.shape
         device = cls_logits.device
+        if self.assigner is not None:
+            level_slices(self.anchors_per_level, a)
+            matched_idxs = [self.assigner(anchors_i, t["boxes"].to(anchors_i), self.anchors_per_level)
+                            for anchors_i, t in zip(anchors, targets)]
         labels, matched_boxes = match_targets(targets, matched_idxs, device)
         positive = labels > 0
         valid = labels >= 0
@@ -228,6 +259,10 @@ class BalancedRetinaNetHead(RetinaNetHead):
                     f"{tuple(flat.shape)} (reduction='none')"
                 )
             per_anchor_cls = torch.where(valid.reshape(-1), elementwise.sum(-1), 0.0).reshape(b, a)
+            if self.pisa is not None and self.pisa.isr_k is not None:
+                per_anchor_cls = per_anchor_cls * self._isr_p(
+                    targets, matched_idxs, per_anchor_cls, labels, matched_boxes, bbox_regression, anchors,
+                    k=self.pisa.isr_k, bias=self.pisa.isr_bias)
             cls_value = normalize(self.normalizer, per_anchor_cls.sum(1), num_positives)
 
         # Regression: positives only, torchvision's box coding.
@@ -244,10 +279,37 @@ class BalancedRetinaNetHead(RetinaNetHead):
 
         if self.recorder is not None:
             self._record(labels, per_anchor_cls, per_anchor_box)
-        return {
+        out = {
             "classification": self.cls_loss_weight * cls_value,
             "bbox_regression": self.box_loss_weight * box_value,
         }
+        if self.pisa is not None and self.pisa.carl_k is not None and per_anchor_box is not None:
+            flat_pos = positive.reshape(-1)
+            p = cls_logits.reshape(b * a, c).float().sigmoid()[flat_pos, labels.reshape(-1)[flat_pos]]
+            out["carl"] = carl_loss(p, per_anchor_box.reshape(-1)[flat_pos].float(), k=self.pisa.carl_k,
+                                    bias=self.pisa.carl_bias, avg_factor=num_positives.sum().clamp(min=1))
+        return out
+
+    def _isr_p(
+        self, targets: list[dict[str, Tensor]], matched_idxs: list[Tensor], per_anchor_cls: Tensor, labels: Tensor,
+        matched_boxes: Tensor, bbox_regression: Tensor, anchors: list[Tensor], *, k: float, bias: float,
+    ) -> Tensor:
+        """ISR-P weights ``Tensor[B, A]`` (1 off the positives), as mmdetection's ``PISARetinaHead``."""
+        with torch.no_grad():
+            b, a = labels.shape
+            counts = torch.tensor([int(t["boxes"].shape[0]) for t in targets], device=labels.device)
+            offsets = torch.cumsum(counts, 0) - counts
+            gt_index = (torch.stack(list(matched_idxs)).to(labels.device) + offsets[:, None]).reshape(-1)
+            flat_pos = (labels > 0).reshape(-1)
+            pos = torch.nonzero(flat_pos).flatten()
+            anchors_flat = torch.stack(list(anchors)).reshape(b * a, 4)[pos]
+            pred = self.regression_head.box_coder.decode_single(
+                bbox_regression.detach().reshape(b * a, 4)[pos].to(anchors_flat.dtype), anchors_flat)
+            ious = aligned_box_iou(pred, matched_boxes.reshape(b * a, 4)[pos].to(pred.dtype))
+            w = isr_p_weights(ious, labels.reshape(-1)[pos], gt_index[pos], per_anchor_cls.reshape(-1)[pos],
+                              k=k, bias=bias)
+            return torch.ones(b * a, dtype=per_anchor_cls.dtype, device=labels.device).index_copy(
+                0, pos, w.to(per_anchor_cls.dtype)).reshape(b, a)
 
     def _record(self, labels: Tensor, per_anchor_cls: Tensor | None, per_anchor_box: Tensor | None) -> None:
         rec = self.recorder
@@ -285,6 +347,8 @@ def balance_retinanet(
     box_loss_weight: float | None = None,
     prior_prob: float | None = 0.01,
     background_column: bool = False,
+    assigner: Assigner | None = None,
+    pisa: PrimeSampleAttention | None = None,
 ) -> RetinaNet:
     """Put imbalance-aware losses into a torchvision ``RetinaNet`` (in place; returns ``model``).
 
@@ -315,6 +379,12 @@ def balance_retinanet(
             ``None`` keeps the current bias.
         background_column: Include torchvision's column 0 (never a class) in the classification loss, as
             torchvision does; by default it is left out, as in detectron2 and mmdetection.
+        assigner: Which anchors are positive: ``None`` is torchvision's IoU matching (0.5 / 0.4);
+            ``ATSSAssigner()`` is ATSS (Zhang et al., CVPR 2020; mmdetection's ``atss`` config, topk 9).
+            Any callable ``(anchors[A, 4], gt_boxes[G, 4], anchors_per_level) -> Tensor[A]`` returning the
+            matched index in torchvision's ``Matcher`` convention works.
+        pisa: :class:`~detbalance.losses.PrimeSampleAttention` (ISR-P + CARL, mmdetection's
+            ``retinanet-r50_fpn_pisa`` recipe), or ``None``.
 
     Raises:
         ValueError: for a model that is not a RetinaNet, a loss whose declared kind does not fit its slot
@@ -335,6 +405,8 @@ def balance_retinanet(
         box_loss_weight=box_loss_weight,
         prior_prob=prior_prob,
         background_column=background_column,
+        assigner=assigner,
+        pisa=pisa,
     )
     install_target_check(model, model.head.num_classes)
     return model
@@ -380,7 +452,12 @@ def anchor_outputs(model: RetinaNet, images: list[Tensor], targets: list[dict[st
     num_anchors_per_level = [int(f.shape[-2] * f.shape[-1]) * model.anchor_generator.num_anchors_per_location()[0]
                              for f in features]
     matched = []
+    assigner = getattr(model.head, "assigner", None)
     for anchors_per_image, targets_per_image in zip(anchors, targets_t):
+        if assigner is not None:
+            matched.append(assigner(anchors_per_image, targets_per_image["boxes"].to(anchors_per_image),
+                                    num_anchors_per_level))
+            continue
         if targets_per_image["boxes"].numel() == 0:
             matched.append(torch.full((anchors_per_image.shape[0],), -1, dtype=torch.int64, device=anchors_per_image.device))
             continue

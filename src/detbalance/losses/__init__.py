@@ -31,6 +31,7 @@ from detbalance.losses.focal import (
 )
 from detbalance.losses.ghm import GHMCLoss, GHMRLoss, ghm_c_loss, ghm_r_loss, gradient_density
 from detbalance.losses.normalizer import PositiveNormalizer, normalize_by_positives
+from detbalance.losses.pisa import PrimeSampleAttention, carl_loss, iou_hlr_rank, isr_p_weights
 from detbalance.losses.quality import (
     QualityFocalLoss,
     VarifocalLoss,
@@ -57,6 +58,7 @@ __all__ = [
     "LossKind",
     "PositiveNormalizer",
     "QualityFocalLoss",
+    "PrimeSampleAttention",
     "ScaledLoss",
     "SeesawLoss",
     "SigmoidFocalLoss",
@@ -65,6 +67,7 @@ __all__ = [
     "VarifocalLoss",
     "aligned_box_iou",
     "asl1_loss",
+    "carl_loss",
     "check_slot",
     "class_frequency_weights",
     "declare_loss",
@@ -77,6 +80,8 @@ __all__ = [
     "ghm_c_loss",
     "ghm_r_loss",
     "gradient_density",
+    "iou_hlr_rank",
+    "isr_p_weights",
     "normalize_by_positives",
     "quality_focal_loss",
     "quality_targets",

@@ -7,6 +7,7 @@ or a mask; losses are passed in, models are never called.
 """
 
 from detbalance.sampling.assign import Assignment, assign_by_iou
+from detbalance.sampling.atss import ATSSAssigner, ATSSAssignment, assign_atss
 from detbalance.sampling.bootstrap import (
     BootstrapHook,
     HardNegativeSet,
@@ -24,10 +25,14 @@ from detbalance.sampling.roi_sampler import (
     RoIBatch,
     RoILosses,
     RoISampler,
+    ScoreHLRSampler,
     StratifiedOHEMSampler,
+    WeightedSample,
     sampler_loss_weights,
     sampler_needs_losses,
+    split_weighted_sample,
 )
+from detbalance.sampling.score_hlr import sample_score_hlr
 from detbalance.sampling.stratified_ohem import (
     default_loss_weights,
     default_stratum_distribution,
@@ -36,6 +41,8 @@ from detbalance.sampling.stratified_ohem import (
 )
 
 __all__ = [
+    "ATSSAssigner",
+    "ATSSAssignment",
     "Assignment",
     "BootstrapHook",
     "BootstrappedSampler",
@@ -46,7 +53,10 @@ __all__ = [
     "RoIBatch",
     "RoILosses",
     "RoISampler",
+    "ScoreHLRSampler",
     "StratifiedOHEMSampler",
+    "WeightedSample",
+    "assign_atss",
     "assign_by_iou",
     "build_bootstrap_hook",
     "default_loss_weights",
@@ -58,7 +68,9 @@ __all__ = [
     "sampler_needs_losses",
     "sample_fixed_ratio",
     "sample_fixed_ratio_batched",
+    "sample_score_hlr",
     "select_hard_examples",
     "select_hard_examples_stratified",
+    "split_weighted_sample",
     "stratum_quotas",
 ]

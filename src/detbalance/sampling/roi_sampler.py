@@ -22,7 +22,9 @@ sampling:
 * :class:`FixedRatioSampler`: Fast/Faster R-CNN's random sampling at a fixed foreground fraction;
 * :class:`BootstrappedSampler`: fixed ratio, mined background RoIs first (offline bootstrapping);
 * :class:`OHEMSampler`: online hard example mining (Shrivastava et al., 2016);
-* :class:`StratifiedOHEMSampler`: S-OHEM (Li et al., 2017), whose schedule also weights the loss.
+* :class:`StratifiedOHEMSampler`: S-OHEM (Li et al., 2017), whose schedule also weights the loss;
+* :class:`ScoreHLRSampler`: PISA's ISR-N (Cao et al., 2020), which also weights each kept negative's
+  classification term: it returns a :class:`WeightedSample` instead of bare indices.
 
 A plain function with the signature above is a sampler too (it needs no losses and weights both terms 1);
 see the README for Libra R-CNN's IoU-balanced sampling written that way.
@@ -36,9 +38,10 @@ from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from detbalance._sampler_params import FixedRatioParams, OHEMParams, StratifiedOHEMParams
+from detbalance._sampler_params import FixedRatioParams, OHEMParams, ScoreHLRParams, StratifiedOHEMParams
 from detbalance.sampling.fixed_ratio import sample_fixed_ratio_batched
 from detbalance.sampling.ohem import select_hard_examples
+from detbalance.sampling.score_hlr import sample_score_hlr
 from detbalance.sampling.stratified_ohem import select_hard_examples_stratified
 from detbalance.types import SampledIndices
 
@@ -49,7 +52,10 @@ __all__ = [
     "RoIBatch",
     "RoILosses",
     "RoISampler",
+    "ScoreHLRSampler",
     "StratifiedOHEMSampler",
+    "WeightedSample",
+    "split_weighted_sample",
     "sampler_loss_weights",
     "sampler_needs_losses",
 ]
@@ -67,6 +73,8 @@ class RoIBatch(NamedTuple):
         mined: ``Tensor[R] (bool)``: the RoI is (or overlaps) a bootstrapped false positive.
         progress: fraction of training done, in ``[0, 1]``.
         num_images: number of images ``B`` of the batch (images may have no RoI).
+        gt_index: ``Tensor[R] (int64)`` or ``None``: for a foreground RoI the index of its matched
+            ground-truth box among all images' boxes concatenated (unique over the batch), ``-1`` otherwise.
     """
 
     labels: Tensor
@@ -76,6 +84,7 @@ class RoIBatch(NamedTuple):
     mined: Tensor
     progress: float
     num_images: int
+    gt_index: Tensor | None = None
 
     def counts(self) -> list[int]:
         """RoIs per image (one host sync)."""
@@ -85,11 +94,35 @@ class RoIBatch(NamedTuple):
 class RoILosses(NamedTuple):
     """Per-RoI losses of the read-only pass: ``cls`` and ``loc``, each ``Tensor[R]``, detached.
 
-    ``loc`` is 0 for background and ignored RoIs, ``cls`` is 0 for ignored RoIs.
+    ``loc`` is 0 for background and ignored RoIs, ``cls`` is 0 for ignored RoIs. The read-only pass also
+    fills ``scores`` (``Tensor[R]``, each RoI's largest foreground softmax probability) and ``pred_boxes``
+    (``Tensor[R, 4]``, its predicted box for that class), which a score-based sampler reads.
     """
 
     cls: Tensor
     loc: Tensor
+    scores: Tensor | None = None
+    pred_boxes: Tensor | None = None
+
+
+class WeightedSample(NamedTuple):
+    """What a sampler returns when it also weights the classification term of what it keeps.
+
+    Attributes:
+        indices: The kept RoIs.
+        negative_weight: ``Tensor[N_neg]`` weights of ``indices.negative`` (same order), detached; the
+            positives keep weight 1.
+    """
+
+    indices: SampledIndices
+    negative_weight: Tensor
+
+
+def split_weighted_sample(result: SampledIndices | WeightedSample) -> tuple[SampledIndices, Tensor | None]:
+    """``(indices, negative_weight or None)`` of a sampler's result, either kind."""
+    if isinstance(result, WeightedSample):
+        return result.indices, result.negative_weight
+    return result, None
 
 
 @runtime_checkable
@@ -275,3 +308,42 @@ class StratifiedOHEMSampler(StratifiedOHEMParams):
             progress=rois.progress, strata=self.strata, loss_weights=self.loss_weights(rois.progress),
             quotas=self.distribution(rois.progress), nms_iou=self.nms_iou,
         )
+
+
+@dataclass(frozen=True)
+class ScoreHLRSampler(ScoreHLRParams):
+    r"""PISA's ISR-N: Score-HLR sampling of negatives, with importance weights (Cao, Chen, Loy and Lin, CVPR 2020).
+
+    Positives at random up to ``int(num_samples * positive_fraction)``; the negatives whose largest
+    foreground score exceeds ``score_thr`` are grouped by NMS-match (IoU ``iou_thr``) of their predicted
+    boxes and ranked by score hierarchical local rank; the best ranked fill the budget (random low-score
+    negatives make up a shortfall) and get weight :math:`(\beta + (1 - \beta) u)^k`, :math:`u` linear in
+    the rank, normalised to keep the image's negative loss. See :func:`~detbalance.sampling.sample_score_hlr`.
+    Defaults are mmdetection 3.3's ``configs/pisa`` (512 at 0.25, ``k=0.5``, ``bias=0``, ``score_thr=0.05``,
+    ``iou_thr=0.5``). It reads the scores, predicted boxes and background losses of the detector's
+    read-only pass (``needs_losses``, as OHEM), and returns a :class:`WeightedSample`.
+
+    Args:
+        num_samples: Budget per image.
+        positive_fraction: Largest foreground share.
+        k: Power of the weight mapping.
+        bias: Shift of the weight mapping, in ``[0, 1]``.
+        score_thr: Negatives at or below this score are not ranked.
+        iou_thr: IoU of the NMS-match grouping.
+    """
+
+    needs_losses: ClassVar[bool] = True
+
+    def __call__(
+        self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
+    ) -> WeightedSample:
+        """Score-HLR selection; ``losses`` must carry ``scores`` and ``pred_boxes`` of the read-only pass."""
+        losses = _require_losses(losses, rois, "ScoreHLRSampler")
+        if losses.scores is None or losses.pred_boxes is None:
+            raise ValueError("ScoreHLRSampler needs losses.scores and pred_boxes (the RoI head's read-only pass)")
+        indices, weight = sample_score_hlr(
+            rois.labels, rois.batch_idx, losses.pred_boxes, losses.scores, losses.cls, num_images=rois.num_images,
+            num_samples=self.num_samples, positive_fraction=self.positive_fraction, k=self.k, bias=self.bias,
+            score_thr=self.score_thr, iou_thr=self.iou_thr, generator=generator,
+        )
+        return WeightedSample(indices, weight)
