@@ -15,7 +15,7 @@ import torch
 from detbalance.builders import build_model
 from detbalance.compare import MIN_CURVE_POINTS, SUITES, run_compare, select_suites, suite_configs
 from detbalance.compare.runs import run_dir, run_key, run_one
-from detbalance.config import dump_toml
+from detbalance.config import dump_toml, load_toml
 from detbalance.engine import seed_everything
 
 
@@ -63,6 +63,26 @@ def test_every_learning_curve_has_at_least_8_evaluations(iters):
     (_, cfg), *_ = suite_configs("losses", iters=iters, seed=0)
     assert iters // cfg.engine.eval_interval >= MIN_CURVE_POINTS
     assert cfg.engine.checkpoint_interval == cfg.engine.eval_interval  # resumable near where it stopped
+
+
+def test_keys_added_later_count_only_when_they_leave_their_default(tmp_path):
+    from dataclasses import replace
+
+    from detbalance.compare.runs import KEYS_ADDED_LATER
+
+    (_, a), *_ = suite_configs("losses", iters=100, seed=0)
+    text = dump_toml(a, leave_out=KEYS_ADDED_LATER)
+    assert "aspect_ratio_group_factor" not in text and "train_images" not in text  # as earlier versions wrote it
+    assert load_toml(text) == a
+    grouped_off = replace(a, data=replace(a.data, aspect_ratio_group_factor=None))
+    other_factor = replace(a, data=replace(a.data, aspect_ratio_group_factor=1))
+    assert len({run_key(a), run_key(grouped_off), run_key(other_factor)}) == 3
+    # a finished run whose saved config predates the keys is this config's run
+    folder = run_dir(tmp_path, "losses", "ce", a)
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"config": text, "metrics": {"AP": 0.5}}))
+    result, reused = run_one(folder, a, on_step=lambda m: None, rare=[])
+    assert reused and result["metrics"]["AP"] == 0.5
 
 
 def test_run_folders_are_keyed_by_the_settings(tmp_path):

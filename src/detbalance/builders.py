@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WarmupSchedule",
+    "build_aspect_ratio_groups",
     "build_box_loss",
     "build_class_weights",
     "build_cls_loss",
@@ -85,7 +86,7 @@ def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDa
         ValueError: ``data.val`` labels its categories differently from ``data.train`` (names the first).
     """
     d: DataConfig = cfg.data
-    plain = open_dataset(d.train, split="train", seed=seed)
+    plain = open_dataset(d.train, split="train", seed=seed, images=d.train_images)
     size = resolve_image_size(cfg, plain)
     if not d.augment:
         train_tf = None
@@ -93,11 +94,16 @@ def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDa
         train_tf = train_ssd(size=size)
     else:
         train_tf = train_basic(flip=0.5)
-    train = open_dataset(d.train, split="train", transforms=train_tf, seed=seed) if train_tf is not None else plain
+    train = (
+        open_dataset(d.train, split="train", transforms=train_tf, seed=seed, images=d.train_images)
+        if train_tf is not None
+        else plain
+    )
     val_spec = d.val if d.val is not None else held_out_spec(d.train)
     if val_spec is None:
         return train, None
-    val = open_dataset(val_spec, split="test", transforms=eval_transform(), seed=seed)
+    val_images = d.val_images if d.val is not None else (d.val_images or d.train_images)
+    val = open_dataset(val_spec, split="test", transforms=eval_transform(), seed=seed, images=val_images)
     check_categories(
         train.label_names, train.category_ids(), val.label_names, val.category_ids(),
         expected=f"data.train {d.train!r}", got=f"data.val {val_spec!r}",
@@ -107,7 +113,20 @@ def build_datasets(cfg: ExperimentConfig, *, seed: int = 0) -> tuple[DetectionDa
 
 def build_train_eval_set(cfg: ExperimentConfig, *, seed: int = 0) -> DetectionDataset:
     """The training images without augmentation (``eval_transform``): for ``engine.eval_train`` and hooks."""
-    return open_dataset(cfg.data.train, split="train", transforms=eval_transform(), seed=seed)
+    return open_dataset(
+        cfg.data.train, split="train", transforms=eval_transform(), seed=seed, images=cfg.data.train_images
+    )
+
+
+def build_aspect_ratio_groups(cfg: ExperimentConfig, dataset: DetectionDataset) -> Tensor | None:
+    """``Tensor[N]`` aspect-ratio group of each training image for ``data.aspect_ratio_group_factor``
+    (:func:`detbalance.data.aspect_ratio_groups`, no image decoded), or ``None`` when grouping is off."""
+    factor = cfg.data.aspect_ratio_group_factor
+    if factor is None:
+        return None
+    from detbalance.data import aspect_ratio_groups
+
+    return aspect_ratio_groups(dataset, factor=factor)
 
 
 def build_hooks(cfg: ExperimentConfig) -> list[TrainingHook]:

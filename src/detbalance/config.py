@@ -497,6 +497,13 @@ class DataConfig:
     benchmark's generation seed. ``num_workers > 0`` loads and augments in worker processes; each sample's
     augmentation is drawn from its own seed ``(engine.seed, pass, position)``, so the data do not depend on
     the number of workers and a resume is bit-exact with any value.
+
+    ``train_images`` / ``val_images`` name the image folder of ``train`` / ``val`` (a COCO json); ``None``
+    finds it among the standard layouts (``images/`` beside the json, ``annotations/instances_<split>.json``
+    beside ``<split>/``, the json's own folder: :func:`detbalance.data.image_root_candidates`).
+    ``aspect_ratio_group_factor`` groups each batch's images by aspect ratio as torchvision's detection
+    reference does (``--aspect-ratio-group-factor``, default 3: 8 bins of width / height; ``None`` turns it
+    off); on square images (the built-in benchmark) there is one group and the batches are the ungrouped ones.
     """
 
     train: str = "builtin:tiny"
@@ -504,10 +511,23 @@ class DataConfig:
     augment: bool = True
     num_workers: int = 0
     seed: int = 0
+    train_images: str | None = None
+    val_images: str | None = None
+    aspect_ratio_group_factor: int | None = 3
 
     def __post_init__(self) -> None:
         _require(bool(self.train), "train", "must not be empty")
         _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        for key in ("train_images", "val_images"):
+            _require(getattr(self, key) != "", key, "must name a folder or be none")
+        for key, spec in (("train_images", self.train), ("val_images", self.val)):
+            if getattr(self, key) is not None and spec is not None and spec.startswith("builtin"):
+                raise ConfigError(key, f"an image folder goes with a COCO json, not the built-in benchmark {spec!r}")
+        _require(
+            self.aspect_ratio_group_factor is None or self.aspect_ratio_group_factor >= 0,
+            "aspect_ratio_group_factor",
+            f"must be >= 0 or none (torchvision's default is 3), got {self.aspect_ratio_group_factor}",
+        )
 
 
 @dataclass(frozen=True)
@@ -888,12 +908,26 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def dump_toml(cfg: ExperimentConfig) -> str:
+def dump_toml(cfg: ExperimentConfig, *, leave_out: Mapping[str, Any] | None = None) -> str:
     """The whole resolved config as TOML (every key written; ``None`` as ``"none"``).
 
     ``load_toml(dump_toml(cfg)) == cfg`` for every valid config (floats use ``repr``, which round-trips).
+
+    Args:
+        cfg: The config.
+        leave_out: ``{dotted key: value}``: a key is not written while it holds that value (its default), so
+            that the text of a config that does not use a newer key is the text earlier versions wrote (what
+            ``detbalance compare`` keys its run folders by). ``load_toml`` restores the default.
     """
     lines: list[str] = []
+    data = config_to_dict(cfg)
+    for dotted, value in (leave_out or {}).items():
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+            del node[leaf]
 
     def table(prefix: str, d: Mapping[str, Any]) -> None:
         scalars = {k: v for k, v in d.items() if not isinstance(v, Mapping)}
@@ -907,7 +941,7 @@ def dump_toml(cfg: ExperimentConfig) -> str:
         for k, v in subtables.items():
             table(f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k), v)
 
-    table("", config_to_dict(cfg))
+    table("", data)
     return "\n".join(lines) + "\n"
 
 

@@ -46,8 +46,9 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
     from detbalance.builders import build_model, class_counts, resolve_image_size
     from detbalance.data import open_dataset
 
-    train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed)
-    val = open_dataset(cfg.data.val or cfg.data.train, split="test", seed=cfg.data.seed)
+    d = cfg.data
+    train = open_dataset(d.train, split="train", seed=d.seed, images=d.train_images)
+    val = open_dataset(d.val or d.train, split="test", seed=d.seed, images=d.val_images if d.val else d.train_images)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"--data {cfg.data.train!r} / --val {cfg.data.val!r}: a split has no images")
     targets = [train.target(i) for i in range(len(train))]

@@ -31,11 +31,33 @@ from detbalance.config import ExperimentConfig, dump_toml, load_toml
 __all__ = ["claimed", "device_name", "find_twin", "load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
 
 
+# Config keys added after runs were first keyed, with the value that means "not used": left out of the key
+# while they hold it, so that the run folders of earlier versions (docs/study) keep their keys. (Grouping by
+# aspect ratio is a no-op on the built-in benchmark's square images, so its default leaves those runs as they were.)
+KEYS_ADDED_LATER: dict[str, object] = {
+    "data.train_images": None,
+    "data.val_images": None,
+    "data.aspect_ratio_group_factor": 3,
+}
+
+
 def run_key(cfg: ExperimentConfig) -> str:
     """A 10-hex-digit key of the resolved config with the run seed set aside (the seed names the folder
-    below it; the data seed, which picks the benchmark instance, stays in the key)."""
-    text = dump_toml(replace(cfg, engine=replace(cfg.engine, seed=0)))
+    below it; the data seed, which picks the benchmark instance, stays in the key). Keys added later
+    (:data:`KEYS_ADDED_LATER`) count only when they differ from their defaults."""
+    text = dump_toml(replace(cfg, engine=replace(cfg.engine, seed=0)), leave_out=KEYS_ADDED_LATER)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _same_config(saved: object, cfg: ExperimentConfig) -> bool:
+    """Whether a run's saved config text is ``cfg`` (parsed, so a text written before a key was added, which
+    lacks it, matches a config holding that key's default)."""
+    if not isinstance(saved, str):
+        return False
+    try:
+        return load_toml(saved) == cfg
+    except ValueError:
+        return False
 
 
 def device_name(device: str) -> str:
@@ -166,7 +188,9 @@ def _grad_density(run: Path, *, num_images: int = 64, bins: int = 30) -> dict[st
     model, cfg, _ = load_trained_model(run / "checkpoint.pt")
     if cfg.model.arch != "retinanet":
         return None
-    train = open_dataset(cfg.data.train, split="train", transforms=eval_transform(), seed=cfg.data.seed)
+    train = open_dataset(
+        cfg.data.train, split="train", transforms=eval_transform(), seed=cfg.data.seed, images=cfg.data.train_images
+    )
     indices = sample_indices(len(train), num_images, 0)
     stats = probe_gradients(model, train, indices, bins=bins)
     return {"counts": [float(c) for c in stats.density], "bins": bins, "images": len(indices), "split": "train"}
@@ -175,13 +199,12 @@ def _grad_density(run: Path, *, num_images: int = 64, bins: int = 30) -> dict[st
 def find_twin(output: Path, folder: Path, cfg: ExperimentConfig) -> Path | None:
     """A finished run of exactly ``cfg`` (same key, seed and config text) in another suite or method folder
     under ``output/runs``, or ``None``."""
-    config_text = dump_toml(cfg)
     pattern = f"*/*/{run_key(cfg)}/seed{cfg.engine.seed}"
     for other in sorted((Path(output) / "runs").glob(pattern)):
         if other.resolve() == Path(folder).resolve():
             continue
         saved = read_result(other / "result.json")
-        if saved is not None and "twin_of" not in saved and saved.get("config") == config_text:
+        if saved is not None and "twin_of" not in saved and _same_config(saved.get("config"), cfg):
             return other
     return None
 
@@ -236,7 +259,7 @@ def run_one(
     config_text = dump_toml(cfg)
     saved = read_result(folder / "result.json")
     if saved is not None:
-        if saved.get("config") != config_text:
+        if not _same_config(saved.get("config"), cfg):
             raise ValueError(f"{folder}: holds a run of another configuration; refusing to overwrite it")
         return saved, True
     config_file = folder / "config.toml"

@@ -22,10 +22,12 @@ from detbalance.data.benchmark import (
 from detbalance.data.coco import (
     CocoDetection,
     held_out_spec,
+    image_root_candidates,
     open_dataset,
     resolve_annotation_file,
     write_coco,
 )
+from detbalance.data.grouping import aspect_ratio_groups, group_batches
 from detbalance.data.transforms import DetectionTransform, eval_transform, train_basic, train_ssd
 
 __all__ = [
@@ -37,11 +39,14 @@ __all__ = [
     "DetectionDataset",
     "DetectionTransform",
     "Transform",
+    "aspect_ratio_groups",
     "check_categories",
     "class_probabilities",
     "collate_detection",
     "eval_transform",
+    "group_batches",
     "held_out_spec",
+    "image_root_candidates",
     "make_benchmark",
     "open_dataset",
     "resolve_annotation_file",

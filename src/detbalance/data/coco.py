@@ -30,10 +30,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+try:  # deprecated since torchvision 0.29 in favour of TorchCodec; Pillow takes over where it is gone
+    from torchvision.io import ImageReadMode, decode_image, read_file
+except ImportError:  # pragma: no cover
+    decode_image = None
+
 from detbalance.data.base import DatasetError, DetectionDataset, Transform, _coco_annotations
 from detbalance.types import DetectionTarget
 
-__all__ = ["CocoDetection", "open_dataset", "write_coco"]
+__all__ = ["CocoDetection", "image_root_candidates", "open_dataset", "write_coco"]
 
 InvalidBoxes = Literal["error", "clip"]
 
@@ -47,7 +52,9 @@ class CocoDetection(DetectionDataset):
 
     Args:
         ann_file: path of the COCO json.
-        image_root: folder that ``images[*].file_name`` is relative to.
+        image_root: folder that ``images[*].file_name`` is relative to; ``None`` finds it among the standard
+            layouts (:func:`image_root_candidates`): the first candidate folder that holds the json's first
+            image file.
         transforms: joint ``(image, target) -> (image, target)`` transform applied in ``__getitem__``
             (see :mod:`detbalance.data.transforms`), or ``None``.
         invalid_boxes: what to do with boxes that extend outside their image: ``"error"`` reports them
@@ -70,7 +77,7 @@ class CocoDetection(DetectionDataset):
     def __init__(
         self,
         ann_file: str | Path,
-        image_root: str | Path,
+        image_root: str | Path | None = None,
         *,
         transforms: Transform | None = None,
         invalid_boxes: InvalidBoxes = "error",
@@ -79,12 +86,16 @@ class CocoDetection(DetectionDataset):
         if invalid_boxes not in ("error", "clip"):
             raise ValueError(f"invalid_boxes must be 'error' or 'clip', got {invalid_boxes!r}")
         self.ann_file = Path(ann_file)
-        self.image_root = Path(image_root)
         self.transforms = transforms
         self.invalid_boxes = invalid_boxes
         self.drop_empty = drop_empty
         data = _read_json(self.ann_file)
-        _Parser(data, self.ann_file, self.image_root, invalid_boxes).build(self)
+        tried = None
+        if image_root is None:
+            tried = image_root_candidates(self.ann_file)
+            image_root = _find_image_root(tried, data)
+        self.image_root = Path(image_root)
+        _Parser(data, self.ann_file, self.image_root, invalid_boxes, tried=tried).build(self)
         if drop_empty:
             keep = np.flatnonzero(np.diff(self._offsets_gt) > 0)
             self._select_images(keep)
@@ -118,7 +129,11 @@ class CocoDetection(DetectionDataset):
         return self.image_root / self.file_names[self._check_index(index)]
 
     def load_image(self, index: int) -> Tensor:
-        """Decode image ``index`` as ``Tensor[3, H, W]`` uint8; grayscale and RGBA files become RGB."""
+        """Decode image ``index`` as ``Tensor[3, H, W]`` uint8; grayscale and RGBA files become RGB.
+
+        The file is read and decoded when asked (``torchvision.io``; Pillow for formats it does not read), so
+        a dataset never holds its images in memory.
+        """
         index = self._check_index(index)
         path = self.image_path(index)
         image = _decode_rgb(path, image_id=int(self.image_ids[index]))
@@ -211,11 +226,14 @@ def _is_number(v: Any) -> bool:
 class _Parser:
     """Walks a decoded COCO dict once, collecting every problem instead of stopping at the first."""
 
-    def __init__(self, data: Any, ann_file: Path, image_root: Path, invalid_boxes: InvalidBoxes) -> None:
+    def __init__(
+        self, data: Any, ann_file: Path, image_root: Path, invalid_boxes: InvalidBoxes, *, tried: list[Path] | None
+    ) -> None:
         self.data = data
         self.source = str(ann_file)
         self.image_root = image_root
         self.invalid_boxes = invalid_boxes
+        self.tried = tried
         self.problems: list[str] = []
 
     def _records(self, key: str) -> list[dict[str, Any]]:
@@ -379,6 +397,12 @@ class _Parser:
                 )
 
         if self.problems:
+            if self.tried is not None and any("image file not found" in p for p in self.problems):
+                self.problems.insert(
+                    0,
+                    f"the image folder was looked for in {[str(p) for p in self.tried]} and none holds the images; "
+                    "name it (--images DIR, data.train_images / data.val_images, or image_root=)",
+                )
             raise DatasetError(self.source, self.problems)
 
         crowd = np.asarray(rows_crowd, dtype=bool)
@@ -402,7 +426,27 @@ class _Parser:
 
 
 def _decode_rgb(path: Path, *, image_id: int) -> Tensor:
-    """Decode ``path`` with Pillow to ``Tensor[3, H, W]`` uint8 (gray replicated, alpha dropped, 16 bit scaled)."""
+    """Decode ``path`` to ``Tensor[3, H, W]`` uint8 (gray replicated, alpha dropped, 16 bit scaled to 8).
+
+    ``torchvision.io`` reads JPEG, PNG, WebP and GIF; any other file (BMP, TIFF, ...) goes to Pillow. EXIF
+    orientation is not applied (COCO boxes refer to the stored pixels, as torchvision's reference reads them).
+    """
+    if decode_image is None:  # pragma: no cover
+        return _decode_rgb_pillow(path, image_id=image_id)
+    try:
+        data = read_file(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"image id={image_id}: cannot read {str(path)!r}: {e}") from e
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return _decode_rgb_pillow(path, image_id=image_id)
+    if image.dtype == torch.uint16:  # 16-bit PNG: v / 257 maps 0..65535 onto 0..255
+        image = torch.round(image.to(torch.float32) / 257.0).to(torch.uint8)
+    return image.contiguous()
+
+
+def _decode_rgb_pillow(path: Path, *, image_id: int) -> Tensor:
     try:
         with Image.open(path) as im:
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale
@@ -413,6 +457,53 @@ def _decode_rgb(path: Path, *, image_id: int) -> Tensor:
     except (OSError, ValueError) as e:
         raise ValueError(f"image id={image_id}: cannot decode {str(path)!r}: {e}") from e
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def image_root_candidates(ann_file: str | Path) -> list[Path]:
+    """The folders where the images of a COCO json are looked for, in order.
+
+    1. ``<json folder>/images`` (the layout :func:`write_coco` and ``make-data`` write);
+    2. the COCO release layout: for ``<root>/annotations/instances_<split>.json`` (or any ``<name>_<split>.json``)
+       the folders ``<root>/<split>`` (``annotations/instances_train2017.json`` beside ``train2017/``),
+       ``<root>/images/<split>`` and ``<json folder>/<split>``;
+    3. the json's own folder.
+
+    Args:
+        ann_file: path of the COCO json.
+
+    Returns:
+        The candidate folders (whether or not they exist), without repeats.
+    """
+    ann = Path(ann_file)
+    here = ann.parent
+    out = [here / "images"]
+    stem = ann.stem
+    if "_" in stem:
+        split = stem.rsplit("_", 1)[1]
+        if split:
+            out += [here.parent / split, here.parent / "images" / split, here / split]
+    out.append(here)
+    seen: list[Path] = []
+    for p in out:
+        if p not in seen:
+            seen.append(p)
+    return seen
+
+
+def _find_image_root(candidates: list[Path], data: Any) -> Path:
+    """The first candidate holding the json's first image file; else the first existing candidate (the
+    parser then reports the missing files with where it looked)."""
+    first = None
+    if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"]:
+        record = data["images"][0]
+        if isinstance(record, dict) and "file_name" in record:
+            first = str(record["file_name"])
+    existing = [p for p in candidates if p.is_dir()]
+    if first is not None:
+        for p in existing:
+            if (p / first).is_file():
+                return p
+    return existing[0] if existing else candidates[-1]
 
 
 def write_coco(dataset: DetectionDataset, out_dir: str | Path) -> Path:
@@ -484,7 +575,12 @@ def held_out_spec(train: str | Path) -> str | None:
 
 
 def open_dataset(
-    spec: str | Path, *, split: str, transforms: Transform | None = None, seed: int = 0
+    spec: str | Path,
+    *,
+    split: str,
+    transforms: Transform | None = None,
+    seed: int = 0,
+    images: str | Path | None = None,
 ) -> DetectionDataset:
     """Open a dataset by name: the built-in benchmark or a COCO json / folder.
 
@@ -493,20 +589,28 @@ def open_dataset(
 
             * ``"builtin"`` or ``"builtin:PRESET"``: :func:`~detbalance.data.benchmark.make_benchmark`
               with that preset (``"default"`` when omitted) and ``split`` (``"train"`` or ``"test"``);
-            * a path to a ``.json`` file: a COCO file whose images live in ``<json folder>/images`` if that
-              folder exists, else in the json's own folder;
+            * a path to a ``.json`` file: a COCO file whose images are found in the standard layouts
+              (:func:`image_root_candidates`: ``<json folder>/images``, ``annotations/instances_<split>.json``
+              beside ``<split>/``, the json's own folder);
             * a directory ``DIR``: ``DIR/<split>.json`` if present, else ``DIR/annotations.json``, with
-              images in ``DIR/images`` (the layout :func:`write_coco` produces).
+              images found likewise (``DIR/images`` as :func:`write_coco` writes it, else ``DIR``).
         split: the split to open (for folders: the json name to prefer).
         transforms: joint transform applied by the dataset's ``__getitem__``, or ``None``.
         seed: generator seed of the built-in benchmark (unused for COCO files, which are fixed data).
+        images: the image folder of a COCO json, overriding the layouts above (``--images``,
+            ``data.train_images`` / ``data.val_images``).
 
     Raises:
-        ValueError: ``spec`` is none of the above, or names an unknown preset / split.
+        ValueError: ``spec`` is none of the above, names an unknown preset / split, or ``images`` is given
+            for the built-in benchmark or is not a folder.
     """
     from detbalance.data.benchmark import PRESETS, make_benchmark
 
     text = str(spec)
+    if images is not None and (text == "builtin" or text.startswith("builtin:")):
+        raise ValueError(f"an image folder ({str(images)!r}) goes with a COCO json, not the built-in benchmark {text!r}")
+    if images is not None and not Path(images).is_dir():
+        raise ValueError(f"image folder {str(images)!r} (for {text!r}) is not a directory")
     if text == "builtin" or text.startswith("builtin:"):
         preset = text.partition(":")[2] or "default"
         if preset not in PRESETS:
@@ -516,12 +620,11 @@ def open_dataset(
         return make_benchmark(preset, split=split, seed=seed, transforms=transforms)
     path = Path(text)
     if path.is_file() and path.suffix.lower() == ".json":
-        root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-        return CocoDetection(path, root, transforms=transforms)
+        return CocoDetection(path, images, transforms=transforms)
     if path.is_dir():
         for name in (f"{split}.json", "annotations.json"):
             if (path / name).is_file():
-                return CocoDetection(path / name, path / "images", transforms=transforms)
+                return CocoDetection(path / name, images, transforms=transforms)
         raise ValueError(f"dataset folder {text!r} has neither {split}.json nor annotations.json")
     raise ValueError(
         f"dataset spec {text!r} is neither 'builtin' / 'builtin:PRESET' (presets: {sorted(PRESETS)}), "

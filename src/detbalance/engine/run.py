@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from detbalance import __version__
 from detbalance._preflight import RUN_FILES  # the files fit writes into its run folder
 from detbalance.builders import (
+    build_aspect_ratio_groups,
     build_datasets,
     build_hooks,
     build_model,
@@ -141,21 +142,25 @@ def pass_batches(
     rank: int = 0,
     world_size: int = 1,
     repeat_factors: torch.Tensor | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """This rank's batches of dataset indices for pass ``epoch``: a pure function of its arguments.
 
     The order is ``DistributedSampler``'s (shuffled with ``seed + epoch``, padded to a multiple of
     ``world_size``, rank ``r`` taking positions ``r, r + W, ...``) or, with ``repeat_factors``, the
-    :class:`~detbalance.sampling.RepeatFactorSampler`'s. It is cut into batches of ``batch_size`` and the
-    trailing batches that do not fill a group of ``accumulate`` are dropped. With ``W`` ranks of batch
-    ``B``, step ``s`` sees the same images as one process of batch ``W B`` (when no padding is needed).
+    :class:`~detbalance.sampling.RepeatFactorSampler`'s. It is cut into batches of ``batch_size`` (with
+    ``group_ids``, batches of one aspect-ratio group each, as torchvision's ``GroupedBatchSampler`` cuts it:
+    :func:`detbalance.data.group_batches`) and the trailing batches that do not fill a group of ``accumulate``
+    are dropped. Without grouping, or with one group (square images), ``W`` ranks of batch ``B`` see at step
+    ``s`` the same images as one process of batch ``W B`` (when no padding is needed); grouping is done per
+    rank, as torchvision's reference does it.
 
     Raises:
         ValueError: when a pass has fewer than ``batch_size * accumulate`` images per rank.
     """
     samples = _pass_samples(
         num_images, batch_size=batch_size, accumulate=accumulate, seed=seed, epoch=epoch, rank=rank,
-        world_size=world_size, repeat_factors=repeat_factors,
+        world_size=world_size, repeat_factors=repeat_factors, group_ids=group_ids,
     )
     return [[index for index, _ in batch] for batch in samples]
 
@@ -170,6 +175,7 @@ def _pass_samples(
     rank: int,
     world_size: int,
     repeat_factors: torch.Tensor | None,
+    group_ids: torch.Tensor | None = None,
 ) -> list[list[tuple[int, int]]]:
     """:func:`pass_batches` with each index paired with its sample's augmentation seed."""
     sampler: Any
@@ -190,7 +196,22 @@ def _pass_samples(
         )
     # the position in the whole pass (over all ranks) names the sample: the same seed under any world size
     keyed = [(i, _sample_seed(seed, epoch, rank + world_size * j)) for j, i in enumerate(idx)]
-    return [keyed[i * batch_size : (i + 1) * batch_size] for i in range(n)]
+    if group_ids is None:
+        return [keyed[i * batch_size : (i + 1) * batch_size] for i in range(n)]
+    from detbalance.data.grouping import group_batches
+
+    out, seen, extra = [], set(), len(idx)
+    for positions in group_batches(idx, group_ids, batch_size=batch_size)[:n]:
+        batch = []
+        for p in positions:
+            if p in seen:  # a repeat that completes a leftover batch: its own augmentation seed
+                batch.append((idx[p], _sample_seed(seed, epoch, rank + world_size * extra)))
+                extra += 1
+            else:
+                seen.add(p)
+                batch.append(keyed[p])
+        out.append(batch)
+    return out
 
 
 def _sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -553,6 +574,7 @@ def _fit(
     pass_plan = functools.partial(
         _pass_samples, len(train_set), batch_size=e.batch_size, accumulate=e.accumulate, seed=e.seed,
         rank=info.rank, world_size=info.world_size, repeat_factors=build_repeat_factors(cfg, train_set),
+        group_ids=build_aspect_ratio_groups(cfg, train_set),
     )
     passes = functools.lru_cache(maxsize=2)(lambda ep: pass_plan(epoch=ep))
     plan = _BatchPlan(passes, epoch, batch)
