@@ -38,6 +38,8 @@ KEYS_ADDED_LATER: dict[str, object] = {
     "data.train_images": None,
     "data.val_images": None,
     "data.aspect_ratio_group_factor": 3,
+    "remedy.assigner": None,
+    "remedy.pisa": None,
 }
 
 
