@@ -20,7 +20,9 @@ from detbalance.config import (
     CEConfig,
     ClassWeightsConfig,
     DataConfig,
+    EQLv2Config,
     ExperimentConfig,
+    FederatedConfig,
     FixedRatioConfig,
     FocalConfig,
     GHMCConfig,
@@ -34,6 +36,7 @@ from detbalance.config import (
     RemedyConfig,
     ScheduleConfig,
     ScoreHLRConfig,
+    SeesawConfig,
     SmoothL1Config,
     SSDMiningConfig,
     StratifiedOHEMConfig,
@@ -67,6 +70,8 @@ __all__ = [
     "build_scheduler",
     "build_train_eval_set",
     "class_counts",
+    "class_image_counts",
+    "needs_image_counts",
     "resolve_image_size",
 ]
 
@@ -159,6 +164,21 @@ def class_counts(dataset: DetectionDataset) -> Tensor:
     return torch.bincount(flat, minlength=dataset.num_classes + 1)[1:]
 
 
+def class_image_counts(dataset: DetectionDataset) -> Tensor:
+    """``Tensor[K]`` (int64): training images holding each class ``1..K`` (LVIS's ``image_count``; the
+    federated loss's frequencies). No image is decoded."""
+    counts = torch.zeros(dataset.num_classes + 1, dtype=torch.int64)
+    for cats in dataset.categories_per_image():
+        if len(cats):
+            counts[torch.tensor(sorted(set(cats)), dtype=torch.int64)] += 1
+    return counts[1:]
+
+
+def needs_image_counts(cfg: ExperimentConfig) -> bool:
+    """Whether :func:`build_model` needs the training set's :func:`class_image_counts` (federated loss)."""
+    return isinstance(cfg.remedy.cls_loss, FederatedConfig)
+
+
 def build_repeat_factors(cfg: ExperimentConfig, dataset: DetectionDataset) -> Tensor | None:
     """Per-image repeat factors ``Tensor[N]`` for ``remedy.repeat_factor``, or ``None`` when it is off."""
     rf = cfg.remedy.repeat_factor
@@ -181,7 +201,14 @@ def build_class_weights(cfg: ClassWeightsConfig | None, counts: Tensor) -> Tenso
 # --------------------------------------------------------------------------------------------- losses
 
 
-def build_cls_loss(remedy: RemedyConfig, arch: str, *, class_weight: Tensor | None = None) -> nn.Module | None:
+def build_cls_loss(
+    remedy: RemedyConfig,
+    arch: str,
+    *,
+    class_weight: Tensor | None = None,
+    num_classes: int | None = None,
+    image_counts: Tensor | None = None,
+) -> nn.Module | None:
     """The classification loss module for ``arch`` (``None``: the detector's own cross-entropy).
 
     Sigmoid forms for RetinaNet (one-vs-all over the ``K`` classes), softmax forms (``K + 1`` classes, column 0
@@ -217,6 +244,22 @@ def build_cls_loss(remedy: RemedyConfig, arch: str, *, class_weight: Tensor | No
             case _:
                 raise ValueError(f"remedy.cls_loss: unsupported {c!r} for retinanet")
         return loss if class_weight is None else ClassWeightedLoss(loss, class_weight)
+    # the long-tail RoI classifiers of Faster R-CNN (class weights, if any, are the head's per-RoI weights)
+    if isinstance(c, SeesawConfig | EQLv2Config | FederatedConfig):
+        from detbalance.losses import EQLv2Loss, FederatedLoss, SeesawLoss, federated_class_weights
+
+        if num_classes is None:
+            raise ValueError(f"remedy.cls_loss: {c.name} needs the number of classes")
+        match c:
+            case SeesawConfig():
+                return SeesawLoss(num_classes=num_classes, p=c.p, q=c.q, eps=c.eps, sync=c.sync)
+            case EQLv2Config():
+                return EQLv2Loss(num_classes=num_classes, mu=c.mu, alpha=c.alpha, gamma=c.gamma, sync=c.sync)
+            case _:
+                if image_counts is None:
+                    raise ValueError("remedy.cls_loss: federated needs the training set's per-class image counts")
+                weights = federated_class_weights(image_counts, power=c.freq_weight_power)
+                return FederatedLoss(class_weights=weights, num_classes_kept=c.num_classes_kept)
     # softmax heads (Faster R-CNN box head, SSD)
     match c:
         case None:
@@ -348,6 +391,7 @@ def build_model(
     image_size: int,
     counts: Tensor | None = None,
     recorder: BalanceRecorder | None = None,
+    image_counts: Tensor | None = None,
 ) -> nn.Module:
     """The torchvision detector of ``cfg.model``, adapted to ``cfg.remedy``.
 
@@ -357,6 +401,8 @@ def build_model(
         image_size: Training side (see :func:`resolve_image_size`).
         counts: ``Tensor[K]`` instances per class, needed for ``remedy.class_weights``.
         recorder: Optional recorder handed to the adapter.
+        image_counts: ``Tensor[K]`` training images per class, needed for the federated loss
+            (:func:`class_image_counts`).
     """
     from detbalance.detectors.build import build_detector
     from detbalance.detectors.faster_rcnn import balance_faster_rcnn
@@ -370,7 +416,10 @@ def build_model(
         if counts is None:
             raise ValueError("remedy.class_weights needs the training set's class counts")
         class_weight = build_class_weights(r.class_weights, counts)
-    cls_loss = _weighted(build_cls_loss(r, m.arch, class_weight=class_weight), r.cls_loss)
+    cls_loss = _weighted(
+        build_cls_loss(r, m.arch, class_weight=class_weight, num_classes=num_classes, image_counts=image_counts),
+        r.cls_loss,
+    )
     box_loss = _weighted(build_box_loss(r, m.arch), r.box_loss)
     match m.arch:
         case "retinanet":
@@ -394,7 +443,9 @@ def build_model(
             roi_sampler = build_roi_sampler(r)
             rpn_sampler = build_rpn_sampler(r)
             frcnn_class_weight = None
-            if class_weight is not None and r.cls_loss is None:
+            if class_weight is not None and (
+                r.cls_loss is None or isinstance(r.cls_loss, SeesawConfig | EQLv2Config | FederatedConfig)
+            ):
                 # Plain CE with class weights: the head's per-RoI weighting, sum_i w[y_i] CE_i / N.
                 cls_loss, frcnn_class_weight = None, class_weight
             return balance_faster_rcnn(

@@ -52,8 +52,10 @@ __all__ = [
     "ClassWeightsConfig",
     "ConfigError",
     "DataConfig",
+    "EQLv2Config",
     "EngineConfig",
     "ExperimentConfig",
+    "FederatedConfig",
     "FixedRatioConfig",
     "FocalConfig",
     "GHMCConfig",
@@ -72,6 +74,7 @@ __all__ = [
     "SSDMiningConfig",
     "ScheduleConfig",
     "ScoreHLRConfig",
+    "SeesawConfig",
     "SmoothL1Config",
     "StratifiedOHEMConfig",
     "VFLConfig",
@@ -276,7 +279,71 @@ class VFLConfig:
         _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
 
 
-ClsLossConfig = FocalConfig | CEConfig | GHMCConfig | QFLConfig | VFLConfig
+@dataclass(frozen=True)
+class SeesawConfig:
+    """Seesaw loss (Wang et al., CVPR 2021) on the Faster R-CNN RoI classifier, which gets ``K + 2`` logits.
+
+    Defaults are mmdetection 3.3's ``SeesawLoss``. ``sync`` all-reduces each step's class counts across DDP
+    ranks (ours; mmdetection does not synchronise them, ``sync = false``).
+    """
+
+    name: Literal["seesaw"] = "seesaw"
+    p: float = 0.8
+    q: float = 2.0
+    eps: float = 1e-2
+    sync: bool = True
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.p >= 0.0, "p", f"must be >= 0, got {self.p}")
+        _require(self.q >= 0.0, "q", f"must be >= 0, got {self.q}")
+        _require(self.eps > 0.0, "eps", f"must be > 0, got {self.eps}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class EQLv2Config:
+    """EQLv2 (Tan et al., CVPR 2021) on the Faster R-CNN RoI classifier (sigmoid, column 0 objectness).
+
+    Defaults are mmdetection 3.3's ``EQLV2Loss``; ``sync`` all-reduces each step's gradient statistics
+    (mmdetection's ``use_distributed``, which defaults to ``false`` there).
+    """
+
+    name: Literal["eqlv2"] = "eqlv2"
+    mu: float = 0.8
+    alpha: float = 4.0
+    gamma: float = 12.0
+    sync: bool = True
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.mu >= 0.0, "mu", f"must be >= 0, got {self.mu}")
+        _require(self.alpha >= 0.0, "alpha", f"must be >= 0, got {self.alpha}")
+        _require(self.gamma >= 0.0, "gamma", f"must be >= 0, got {self.gamma}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Federated loss (Zhou et al. 2021; detectron2 ``use_fed_loss``) on the Faster R-CNN RoI classifier.
+
+    Per batch, the sigmoid loss over the classes present plus negatives drawn with probability
+    ``(training images with the class) ** freq_weight_power`` up to ``num_classes_kept`` (background counted).
+    detectron2's defaults: 50 classes, power 0.5 (for LVIS's 1203 classes).
+    """
+
+    name: Literal["federated"] = "federated"
+    num_classes_kept: int = 50
+    freq_weight_power: float = 0.5
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_classes_kept >= 1, "num_classes_kept", f"must be >= 1, got {self.num_classes_kept}")
+        _require(self.freq_weight_power >= 0.0, "freq_weight_power", f"must be >= 0, got {self.freq_weight_power}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+ClsLossConfig = FocalConfig | CEConfig | GHMCConfig | QFLConfig | VFLConfig | SeesawConfig | EQLv2Config | FederatedConfig
 BoxLossConfig = SmoothL1Config | L1Config | ASL1Config | GHMRConfig | GIoUConfig
 
 
@@ -723,6 +790,12 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
             "remedy.cls_loss",
             f"{r.cls_loss.name.upper()} is a sigmoid loss on IoU-quality targets of a dense head and needs "
             f"model.arch = 'retinanet', got {arch!r}",
+        )
+    if isinstance(r.cls_loss, SeesawConfig | EQLv2Config | FederatedConfig) and arch != "faster_rcnn":
+        raise ConfigError(
+            "remedy.cls_loss",
+            f"{r.cls_loss.name} is a loss for a two-stage RoI classifier and needs model.arch = 'faster_rcnn', "
+            f"got {arch!r}",
         )
     if isinstance(r.box_loss, GHMRConfig) and arch != "retinanet":
         raise ConfigError("remedy.box_loss", f"GHM-R is only wired for model.arch = 'retinanet', got {arch!r}")

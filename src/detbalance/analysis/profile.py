@@ -332,7 +332,13 @@ def _checkpoint_config(state: dict[str, Any], checkpoint: Path) -> Any:
 def _build(cfg: Any, dataset: Any, checkpoint: Path | None) -> torch.nn.Module:
     """The model: the checkpoint's (the package's one loader, :func:`detbalance.engine.load_trained_model`),
     or a freshly initialised one of ``cfg``."""
-    from detbalance.builders import build_model, class_counts, resolve_image_size
+    from detbalance.builders import (
+        build_model,
+        class_counts,
+        class_image_counts,
+        needs_image_counts,
+        resolve_image_size,
+    )
 
     if checkpoint is not None:
         from detbalance.engine.run import load_trained_model
@@ -348,7 +354,9 @@ def _build(cfg: Any, dataset: Any, checkpoint: Path | None) -> torch.nn.Module:
             ) from None
         return model
     counts = class_counts(dataset) if cfg.remedy.class_weights is not None else None
-    model = build_model(cfg, num_classes=dataset.num_classes, image_size=resolve_image_size(cfg, dataset), counts=counts)
+    image_counts = class_image_counts(dataset) if needs_image_counts(cfg) else None
+    model = build_model(cfg, num_classes=dataset.num_classes, image_size=resolve_image_size(cfg, dataset), counts=counts,
+                        image_counts=image_counts)
     return model.eval()
 
 

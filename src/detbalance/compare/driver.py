@@ -43,7 +43,13 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
     under the suite's own detector assignment (counted as ``profile`` counts it)."""
     from detbalance.analysis.assignment import dataset_assignment_stats
     from detbalance.analysis.dataset import dataset_stats
-    from detbalance.builders import build_model, class_counts, resolve_image_size
+    from detbalance.builders import (
+        build_model,
+        class_counts,
+        class_image_counts,
+        needs_image_counts,
+        resolve_image_size,
+    )
     from detbalance.data import open_dataset
 
     d = cfg.data
@@ -55,7 +61,8 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
     ds = dataset_stats(targets, num_classes=train.num_classes, class_names=train.label_names)
     size = resolve_image_size(cfg, train)
     counts = class_counts(train) if cfg.remedy.class_weights is not None else None
-    model = build_model(cfg, num_classes=train.num_classes, image_size=size, counts=counts)
+    image_counts = class_image_counts(train) if needs_image_counts(cfg) else None
+    model = build_model(cfg, num_classes=train.num_classes, image_size=size, counts=counts, image_counts=image_counts)
     assign = dataset_assignment_stats(model, train, num_images=sample, targets=targets)
     per_level = []
     for name, pos, neg in zip(assign.level_names, assign.positives_per_level, assign.negatives_per_level, strict=True):

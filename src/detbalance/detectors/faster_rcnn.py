@@ -29,12 +29,13 @@ gives the very same loss dict (a test).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -43,6 +44,7 @@ from torchvision.ops import box_iou
 
 from detbalance.detectors._targets import check_detection_targets
 from detbalance.detectors.recorder import BalanceRecorder
+from detbalance.losses.contract import ScaledLoss
 from detbalance.losses.pisa import PrimeSampleAttention, aligned_box_iou, carl_loss, isr_p_weights
 from detbalance.sampling.roi_sampler import (
     RoIBatch,
@@ -89,6 +91,26 @@ def _class_weights(labels: Tensor, class_weight: Tensor, background_weight: floa
     """
     table = torch.cat([class_weight.new_full((1,), float(background_weight)), class_weight]).to(labels.device)
     return table[labels.clamp(min=0)]
+
+
+def _inner_loss(loss: object) -> object:
+    """The loss inside any ``ScaledLoss`` wrappers (a wrapper carries the loss weight, not the methods)."""
+    while isinstance(loss, ScaledLoss):
+        loss = loss.loss
+    return loss
+
+
+@contextlib.contextmanager
+def _frozen_state(loss: object) -> Iterator[None]:
+    """Eval mode for a stateful loss during OHEM's read-only pass: its statistics count each step's RoIs once."""
+    if not isinstance(loss, nn.Module) or not loss.training:
+        yield
+        return
+    loss.train(False)
+    try:
+        yield
+    finally:
+        loss.train(True)
 
 
 def roi_losses(
@@ -425,7 +447,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
             raise ValueError("balance_faster_rcnn supports box-only heads; got a mask or keypoint branch")
         if pisa is not None and not isinstance(pisa, PrimeSampleAttention):
             raise ValueError(f"pisa must be a PrimeSampleAttention or None, got {pisa!r}")
-        columns = int(heads.box_predictor.cls_score.out_features)
+        columns = int(heads.box_predictor.bbox_pred.out_features) // 4
         if class_weight is not None and (
             not isinstance(class_weight, Tensor) or class_weight.shape != (columns - 1,)
             or not bool(torch.isfinite(class_weight).all()) or bool((class_weight < 0).any())
@@ -437,6 +459,17 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         if mined_iou is not None and (isinstance(mined_iou, bool) or not isinstance(mined_iou, int | float)
                                       or not 0.0 < mined_iou <= 1.0):
             raise ValueError(f"mined_iou must be in (0, 1] or None, got {mined_iou!r}")
+        # A loss that needs another classifier width (Seesaw: K + 2, the objectness pair) gets a fresh
+        # cls_score of that width, as mmdetection's BBoxHead builds it from loss_cls.get_cls_channels.
+        width = getattr(_inner_loss(box_cls_loss), "classifier_columns", None)
+        if width is not None:
+            bbox_pred = heads.box_predictor.bbox_pred
+            wanted = int(width(int(bbox_pred.out_features) // 4 - 1))
+            old = heads.box_predictor.cls_score
+            if int(old.out_features) != wanted:
+                heads.box_predictor.cls_score = nn.Linear(old.in_features, wanted).to(
+                    device=old.weight.device, dtype=old.weight.dtype
+                )
         new = cls(
             heads.box_roi_pool,
             heads.box_head,
@@ -462,14 +495,48 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         new.recorder = recorder
         new.pisa = pisa
         new.progress = 0.0
+        inner = _inner_loss(box_cls_loss)
+        if recorder is not None and hasattr(inner, "track_stats"):
+            inner.track_stats = True  # type: ignore[union-attr]  # per-class factors for the recorder
         new._init_generator(seed)
         new.train(heads.training)
         return new
 
     @property
     def num_classes(self) -> int:
-        """``C = K + 1``, the classifier's columns (background included)."""
-        return int(self.box_predictor.cls_score.out_features)
+        """``C = K + 1``, the labels' range (background included); read from the class-specific box deltas,
+        since a loss may widen the classifier (Seesaw's ``K + 2`` logits)."""
+        return int(self.box_predictor.bbox_pred.out_features) // 4
+
+    def postprocess_detections(  # type: ignore[override]  # torchvision's signature
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """torchvision's post-processing, scored by the loss's ``class_probabilities`` when it has one.
+
+        Seesaw scores ``softmax(classes) * P(object)``, EQLv2 ``sigma(z_c) (1 - sigma(z_0))``, the federated
+        loss ``sigma(z_c)`` (mmdetection's ``get_activation``, detectron2's ``predict_probs``). torchvision's
+        code applies a softmax; it is handed logits whose softmax is ``p_c / S`` for the classes (``S = K + 1``
+        exceeds any sum of ``K`` probabilities; the background logit takes the rest) and a threshold divided
+        by ``S``, and the kept scores are multiplied back: the same boxes, order and scores as thresholding,
+        NMS and top-k on ``p`` itself (a test).
+        """
+        probabilities = getattr(_inner_loss(self.box_cls_loss), "class_probabilities", None)
+        if probabilities is None:
+            return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        fg = probabilities(class_logits)[:, 1:].float()
+        scale = float(fg.shape[1] + 1)
+        logits = torch.cat([torch.log(scale - fg.sum(dim=1, keepdim=True)), torch.log(fg)], dim=1)
+        threshold = self.score_thresh
+        self.score_thresh = threshold / scale
+        try:
+            boxes, scores, labels = super().postprocess_detections(logits, box_regression, proposals, image_shapes)
+        finally:
+            self.score_thresh = threshold
+        return boxes, [s * scale for s in scores], labels
 
     def set_progress(self, progress: float) -> None:
         """The fraction of training done (``0`` start, ``1`` end), passed to the sampler and its schedule."""
@@ -569,10 +636,16 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
             cls = cls * _class_weights(labels, self.class_weight, self.background_weight).to(cls.dtype)
         return cls, loc, class_logits, box_regression
 
+    def _probabilities(self, class_logits: Tensor) -> Tensor:
+        """``Tensor[N, K + 1]`` class probabilities: the loss's ``class_probabilities`` (Seesaw, EQLv2, federated
+        loss), else the softmax."""
+        probabilities = getattr(_inner_loss(self.box_cls_loss), "class_probabilities", None)
+        return class_logits.softmax(-1) if probabilities is None else probabilities(class_logits)
+
     def _scores_and_boxes(self, class_logits: Tensor, box_regression: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """Each RoI's largest foreground probability and its decoded box for that class (read-only pass)."""
         n = class_logits.shape[0]
-        scores, arg = class_logits.float().softmax(-1)[:, 1:].max(-1)
+        scores, arg = self._probabilities(class_logits.float())[:, 1:].max(-1)
         deltas = box_regression.reshape(n, -1, 4)[torch.arange(n, device=boxes.device), arg + 1]
         return scores, self.box_coder.decode_single(deltas.to(boxes.dtype), boxes)
 
@@ -600,7 +673,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
                 weight = torch.ones_like(cls).index_copy(0, pos, w.to(cls.dtype))
         carl = None
         if pisa.carl_k is not None:
-            p = class_logits.float().softmax(-1)[pos, pos_labels]
+            p = self._probabilities(class_logits.float())[pos, pos_labels]
             carl = carl_loss(p, loc[pos].float(), k=pisa.carl_k, bias=pisa.carl_bias, avg_factor=float(num))
         return weight, carl
 
@@ -620,7 +693,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         boxes, labels = rois.boxes, rois.labels
         all_losses = None
         if sampler_needs_losses(self.sampler):
-            with torch.no_grad():  # OHEM's read-only RoI network
+            with torch.no_grad(), _frozen_state(_inner_loss(self.box_cls_loss)):  # OHEM's read-only RoI network
                 pooled = self.box_roi_pool(features, list(boxes.split(rois.counts())), image_shapes)
                 cls_all, loc_all, logits_all, deltas_all = self._outputs_and_losses(pooled, labels, regression_targets)
                 scores_all, pred_boxes_all = self._scores_and_boxes(logits_all, deltas_all, boxes)
@@ -653,6 +726,9 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
             self.recorder.record_counts("faster_rcnn/roi", sampled.positive.numel(), sampled.negative.numel())
             self.recorder.record_losses("faster_rcnn/roi", cls + loc)
             self.recorder.record_class_losses("faster_rcnn/roi_cls", sel_labels, cls, self.num_classes - 1)
+            stats = getattr(_inner_loss(self.box_cls_loss), "last_stats", None)
+            for name, (total, count) in (stats or {}).items():  # Seesaw's factors, EQLv2's ratio, federated draws
+                self.recorder.record_class_values(name, total, count)
         return [], losses
 
 

@@ -62,7 +62,8 @@ class BalanceRecorder:
          "counts": {name: {"positives": int | list[int], "negatives": ..., "ignored": ... | None}},
          "losses": {name: {"count": int, "sum": float, "max": float, "histogram": list[int]}},
          "ghm_density": {name: list[float]},
-         "class_losses": {name: {"sum": list[float], "count": list[int]}}}   # index = label 0..K
+         "class_losses": {name: {"sum": list[float], "count": list[int]}},   # index = label 0..K
+         "class_values": {name: {"sum": list[float], "count": list[float]}}}  # index = class 1..K
 
     ``loss_bin_edges`` (``loss_bins + 1`` floats) is a property of the recorder, not repeated per step.
     """
@@ -96,7 +97,8 @@ class BalanceRecorder:
             raise ValueError(f"step must be an int, got {step!r}")
         if self._current is not None and self._current["step"] == step:
             return
-        self._current = {"step": step, "counts": {}, "losses": {}, "ghm_density": {}, "class_losses": {}}
+        self._current = {"step": step, "counts": {}, "losses": {}, "ghm_density": {}, "class_losses": {},
+                         "class_values": {}}
         self._steps.append(self._current)
 
     def _entry(self) -> dict[str, Any]:
@@ -236,6 +238,33 @@ class BalanceRecorder:
             old["sum"] = old["sum"] + sums
             old["count"] = old["count"] + counts
 
+    @torch.no_grad()
+    def record_class_values(self, name: str, total: Tensor, count: Tensor) -> None:
+        """Add a per-class quantity a loss applied (sums and weights of its mean) under ``name``.
+
+        Used for the long-tail losses' per-class factors: Seesaw's mitigation / compensation factors (summed
+        over the foreground RoIs of other classes, with their count), EQLv2's gradient ratio (count 1 per step),
+        the federated loss's drawn classes (0/1 per step).
+
+        Args:
+            name: Key, e.g. ``"seesaw/mitigation"``.
+            total: ``Tensor[K]`` sums, index ``j`` = class ``j + 1``.
+            count: ``Tensor[K]`` what each sum is a sum of (``total / count`` is the mean).
+        """
+        t = total.detach().reshape(-1).double()
+        c = count.detach().reshape(-1).double()
+        if t.shape != c.shape:
+            raise ValueError(f"class values {name!r}: total shape {tuple(t.shape)} != count shape {tuple(c.shape)}")
+        store = self._entry().setdefault("class_values", {})
+        old = store.get(name)
+        if old is None:
+            store[name] = {"sum": t.clone(), "count": c.clone()}
+        elif old["sum"].shape != t.shape:
+            raise ValueError(f"class values {name!r} have {old['sum'].numel()} classes in this step, got {t.numel()}")
+        else:
+            old["sum"] = old["sum"] + t
+            old["count"] = old["count"] + c
+
     # ---------------------------------------------------------------- output
     def to_records(self) -> list[dict[str, Any]]:
         """Copy every step's aggregates to the host: a list of JSON-serialisable dicts, one per step.
@@ -245,7 +274,7 @@ class BalanceRecorder:
         out = []
         for entry in self._steps:
             rec: dict[str, Any] = {"step": entry["step"], "counts": {}, "losses": {}, "ghm_density": {},
-                                   "class_losses": {}}
+                                   "class_losses": {}, "class_values": {}}
             for name, c in entry["counts"].items():
                 rec["counts"][name] = {
                     "positives": _to_python(c["positives"]),
@@ -263,6 +292,8 @@ class BalanceRecorder:
                 rec["ghm_density"][name] = _to_python(d)
             for name, s in entry["class_losses"].items():
                 rec["class_losses"][name] = {"sum": _to_python(s["sum"]), "count": _to_python(s["count"])}
+            for name, v in entry.get("class_values", {}).items():
+                rec["class_values"][name] = {"sum": _to_python(v["sum"]), "count": _to_python(v["count"])}
             out.append(rec)
         return out
 

@@ -57,6 +57,8 @@ from detbalance.builders import (
     build_scheduler,
     build_train_eval_set,
     class_counts,
+    class_image_counts,
+    needs_image_counts,
     resolve_image_size,
 )
 from detbalance.config import ExperimentConfig, config_to_dict, dump_toml, load_toml
@@ -498,8 +500,10 @@ def _fit(
     image_size = resolve_image_size(cfg, train_set)
     counts = class_counts(train_set) if cfg.remedy.class_weights is not None else None
     recorder = BalanceRecorder() if e.record else None
+    image_counts = class_image_counts(train_set) if needs_image_counts(cfg) else None
     model: nn.Module = build_model(
-        cfg, num_classes=train_set.num_classes, image_size=image_size, counts=counts, recorder=recorder
+        cfg, num_classes=train_set.num_classes, image_size=image_size, counts=counts, recorder=recorder,
+        image_counts=image_counts,
     ).to(device)
     if device.type == "cpu":
         # oneDNN convolutions run faster in NHWC (a RetinaNet step on the tiny backbone, batch 16, 2 threads,
@@ -779,7 +783,9 @@ def load_trained_model(
     cfg = load_toml(state["config"], source=f"{checkpoint}:config")
     k = int(state["num_classes"])
     counts = torch.ones(k, dtype=torch.int64) if cfg.remedy.class_weights is not None else None
-    model = build_model(cfg, num_classes=k, image_size=int(state["image_size"]), counts=counts)
+    image_counts = torch.ones(k, dtype=torch.int64) if needs_image_counts(cfg) else None  # the buffer is loaded
+    model = build_model(cfg, num_classes=k, image_size=int(state["image_size"]), counts=counts,
+                        image_counts=image_counts)
     model.load_state_dict(state["model"])
     info = {key: state[key] for key in ("num_classes", "label_names", "image_size", "step", "version")}
     info["category_ids"] = state.get("category_ids")
