@@ -7,19 +7,31 @@
   and :mod:`~detbalance.analysis.gradients` (:func:`gradient_stats` / :class:`GradientAccumulator` /
   :func:`probe_gradients`: gradient-norm density, easy/hard quadrants, gradient shares under CE / focal /
   GHM-C, loss CDFs; :func:`per_class_ap`); :mod:`~detbalance.analysis.stats` re-exports them all;
+* :mod:`~detbalance.analysis.pisa_atss`: what PISA (ISR-P weight by IoU-HLR rank, :func:`isr_weight_stats`)
+  and ATSS (positives and IoU threshold per object, :func:`atss_stats`) do to the balance they target;
 * :mod:`~detbalance.analysis.progress`: the one progress display (rich bar or plain log lines);
 * :mod:`~detbalance.analysis.plots`: one matplotlib ``Figure`` per diagnostic, and :func:`plot_run` for a
   training run folder (``detbalance plot RUN_DIR``);
 * :mod:`~detbalance.analysis.profile`: :func:`run_profile` (``detbalance profile``).
 """
 
+from detbalance.analysis.pisa_atss import (
+    ATSSStats,
+    ISRStats,
+    atss_stats,
+    detector_atss_stats,
+    detector_isr_stats,
+    isr_weight_stats,
+)
 from detbalance.analysis.plots import (
     plot_assignment,
+    plot_atss,
     plot_box_sizes,
     plot_class_ap,
     plot_class_frequency,
     plot_ghm_histogram,
     plot_gradient_density,
+    plot_isr_weights,
     plot_loss_cdfs,
     plot_loss_curves,
     plot_ohem_losses,
@@ -47,25 +59,33 @@ from detbalance.analysis.stats import (
 )
 
 __all__ = [
+    "ATSSStats",
     "AssignmentStats",
     "DatasetStats",
     "GradientAccumulator",
     "GradientStats",
+    "ISRStats",
     "UnmatchedBox",
     "assignment_stats",
+    "atss_stats",
     "dataset_stats",
     "detector_assignment_stats",
+    "detector_atss_stats",
+    "detector_isr_stats",
     "focal_gradient_magnitude",
     "gradient_stats",
+    "isr_weight_stats",
     "match_anchors",
     "per_class_ap",
     "probe_gradients",
     "plot_assignment",
+    "plot_atss",
     "plot_box_sizes",
     "plot_class_ap",
     "plot_class_frequency",
     "plot_ghm_histogram",
     "plot_gradient_density",
+    "plot_isr_weights",
     "plot_loss_cdfs",
     "plot_loss_curves",
     "plot_ohem_losses",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from detbalance.analysis.assignment import AssignmentStats
 from detbalance.analysis.dataset import DatasetStats
 from detbalance.analysis.gradients import QUADRANTS, GradientStats
+from detbalance.analysis.pisa_atss import ATSSStats, ISRStats
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -676,3 +677,45 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             f"records ({', '.join(_RECORD_FILES)})"
         )
     return written
+
+
+# ------------------------------------------------------------------------------------------ PISA / ATSS
+
+
+def plot_atss(stats: ATSSStats) -> Figure:
+    """ATSS per object: positives per object (histogram) and IoU threshold against object size."""
+    fig, axes = _figure(1, 2, size=(12.0, 4.4))
+    ax = axes[0, 0]
+    pos = stats.positives_per_object
+    top = max(pos) if pos else 0
+    ax.hist(pos, bins=[x - 0.5 for x in range(top + 2)], color="#2ca02c", edgecolor="white")
+    ax.set_title(f"Positive anchors per object (mean {stats.mean_positives:.1f}; "
+                 f"{stats.num_without_positive} of {len(pos)} objects without one)")
+    ax.set_xlabel(f"positive anchors (ATSS, top-{stats.topk} per level)")
+    ax.set_ylabel("objects")
+    ax = axes[0, 1]
+    ax.scatter(stats.object_sizes, stats.thresholds, s=8, alpha=0.5, color="#4c72b0", label="objects")
+    ax.axhline(0.5, ls="--", color="#7f7f7f", label="IoU assignment: positive at 0.5")
+    ax.set_title("ATSS's IoU threshold per object (mean + std of its candidates' IoU)")
+    ax.set_xlabel("object size sqrt(w h) (px, model input)")
+    ax.set_ylabel("IoU threshold")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_isr_weights(stats: ISRStats) -> Figure:
+    """PISA's ISR-P: mean weight of the positives per normalised IoU-HLR rank bin (0 = most prime)."""
+    fig, axes = _figure(1, 1, size=(6.4, 4.4))
+    ax = axes[0, 0]
+    edges = stats.bin_edges
+    mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    vals = [float("nan") if v is None else v for v in stats.mean_weight]
+    ax.bar(mids, vals, width=edges[1] - edges[0], color="#dd8452", edgecolor="white", label="mean ISR-P weight")
+    ax.axhline(1.0, ls="--", color="#7f7f7f", label="unweighted (1)")
+    ax.set_title(f"ISR-P weight by IoU-HLR (k {stats.k:g}, bias {stats.bias:g}; first bin carries "
+                 f"{100 * stats.top_decile_share:.0f}% of the weight)", fontsize=10)
+    ax.set_xlabel("IoU-HLR / n_max (0 = most prime)")
+    ax.set_ylabel("mean weight")
+    ax.legend(fontsize=8)
+    return fig

@@ -464,6 +464,26 @@ def run_profile(
         bar.stage("anchors: assignment", total=None)
         astats = dataset_assignment_stats(model, train, num_images=assignment_images, seed=seed, targets=targets)
 
+        atss = isr = None
+        head = getattr(model, "head", None)
+        assigner = getattr(head, "assigner", None)
+        if assigner is not None and hasattr(assigner, "topk"):  # ATSS: positives and threshold per object
+            from detbalance.analysis.assignment import sample_indices
+            from detbalance.analysis.pisa_atss import detector_atss_stats
+
+            bar.stage("anchors: ATSS per object", total=None)
+            idx = sample_indices(n, min(assignment_images, 100), seed)
+            atss = detector_atss_stats(model, [targets[i] for i in idx], [train.image_size(i) for i in idx],
+                                       topk=int(assigner.topk))
+        pisa = getattr(head, "pisa", None)
+        if pisa is not None and pisa.isr_k is not None and arch == "retinanet":  # PISA: ISR-P weight by rank
+            from detbalance.analysis.assignment import sample_indices
+            from detbalance.analysis.pisa_atss import detector_isr_stats
+
+            bar.stage("model: ISR-P weights", total=None)
+            isr = detector_isr_stats(model, train, sample_indices(n, num_images, seed + 3), k=pisa.isr_k,
+                                     bias=pisa.isr_bias)
+
         gstats: GradientStats | None = None
         notes: list[str] = []
         if state is None:
@@ -495,8 +515,25 @@ def run_profile(
 
         bar.stage("figures", total=None)
         figures = _figures(dstats, astats, gstats, class_ap, output)
+        if atss is not None:
+            figures.append(("atss", plots.save_figure(plots.plot_atss(atss), output / "atss.png")))
+        if isr is not None:
+            figures.append(("isr_weights", plots.save_figure(plots.plot_isr_weights(isr), output / "isr_weights.png")))
 
     lines = readings(dstats, astats, gstats, class_ap)
+    if atss is not None and atss.positives_per_object:
+        thr = sorted(atss.thresholds)
+        lines.append(
+            f"ATSS gives each object {atss.mean_positives:.1f} positive anchors on average "
+            f"({atss.num_without_positive} of {len(atss.positives_per_object)} objects get none); its IoU "
+            f"threshold per object runs from {thr[0]:.2f} to {thr[-1]:.2f} (median {thr[len(thr) // 2]:.2f}), "
+            "where the IoU assignment uses 0.5 for every object."
+        )
+    if isr is not None and isr.num_positives:
+        lines.append(
+            f"PISA's ISR-P puts {100 * isr.top_decile_share:.0f}% of the positives' classification weight on the "
+            f"first tenth of the IoU-HLR ranks (over {isr.num_positives} positives; k {isr.k:g}, bias {isr.bias:g})."
+        )
     recs = recommendations(dstats, astats, gstats, arch=arch, trained=state is not None)
     result = {
         "data": data,
@@ -510,6 +547,8 @@ def run_profile(
         "dataset": dstats,
         "assignment": astats,
         "gradient": gstats,
+        "atss": atss,
+        "isr": isr,
         "class_ap": class_ap,
         "notes": notes,
         "readings": lines,
@@ -537,6 +576,8 @@ _CAPTIONS = {
     "quadrant_shares": "Easy/hard x positive/negative: share of the examples and of the gradient under each loss.",
     "loss_cdfs": "Focal figure 4: cumulative loss of positives and negatives for several γ.",
     "class_ap": "Per-class AP against training frequency.",
+    "atss": "ATSS: positive anchors per object, and each object's IoU threshold (mean + std of its candidates).",
+    "isr_weights": "PISA's ISR-P: the positives' classification weight by normalised IoU-HLR (0 = most prime).",
 }
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from detbalance.config import (
+    ATSSConfig,
     BootstrapConfig,
     CEConfig,
     ClassWeightsConfig,
@@ -31,9 +32,11 @@ from detbalance.config import (
     ModelConfig,
     OHEMConfig,
     OptimConfig,
+    PISAConfig,
     RemedyConfig,
     RepeatFactorConfig,
     ScheduleConfig,
+    ScoreHLRConfig,
     SSDMiningConfig,
     StratifiedOHEMConfig,
 )
@@ -204,7 +207,11 @@ SUITES: dict[str, Suite] = {
             "zero-initialised EMA updated only in populated bins, torchvision's background column left out "
             "(held to a transcription of mmdetection's code in tests/reference/mmdet_ghm.py). Our options "
             "(the paper's all-bins normalisation, bias correction, decaying empty bins, one all-level "
-            "histogram) are not used here."
+            "histogram) are not used here. ATSS + focal: focal loss with ATSS assignment (Zhang et al. 2020, "
+            "mmdetection's ATSSAssigner, topk 9 per level, threshold mean + std of the candidates' IoU, centre "
+            "inside the object) in place of the IoU matching at 0.5 / 0.4; its control is the focal arm (same "
+            "loss, same anchors), so the pair isolates the assignment. The anchors stay torchvision's (several "
+            "per location), where mmdetection's ATSS config tiles one."
         ),
         methods=(
             Method("ce", "CE", RemedyConfig(cls_loss=CEConfig())),
@@ -212,6 +219,11 @@ SUITES: dict[str, Suite] = {
             Method("focal", "focal (2, 0.25)", RemedyConfig(cls_loss=FocalConfig(alpha=0.25, gamma=2.0))),
             Method("ghm_c", "GHM-C", RemedyConfig(cls_loss=GHMCConfig())),
             Method("ghm_c_r", "GHM-C + GHM-R", RemedyConfig(cls_loss=GHMCConfig(), box_loss=GHMRConfig())),
+            Method(
+                "atss_focal",
+                "ATSS + focal",
+                RemedyConfig(cls_loss=FocalConfig(alpha=0.25, gamma=2.0), assigner=ATSSConfig(topk=9)),
+            ),
         ),
     ),
     "samplers": Suite(
@@ -233,7 +245,10 @@ SUITES: dict[str, Suite] = {
             "0.5, w_loc 0.5 -> 1.5 and the per-stratum distribution are ours, the paper's full text was not "
             "available), or fixed ratio with one round of offline bootstrapping (half the budget, then mine "
             "confident false positives on the un-augmented training set; they follow each image's flip and "
-            "fill the background budget first)."
+            "fill the background budget first). PISA is mmdetection's faster-rcnn_r50_fpn_pisa recipe at the "
+            "suite's budget: the Score-HLR sampler (ISR-N: 64 per image at 0.25, negatives ranked by score "
+            "hierarchical local rank from the same read-only pass as OHEM, k 0.5, score_thr 0.05, NMS-match 0.5) "
+            "with ISR-P (k 2, bias 0) and CARL (k 1, bias 0.2)."
         ),
         methods=(
             Method("fixed", "fixed 1:3", RemedyConfig(roi_sampler=FixedRatioConfig(num_samples=_ROIS))),
@@ -243,6 +258,11 @@ SUITES: dict[str, Suite] = {
                 "bootstrap",
                 "fixed 1:3 + bootstrapping",
                 RemedyConfig(roi_sampler=FixedRatioConfig(num_samples=_ROIS), bootstrap=BootstrapConfig(rounds=1)),
+            ),
+            Method(
+                "pisa",
+                "PISA (ISR-N + ISR-P + CARL)",
+                RemedyConfig(roi_sampler=ScoreHLRConfig(num_samples=_ROIS), pisa=PISAConfig()),
             ),
         ),
     ),
