@@ -24,7 +24,9 @@ def _seed():
     random.seed(0)
     np.random.seed(0)  # noqa: NPY002 (code under test may use the legacy global RNG)
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    torch.set_num_threads(threads)  # the CLI's train and compare choose their own thread count
     # fit() and configure_cpu() flush denormals process-wide (right for training, see engine.train);
     # undo it so later tests (hypothesis float strategies, subnormal cases) see IEEE arithmetic.
     torch.set_flush_denormal(False)

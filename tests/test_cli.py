@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -176,7 +177,11 @@ def test_compare_profile_plot_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "detbalance.analysis.profile", profile)
     monkeypatch.setitem(sys.modules, "detbalance.analysis.plots", plots)
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert main(["compare", "--suite", "samplers", "--iters", "5", "--seeds", "2", "--output", str(tmp_path)]) == 0
+    # no --threads: the cores the load leaves free, said with the reason
+    assert re.search(r"^threads: \d+ \(load average [\d.]+ on \d+ cores: about [\d.]+ free; --threads N sets it\)$",
+                     capsys.readouterr().out, flags=re.M)
     assert calls["compare"] == {
         "suite": "samplers", "preset": None, "iters": 5, "budget": "short", "seeds": 2, "output": tmp_path,
         "batch_size": 16, "device": "auto", "progress": True,
@@ -202,3 +207,38 @@ def test_compare_profile_plot_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert f"plot: {tmp_path / 'a.png'}" in capsys.readouterr().out
     assert main(["plot", str(tmp_path / "nope")]) == 1
     assert "not found" in _error_line(capsys)
+
+
+def test_sigterm_and_sigint_end_with_the_command_that_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    import os
+    import signal
+    import time
+
+    import detbalance.engine
+
+    def terminate(**_: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the handler raises before this returns
+
+    compare = types.ModuleType("detbalance.compare")
+    compare.run_compare = terminate
+    monkeypatch.setitem(sys.modules, "detbalance.compare", compare)
+    out = tmp_path / "cmp dir"
+    assert main(["compare", "--suite", "losses", "--iters", "5", "--output", str(out), "--threads", "1"]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err == ("detbalance: interrupted by SIGTERM; finished runs are kept and the interrupted one resumes from "
+                   f"its last checkpoint; resume with: detbalance compare --suite losses --iters 5 --output "
+                   f"'{out}' --threads 1")
+    assert signal.getsignal(signal.SIGTERM) is not None  # restored
+
+    def train_then_stop(cfg, *, output, **_: object) -> None:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt  # Ctrl-C
+
+    monkeypatch.setattr(detbalance.engine, "fit", train_then_stop)
+    run = tmp_path / "run"
+    assert main(["train", "--data", "builtin:tiny", "--output", str(run), "--threads", "1", "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"detbalance: interrupted by SIGINT; resume with: detbalance train --output {run} --resume")

@@ -123,8 +123,11 @@ def test_suite_selection():
 
 
 def test_compare_end_to_end_reuse_and_keying(tmp_path, monkeypatch):
+    from detbalance.compare import runs as runs_module
+
     kw = dict(suite="noise", preset="tiny", seeds=2, output=tmp_path, batch_size=4, device="cpu", progress=False,
               command="detbalance compare --suite noise")
+    monkeypatch.setattr(runs_module, "LOAD_SAMPLE_S", 0.0)  # a load sample at every step
     report = run_compare(iters=8, **kw)
     text = report.read_text()
     results = json.loads((tmp_path / "results.json").read_text())
@@ -136,7 +139,8 @@ def test_compare_end_to_end_reuse_and_keying(tmp_path, monkeypatch):
             assert 0.0 <= run["metrics"]["AP"] <= 1.0 and run["wall_s"] > 0
             assert run["grad_density"]["split"] == "train" and sum(run["grad_density"]["counts"]) > 0
             assert len([p for p in run["curve"] if "AP" in p]) >= MIN_CURVE_POINTS
-            assert len(run["load_average"]) == 2 and run["images_per_s"] > 0 and run["device"] == "CPU"
+            assert len(run["load_average"]) == 8 + 2 and run["images_per_s"] > 0 and run["device"] == "CPU"
+            assert 0 < run["cpu_s"] and run["threads"] >= 1
             assert (tmp_path / run["folder"] / "checkpoint.pt").is_file()
     assert "| focal (2, 0.25) |" in text and "| GHM-C |" in text and "pos:neg (retinanet assignment, per level)" in text
     assert "| trained on | CPU (4 runs) |" in text
@@ -185,17 +189,38 @@ def test_compare_end_to_end_reuse_and_keying(tmp_path, monkeypatch):
 
 
 def test_compare_on_a_make_data_folder(tmp_path):
+    """On a user's data the report describes that data; a second suite into the same folder keeps the first's."""
     from detbalance.cli import main
 
     assert main(["make-data", "--preset", "tiny", "--output", str(tmp_path / "d")]) == 0
-    report = run_compare(suite="ssd", data=str(tmp_path / "d" / "train"), val=str(tmp_path / "d" / "test"),
-                         iters=2, output=tmp_path / "out", batch_size=2, device="cpu", progress=False)
+    kw = dict(data=str(tmp_path / "d" / "train"), val=str(tmp_path / "d" / "test"), iters=2, output=tmp_path / "out",
+              batch_size=2, device="cpu", progress=False)
+    report = run_compare(suite="ssd", **kw)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     summary = results["suites"]["ssd"]["data_summary"]
     assert summary["images"].startswith("64 train / 16 validation")
     assert summary["rare classes"].startswith("3, 4 ") and "pos:neg (ssd assignment, per level)" in summary
     assert all(r["config"].count(str(tmp_path / "d")) == 2 for m in results["suites"]["ssd"]["methods"] for r in m["runs"])
     assert "Suite `ssd`" in report.read_text() and "(test split)" in summary["validation"]
+
+    report = run_compare(suite="classes", **kw)  # a second command, another suite, the same folder
+    out = tmp_path / "out"
+    for name in ("ssd", "classes"):
+        assert (out / f"report-{name}.md").is_file() and (out / f"report-{name}.html").is_file()
+        assert list(json.loads((out / f"results-{name}.json").read_text())["suites"]) == [name]
+        assert f"[report-{name}.md](report-{name}.md)" in report.read_text()
+    assert "Suite `ssd`" not in (out / "report-classes.md").read_text()
+    text = report.read_text()
+    assert text.index("Suite `ssd`") < text.index("Suite `classes`")  # both, in the order of SUITES
+    assert "## Setup of `ssd`" in text and "## Setup of `classes`" in text  # two commands, two setups
+    # the descriptions are the data's, never the built-in benchmark's
+    classes = json.loads((out / "results-classes.json").read_text())["suites"]["classes"]
+    counts = classes["train_class_frequency"]
+    assert f"training split: {sum(counts.values())} instances over 5 classes, " in classes["description"]
+    assert f"{max(counts.values()) / min(counts.values()):,.0f}:1 most to least frequent" in classes["description"]
+    for text in (report.read_text(), (out / "report-classes.md").read_text(), (out / "report-ssd.md").read_text()):
+        for builtin in ("100:1", "balanced test split", "128 px", "long-tailed training split"):
+            assert builtin not in text
 
 
 def test_bad_arguments(tmp_path):
@@ -205,6 +230,8 @@ def test_bad_arguments(tmp_path):
         run_compare(iters=0, progress=False, output=tmp_path)
     with pytest.raises(ValueError, match="--data needs --val"):
         run_compare(data="x", iters=1, progress=False, output=tmp_path)
+    with pytest.raises(ValueError, match="--val needs --data"):
+        run_compare(val="x", iters=1, progress=False, output=tmp_path)
     with pytest.raises(ValueError, match="--budget"):
         run_compare(budget="long", progress=False, output=tmp_path)
 
@@ -361,11 +388,11 @@ def test_throughput_names_the_device_unless_every_run_was_on_a_cpu():
         return {"key": "m", "label": "m", "runs": runs}
 
     cpu = method("CPU", "CPU")
-    assert _throughput(summarize_method(cpu), cpu) == "150 (load 2.5)"
+    assert _throughput(summarize_method(cpu), cpu) == "150 (load 1.8)"  # the mean of the samples
     mixed = method("CPU", "CUDA NVIDIA H200")
-    assert _throughput(summarize_method(mixed), mixed) == "150 on CPU, CUDA NVIDIA H200 (load 2.5)"
+    assert _throughput(summarize_method(mixed), mixed) == "150 on CPU, CUDA NVIDIA H200 (load 1.8)"
     old = method(None)
-    assert _throughput(summarize_method(old), old) == "100 on unrecorded (load 2.5)"
+    assert _throughput(summarize_method(old), old) == "100 on unrecorded (load 1.8)"
 
 
 def test_a_run_names_every_device_that_trained_a_part_of_it(tmp_path):

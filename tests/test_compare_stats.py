@@ -278,3 +278,51 @@ def test_a_can_replace_claim_needs_an_interval_that_excludes_a_loss_over_one_ap(
     # differences -3, -3.2, -2.8: worse
     assert agrees([0.47, 0.488, 0.452]) == "no"
     assert agrees([0.47]) == "undecided (needs 3 seeds)"
+
+
+def test_no_plateau_line_for_arms_that_did_not_learn(tmp_path):
+    """Curves stuck near 0 AP are flat without having converged: the check says no arm learnt instead."""
+    from detbalance.compare.study import plateau_rows
+
+    stuck = {"baseline": "a", "optim": "adamw", "iterations": 800, "methods": [
+        {"key": "a", "label": "A", "runs": [_curve_run(0, [0.0] * 8)]},
+        {"key": "b", "label": "B", "runs": [_curve_run(0, [0.0] * 7 + [0.004])]},
+    ]}
+    p = plateau(stuck)
+    assert p.arm == "B" and not p.learned and not p.reached
+    text = findings(stuck)[0]
+    assert "a plateau by" not in text and "not a plateau" not in text
+    assert ("Plateau check: none. The best arm, B, ends at 0.4 AP (mean of 1 seed), below 5 AP: no arm has learnt "
+            "to detect at this budget") in text
+    assert plateau_rows({"suites": {"ssd": stuck}}) == [
+        "| ssd | adamw | 800 | B | 0.0 -> 0.4 (600 -> 800, 1 seed) | +0.4 | no arm learnt (below 5 AP) |"]
+
+
+def test_an_arm_equal_to_another_is_reported_with_the_reason():
+    from detbalance.compare.stats import identical_arms
+
+    def runs(aps, mined=None):
+        out = []
+        for seed, ap in enumerate(aps):
+            run = {"seed": seed, "metrics": {"AP": ap, "per_class": {"0": ap}}}
+            if mined is not None:
+                run["hooks"] = [{"type": "bootstrap", "step": 350, "round": 1, "hard_negatives": mined, "images": 0}]
+            out.append(run)
+        return out
+
+    suite = {"baseline": "fixed", "methods": [
+        {"key": "fixed", "label": "fixed 1:3", "runs": runs([0.30, 0.31, 0.32])},
+        {"key": "ohem", "label": "OHEM", "runs": runs([0.30, 0.31, 0.33])},  # differs in one seed
+        {"key": "bootstrap", "label": "fixed 1:3 + bootstrapping", "runs": runs([0.30, 0.31, 0.32], mined=0)},
+    ]}
+    assert identical_arms(suite) == [("bootstrap", "fixed")]
+    assert ("fixed 1:3 + bootstrapping equals fixed 1:3 exactly in every seed (3): no false positives were mined "
+            "(0 hard negatives in each of its 3 bootstrapping rounds, at iteration 350), so its sampler had nothing "
+            "to put first and drew exactly what the fixed ratio draws.") in findings(suite)[0]
+    # mined negatives but the same numbers: reported, without a made-up reason
+    suite["methods"][2]["runs"] = runs([0.30, 0.31, 0.32], mined=5)
+    assert ("fixed 1:3 + bootstrapping equals fixed 1:3 exactly in every seed (3): the runs record no reason"
+            in findings(suite)[0])
+    # the per-class APs count: equal AP alone is not equality
+    suite["methods"][2]["runs"][0]["metrics"]["per_class"] = {"0": 0.1}
+    assert identical_arms(suite) == []

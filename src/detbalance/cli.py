@@ -2,7 +2,8 @@
 
 Errors print one line (``detbalance: error: ...``) and exit with status 1 (2 for a flag argparse rejects);
 ``--debug`` shows the traceback. A command that fails removes the output folder it created, if it holds
-nothing.
+nothing. SIGINT (Ctrl-C) and SIGTERM end a command with one line that gives the exact command to resume
+it (``compare``: the same command; ``train``: ``--resume``), exit status 130 / 143.
 
 How a command is put together (add a flag or a command the same way):
 
@@ -30,7 +31,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -73,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads), >= 1")
+    def common(p: argparse.ArgumentParser, *, auto_threads: bool = False) -> None:
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads (torch.set_num_threads), >= 1 (default: "
+                       + ("the cores the load leaves free, printed at the start" if auto_threads else "torch's")
+                       + "; OMP_NUM_THREADS also sets it)")
+        p.set_defaults(auto_threads=auto_threads)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     p = sub.add_parser("train", help="train one experiment", description="Train one experiment (see configs/).")
@@ -88,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="write the run files into an --output that already holds files or a run (replacing it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    common(p)
+    common(p, auto_threads=True)
     p.set_defaults(check=_check_train, func=_cmd_train, output_is_folder=True)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (COCO AP)")
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: report the finished runs, list the others (read a long study while it runs)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    common(p)
+    common(p, auto_threads=True)
     p.set_defaults(check=_check_compare, func=_cmd_compare, output_is_folder=True)
 
     p = sub.add_parser("profile", help="imbalance statistics of a dataset and a detector")
@@ -284,9 +292,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from detbalance.engine import fit
 
     cfg, output = args.cfg, args.output
+    import torch
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no held-out data")  # printed below as a note
         result = fit(cfg, output=output, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     if result.already_finished:
         print(f"{result.note}; evaluate it with: detbalance eval --checkpoint {result.checkpoint}")
         return 0
@@ -303,7 +315,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _print_metrics(result.train_metrics)
     if result.note is not None:
         print(f"note: {result.note}")
-    print(f"run folder: {output}  ({result.images_per_s:.1f} train images/s)")
+    print(f"run folder: {output}  ({result.images_per_s:.1f} train images/s; wall {wall:.0f} s, CPU {cpu:.0f} s "
+          f"at {torch.get_num_threads()} threads)")
     return 0
 
 
@@ -436,6 +449,40 @@ def _remove_if_empty(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
+def _configure_threads(args: argparse.Namespace) -> None:
+    """Set the intra-op threads: ``--threads``, else (train, compare) the cores the load leaves free, printed
+    with the reason, unless ``OMP_NUM_THREADS`` chose (torchrun sets it to 1 per process)."""
+    from detbalance.engine.train import choose_threads, configure_cpu
+
+    threads = args.threads
+    if threads is None and args.auto_threads and "OMP_NUM_THREADS" not in os.environ:
+        choice = choose_threads()
+        threads = choice.threads
+        if os.environ.get("RANK", "0") == "0":
+            print(f"threads: {threads} ({choice.reason}; --threads N sets it)", flush=True)
+    configure_cpu(threads)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM ends a command as Ctrl-C does: through ``KeyboardInterrupt``, so locks and files are cleaned up."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _resume_hint(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """How to continue an interrupted command: the exact command line to run."""
+    command = shlex.join(["detbalance", *argv])
+    if args.command == "compare":
+        return (f"finished runs are kept and the interrupted one resumes from its last checkpoint; resume with: "
+                f"{command}")
+    if args.command == "train":
+        output = Path(args.output)
+        if (output / "checkpoint.pt").is_file():
+            return f"resume with: {shlex.join(['detbalance', 'train', '--output', str(output), '--resume'])}"
+        again = command if "--overwrite" in argv or not output.exists() else f"{command} --overwrite"
+        return f"no checkpoint was written yet; start again with: {again}"
+    return f"rerun: {command}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
@@ -447,18 +494,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = "detbalance " + " ".join(argv)
     debug = bool(getattr(args, "debug", False))
     created: Path | None = None
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         _check_common(args)
         args.check(args)  # arguments, paths and config, before torch is imported
         if args.output_is_folder:
             created = _first_missing(Path(args.output))
-        from detbalance.engine.train import configure_cpu
-
-        configure_cpu(getattr(args, "threads", None))  # before any tensor work: denormals, thread count
+        _configure_threads(args)  # before any tensor work: denormals, thread count
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print("detbalance: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        name = str(interrupt) or "SIGINT"
+        print(f"detbalance: interrupted by {name}; {_resume_hint(args, argv)}", file=sys.stderr)
+        return 128 + int(getattr(signal, name, signal.SIGINT))
     except Exception as err:
         if created is not None:
             _remove_if_empty(created)
@@ -467,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"detbalance: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from detbalance.data import collate_detection, make_benchmark
 from detbalance.detectors.build import build_detector
-from detbalance.engine import NonFiniteLossError, StepMetrics, configure_cpu, train_one_epoch
+from detbalance.engine import NonFiniteLossError, StepMetrics, choose_threads, configure_cpu, train_one_epoch
 
 
 def _setup(seed: int = 0, *, lr: float = 0.01) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -110,3 +110,33 @@ def test_configure_cpu_flushes_denormals() -> None:
     assert torch.get_num_threads() == threads
     x = torch.tensor([1e-39], dtype=torch.float32)  # a float32 denormal
     assert float(x * 1.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "threads"),
+    [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 7.0, 1), (8, 2.6, 5), (8, 0.0, 8), (1, 0.0, 1)],
+)
+def test_choose_threads_takes_the_cores_the_load_leaves_free(cores, load, threads) -> None:
+    """round(cores - load) within [1, cores]: one busy job on 2 cores leaves 1 thread, an idle machine all."""
+    choice = choose_threads(cores=cores, load=load)
+    assert choice.threads == threads and choice.cores == cores and choice.load == load
+    assert choice.reason == f"load average {load:.2f} on {cores} cores: about {max(0.0, cores - load):.1f} free"
+
+
+def test_choose_threads_measures_and_falls_back(monkeypatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    choice = choose_threads()
+    assert choice.threads == choice.cores >= 1 and choice.cores <= len(os.sched_getaffinity(0))
+
+    def no_load():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    choice = choose_threads(cores=3)
+    assert choice == (3, 3, None, "3 cores, no load average on this system")
+    with pytest.raises(ValueError, match="cores must be >= 1, got 0"):
+        choose_threads(cores=0, load=0.0)
+    with pytest.raises(ValueError, match="load must be >= 0"):
+        choose_threads(cores=2, load=-1.0)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MethodSummary", "format_mean_std", "inline_html", "summarize_method", "write_report"]
+__all__ = ["MethodSummary", "format_mean_std", "inline_html", "summarize_method", "write_combined_report", "write_report"]
 
 # Columns of each suite's table: (key in a run's metrics, header).
 _METRIC_COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("APs", "APs"), ("rare_AP", "rare-class AP"))
@@ -192,15 +192,21 @@ def _plot_density(suite: dict[str, Any], path: Path) -> Path | None:
 # Blocks and rendering
 
 
+def _loads(runs: list[dict[str, Any]]) -> list[float]:
+    """The load-average samples of ``runs`` (start, every few seconds during the run, end)."""
+    return [float(x) for r in runs for x in (r.get("load_average") or []) if x is not None]
+
+
 def _runs_line(method: dict[str, Any]) -> str:
     parts = []
     for run in method["runs"]:
-        load = run.get("load_average") or [None, None]
-        wall = run.get("wall_s")
+        loads = _loads([run])
+        wall, cpu = run.get("wall_s"), run.get("cpu_s")
         parts.append(
             f"seed {run['seed']}: `{run.get('folder', '?')}`"
             + (f", {wall / 60:.1f} min" if wall else "")
-            + (f", load {load[0]}–{load[1]}" if load[0] is not None else "")
+            + (f" (CPU {cpu / 60:.1f} min at {run.get('threads', '?')} threads)" if wall and cpu is not None else "")
+            + (f", load {min(loads):.1f}–{max(loads):.1f} over {len(loads)} samples" if loads else "")
         )
     return f"{method['label']}: " + "; ".join(parts)
 
@@ -208,14 +214,14 @@ def _runs_line(method: dict[str, Any]) -> str:
 def _throughput(s: MethodSummary, method: dict[str, Any]) -> str:
     if math.isnan(s.images_per_s):
         return "–"
-    loads = [x for r in method["runs"] for x in (r.get("load_average") or []) if x is not None]
+    loads = _loads(method["runs"])
     devices = {r.get("device", "unrecorded") for r in method["runs"]}
     # img/s on a GPU and on a CPU are not one quantity: name the device unless every run was on a CPU
     where = "" if devices == {"CPU"} else f" on {', '.join(sorted(devices))}"
-    return f"{s.images_per_s:.0f}{where}" + (f" (load {max(loads):.1f})" if loads else "")
+    return f"{s.images_per_s:.0f}{where}" + (f" (load {sum(loads) / len(loads):.1f})" if loads else "")
 
 
-def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple]:
+def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path, *, plots: bool = True) -> list[tuple]:
     from detbalance.compare.stats import findings, format_difference, suite_differences, twin_of_labels
 
     blocks: list[tuple] = [("h2", f"Suite `{name}`: {suite['title']}"), ("p", suite.get("description", ""))]
@@ -252,8 +258,8 @@ def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple
         "p",
         "AP columns are COCO AP in %, mean ± sample std over seeds (faster-coco-eval on the validation split). "
         "Δ is the mean per-seed difference to the baseline (arms share initial weights per seed) with its 95 % "
-        "Student-t interval; a verdict needs 3 seeds. Throughput is training images/s, with the highest "
-        "1-minute load average seen at the start or end of the runs.",
+        "Student-t interval; a verdict needs 3 seeds. Throughput is training images/s, with the mean of the "
+        "1-minute load average sampled over the runs (at the start, every 15 s, and at the end).",
     ))
     for text in suite.get("findings") or findings(suite):
         blocks.append(("p", text))
@@ -263,8 +269,8 @@ def _suite_blocks(name: str, suite: dict[str, Any], out_dir: Path) -> list[tuple
         (_plot_per_class, "per_class", "AP per class"),
         (_plot_density, "grad_density", "gradient-norm density"),
     ):
-        png = maker(suite, out_dir / f"{name}_{suffix}.png")
-        if png is not None:
+        png = maker(suite, out_dir / f"{name}_{suffix}.png") if plots else out_dir / f"{name}_{suffix}.png"
+        if png is not None and png.is_file():
             blocks.append(("img", png.name, f"{suite['title']}: {alt}"))
     blocks.append(("p", "**Runs used.** " + " ".join(_runs_line(m) + "." for m in suite["methods"])))
     return blocks
@@ -345,32 +351,81 @@ def _render_html(blocks: list[tuple], title: str) -> str:
     return "\n".join(out)
 
 
-def write_report(results: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``report.md``, ``report.html`` and the plots (PNG) for a ``compare`` results dict.
+def _setup_blocks(setup: dict[str, Any], heading: str = "Setup") -> list[tuple]:
+    rows = [[k, ", ".join(v) if isinstance(v, list) else str(v)] for k, v in setup.items() if k not in ("command", "data")]
+    for k, v in setup.get("data", {}).items():
+        rows.append([f"data: {k}", str(v)])
+    return [("h2", heading), ("table", ["item", "value"], rows), ("p", "Command:"), ("code", setup.get("command", ""))]
+
+
+_INTRO = (
+    "Every method of a suite trains on the same data, from the same initial weights per seed, for the same number "
+    "of iterations with the same recipe, and is evaluated with the official COCO metric on the same validation "
+    "split, never on its training images."
+)
+
+
+def write_report(results: dict[str, Any], out_dir: Path, *, name: str = "report") -> Path:
+    """Write ``<name>.md``, ``<name>.html`` and the plots (PNG) for a ``compare`` results dict.
 
     Args:
         results: the content of ``results.json`` (keys ``setup`` and ``suites``).
         out_dir: folder to write into (created if missing).
+        name: the reports' file name without its suffix (``compare`` writes ``report-<suite>`` per suite).
+
+    Returns:
+        The path of ``<name>.md``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks: list[tuple] = [("h1", "detbalance compare: imbalance remedies side by side"), ("p", _INTRO)]
+    blocks += _setup_blocks(results["setup"])
+    for suite_name, suite in results["suites"].items():
+        blocks.extend(_suite_blocks(suite_name, suite, out_dir))
+    md_path = out_dir / f"{name}.md"
+    md_path.write_text(_render_md(blocks))
+    (out_dir / f"{name}.html").write_text(_render_html(blocks, "detbalance compare"))
+    return md_path
+
+
+def write_combined_report(parts: list[dict[str, Any]], out_dir: Path) -> Path:
+    """Write ``report.md`` / ``report.html``: every suite whose results are in ``out_dir``, with links to each
+    suite's own report.
+
+    Each suite's results are kept in ``results-<suite>.json`` and its report in ``report-<suite>.md`` /
+    ``.html``, so a second ``compare`` into the same folder adds its suites instead of replacing the first's.
+
+    Args:
+        parts: one results dict per suite (``{"setup", "suites": {name: suite}}``, the content of its
+            ``results-<suite>.json``), in the order to show; suites that share a setup (one invocation) are
+            shown under one setup table.
+        out_dir: the compare output folder (the plots of each suite are already there).
 
     Returns:
         The path of ``report.md``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    setup = results["setup"]
-    blocks: list[tuple] = [("h1", "detbalance compare: imbalance remedies side by side")]
-    blocks.append(("p", "Every method of a suite trains on the same data, from the same initial weights per seed, "
-                        "for the same number of iterations with the same recipe, and is evaluated with the "
-                        "official COCO metric on the same validation split, never on its training images."))
-    blocks.append(("h2", "Setup"))
-    rows = [[k, ", ".join(v) if isinstance(v, list) else str(v)] for k, v in setup.items() if k not in ("command", "data")]
-    for k, v in setup.get("data", {}).items():
-        rows.append([f"data: {k}", str(v)])
-    blocks.append(("table", ["item", "value"], rows))
-    blocks.append(("p", "Command:"))
-    blocks.append(("code", setup.get("command", "")))
-    for name, suite in results["suites"].items():
-        blocks.extend(_suite_blocks(name, suite, out_dir))
+    blocks: list[tuple] = [("h1", "detbalance compare: imbalance remedies side by side"), ("p", _INTRO)]
+    rows = []
+    for part in parts:
+        for suite_name, suite in part["suites"].items():
+            rows.append([
+                f"`{suite_name}`", suite["title"], f"`{part['setup'].get('command', '')}`",
+                f"[report-{suite_name}.md](report-{suite_name}.md), [html](report-{suite_name}.html)",
+            ])
+    blocks += [("h2", "Suites in this folder"), ("table", ["suite", "what", "command", "its own report"], rows)]
+    groups: list[tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]] = []
+    for part in parts:
+        for suite_name, suite in part["suites"].items():
+            if groups and groups[-1][0] == part["setup"]:
+                groups[-1][1].append((suite_name, suite))
+            else:
+                groups.append((part["setup"], [(suite_name, suite)]))
+    for setup, suites in groups:
+        heading = "Setup" if len(groups) == 1 else "Setup of " + ", ".join(f"`{n}`" for n, _ in suites)
+        blocks += _setup_blocks(setup, heading)
+        for suite_name, suite in suites:
+            blocks.extend(_suite_blocks(suite_name, suite, out_dir, plots=False))
     md_path = out_dir / "report.md"
     md_path.write_text(_render_md(blocks))
     (out_dir / "report.html").write_text(_render_html(blocks, "detbalance compare"))

@@ -59,6 +59,8 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
         raise ValueError(f"--data {cfg.data.train!r} / --val {cfg.data.val!r}: a split has no images")
     targets = [train.target(i) for i in range(len(train))]
     ds = dataset_stats(targets, num_classes=train.num_classes, class_names=train.label_names)
+    val_ds = dataset_stats([val.target(i) for i in range(len(val))], num_classes=val.num_classes,
+                           class_names=val.label_names)
     size = resolve_image_size(cfg, train)
     counts = class_counts(train) if cfg.remedy.class_weights is not None else None
     image_counts = class_image_counts(train) if needs_image_counts(cfg) else None
@@ -91,7 +93,29 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
             f"preset {d.get('preset')}, label noise {d.get('label_noise')}, box noise {d.get('box_noise')}, "
             f"long tail {d.get('long_tail_ratio')}, noisy labels {d.get('noisy_labels')}"
         )
-    return {"summary": summary, "class_frequency": class_freq, "rare": rare}
+    facts = {"image_size": size, "train_classes": _class_spread(ds), "val_classes": _class_spread(val_ds)}
+    return {"summary": summary, "class_frequency": class_freq, "rare": rare, "facts": facts}
+
+
+def _class_spread(ds: Any) -> str:
+    """How a split's instances spread over its classes, in words (``dataset_stats`` of the split)."""
+    total = sum(ds.instance_counts)
+    text = f"{total:,} instances over {len(ds.instance_counts)} classes"
+    if ds.imbalance_ratio is None:
+        return text
+    ratio = ds.imbalance_ratio
+    spread = f"balanced ({ratio:.1f}:1 most to least frequent)" if ratio < 1.5 else f"{ratio:,.0f}:1 most to least frequent"
+    absent = f", {len(ds.absent_classes)} absent" if ds.absent_classes else ""
+    return f"{text}, {spread}{absent}"
+
+
+def _suite_results(output: Path) -> list[dict[str, Any]]:
+    """The per-suite results (``results-<suite>.json``) in ``output``, in the order of :data:`SUITES`."""
+    import json
+
+    order = {name: i for i, name in enumerate(SUITES)}
+    paths = sorted(output.glob("results-*.json"), key=lambda p: (order.get(p.stem[len("results-"):], len(order)), p.name))
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
 
 
 def _wait_for_others(seconds: float = 30.0) -> None:
@@ -175,7 +199,7 @@ def run_compare(
         The path of ``report.md``.
     """
     from detbalance.analysis.progress import Progress
-    from detbalance.analysis.report import write_report
+    from detbalance.analysis.report import write_combined_report, write_report
 
     if iters is not None and iters < 1:
         raise ValueError(f"--iters must be >= 1, got {iters}")
@@ -225,7 +249,7 @@ def run_compare(
         )
         results["suites"][name] = {
             "title": s.title,
-            "description": s.description,
+            "description": s.describe(**info["facts"]),
             "recipe": recipe_text,
             "arch": s.arch,
             "iterations": n_iters,
@@ -304,7 +328,13 @@ def run_compare(
     for entry in results["suites"].values():
         entry["findings"] = findings(entry)
     write_json_atomic(output / "results.json", results)
-    report = write_report(results, output)
+    # Each suite keeps its own results and report, so a later compare into this folder adds to them; report.md
+    # shows every suite found here.
+    for name, entry in results["suites"].items():
+        one = {"setup": results["setup"], "suites": {name: entry}}
+        write_json_atomic(output / f"results-{name}.json", one)
+        write_report(one, output, name=f"report-{name}")
+    report = write_combined_report(_suite_results(output), output)
     if study:
         from detbalance.compare.study import write_study_readme
 

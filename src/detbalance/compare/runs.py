@@ -143,12 +143,23 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+LOAD_SAMPLE_S = 15.0
+"""Seconds between two samples of the load average during a run (``result.json``'s ``load_average``)."""
+
+
 def load_average() -> float | None:
     """The 1-minute load average (``None`` where the OS has none)."""
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
+
+
+def _hooks(metrics_file: Path) -> list[dict[str, Any]]:
+    """What the run's training hooks logged, e.g. ``{"type": "bootstrap", "step", "round", "hard_negatives",
+    "images"}`` per bootstrapping round (every record of ``metrics.jsonl`` that is not a train or eval record)."""
+    records = (json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip())
+    return [r for r in records if r.get("type") not in ("train", "eval")]
 
 
 def _curve(metrics_file: Path) -> list[dict[str, Any]]:
@@ -281,18 +292,24 @@ def run_one(
     device = device_name(cfg.engine.device)
     named = False
 
+    loads = [load_average()]  # sampled over the run, not only at its start and end
+    last_sample = time.perf_counter()
+
     def step(m: Any) -> None:
-        nonlocal named
+        nonlocal named, last_sample
         if not named:
             with open(folder / "devices.txt", "a", encoding="utf-8") as f:
                 f.write(device + "\n")
             named = True
+        if time.perf_counter() - last_sample >= LOAD_SAMPLE_S:
+            loads.append(load_average())
+            last_sample = time.perf_counter()
         on_step(m)
 
-    load_before = load_average()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     res = fit(cfg, output=folder, resume=resume, overwrite=restart, on_step=step, progress=False)
     train_s = time.perf_counter() - t0
+    loads.append(load_average())
     metrics = dict(res.metrics)
     metrics["rare_AP"] = _rare_ap(metrics.get("per_class", {}), rare)
     t1 = time.perf_counter()
@@ -303,12 +320,16 @@ def run_one(
         "folder": str(folder),
         "metrics": metrics,
         "images_per_s": res.images_per_s,
-        "load_average": [load_before, load_average()],
+        "load_average": loads,
         "threads": torch.get_num_threads(),
         "device": _devices(folder, device),
         "wall_s": train_s + (time.perf_counter() - t1),
+        # this process's CPU time (all its threads) over the same span: well below threads x wall_s when the
+        # run waited for cores that other jobs held
+        "cpu_s": time.process_time() - cpu0,
         "resumed": resume,
         "curve": _curve(res.metrics_file),
+        "hooks": _hooks(res.metrics_file),
         "grad_density": density,
     }
     write_json_atomic(folder / "result.json", out)

@@ -10,6 +10,7 @@ mean difference with a two-sided 95 % Student-t interval over the seeds,
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ __all__ = [
     "Plateau",
     "clean_twins",
     "findings",
+    "identical_arms",
     "noise_cost",
     "paired_difference",
     "plateau",
@@ -44,6 +46,10 @@ MIN_BASELINE_AP = 0.25
 
 PLATEAU_AP = 0.01
 """A suite's budget is at a plateau when its best arm's AP changes by less than this over the last quarter."""
+
+LEARNED_AP = 0.05
+"""Below this final AP an arm has not learnt to detect: its AP can stay flat without any convergence, so the
+plateau rule says nothing about it."""
 
 VERDICTS = ("better", "worse", "no measurable difference", "needs seeds")
 
@@ -187,7 +193,9 @@ class Plateau:
     """How much the best arm's AP moved over the last quarter of its runs (issue 12's plateau rule).
 
     ``start_iter`` is the last evaluation at or before 3/4 of the budget, ``end_iter`` the final one; the APs
-    are means over the arm's seeds that have both points. ``reached`` is ``|end_ap - start_ap| < PLATEAU_AP``.
+    are means over the arm's seeds that have both points. ``learned`` is ``end_ap >= LEARNED_AP``; ``reached``
+    is ``|end_ap - start_ap| < PLATEAU_AP`` for an arm that learned (never for one that did not: a curve
+    stuck near 0 AP is flat without having converged).
     """
 
     arm: str
@@ -202,10 +210,20 @@ class Plateau:
         return self.end_ap - self.start_ap
 
     @property
+    def learned(self) -> bool:
+        return self.end_ap >= LEARNED_AP
+
+    @property
     def reached(self) -> bool:
-        return abs(self.change) < PLATEAU_AP
+        return self.learned and abs(self.change) < PLATEAU_AP
 
     def sentence(self) -> str:
+        if not self.learned:
+            return (
+                f"Plateau check: none. The best arm, {self.arm}, ends at {100 * self.end_ap:.1f} AP (mean of "
+                f"{self.seeds} seed{'s' if self.seeds != 1 else ''}), below {100 * LEARNED_AP:.0f} AP: no arm has "
+                "learnt to detect at this budget, and a flat curve near 0 says nothing about convergence."
+            )
         verdict = (
             f"a plateau by the < {100 * PLATEAU_AP:.0f} AP rule"
             if self.reached
@@ -255,6 +273,51 @@ def plateau(suite: Mapping[str, Any]) -> Plateau | None:
         end_ap=sum(q[3] for q in quarters) / n,
         seeds=n,
     )
+
+
+def identical_arms(suite: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Pairs ``(arm, earlier arm)`` whose runs gave exactly the same metrics (every COCO number and per-class AP)
+    in every seed: two arms that trained the same model, whatever their names say."""
+    fingerprints: dict[str, Any] = {}
+    pairs = []
+    for m in suite["methods"]:
+        if not m["runs"]:
+            continue
+        key = json.dumps(sorted((int(r["seed"]), r["metrics"]) for r in m["runs"]), sort_keys=True, default=str)
+        if key in fingerprints:
+            pairs.append((m["key"], fingerprints[key]))
+        else:
+            fingerprints[key] = m["key"]
+    return pairs
+
+
+def _why_identical(suite: Mapping[str, Any], arm: str) -> str:
+    """The reason the runs themselves give for ``arm`` equalling another, or ``""``."""
+    method = next(m for m in suite["methods"] if m["key"] == arm)
+    rounds = [h for r in method["runs"] for h in r.get("hooks", []) if h.get("type") == "bootstrap"]
+    if rounds and all(h.get("hard_negatives") == 0 for h in rounds):
+        steps = sorted({int(h["step"]) for h in rounds})
+        return (
+            f"no false positives were mined (0 hard negatives in each of its {len(rounds)} bootstrapping "
+            f"round{'s' if len(rounds) != 1 else ''}, at iteration {', '.join(map(str, steps))}), so its sampler "
+            "had nothing to put first and drew exactly what the fixed ratio draws"
+        )
+    return ""
+
+
+def identical_sentences(suite: Mapping[str, Any]) -> list[str]:
+    """One sentence per pair of :func:`identical_arms`, with the reason the runs give (see ``_why_identical``)."""
+    labels = {m["key"]: m["label"] for m in suite["methods"]}
+    out = []
+    for arm, other in identical_arms(suite):
+        why = _why_identical(suite, arm) or _why_identical(suite, other)
+        seeds = len(next(m for m in suite["methods"] if m["key"] == arm)["runs"])
+        out.append(
+            f"{labels[arm]} equals {labels[other]} exactly in every seed ({seeds}): "
+            + (why if why else "the runs record no reason; the two arms trained the same model")
+            + "."
+        )
+    return out
 
 
 _METRIC_NAMES = {"AP": "AP", "rare_AP": "rare-class AP"}
@@ -336,6 +399,7 @@ def findings(suite: Mapping[str, Any]) -> list[str]:
             "budget the detector has not learnt enough, so the suite cannot decide whether a remedy helps at "
             "convergence (try `--budget full`)."
         )
+    lines.extend(identical_sentences(suite))
     p = plateau(suite)
     if p is not None:
         lines.append(p.sentence())

@@ -170,7 +170,8 @@ def plateau_rows(results: dict[str, Any]) -> list[str]:
             continue
         rows.append(
             head + f" {p.arm} | {100 * p.start_ap:.1f} -> {100 * p.end_ap:.1f} ({p.start_iter} -> {p.end_iter}, "
-            f"{p.seeds} seed{'s' if p.seeds != 1 else ''}) | {100 * p.change:+.1f} | {'yes' if p.reached else 'no'} |"
+            f"{p.seeds} seed{'s' if p.seeds != 1 else ''}) | {100 * p.change:+.1f} | "
+            f"{'yes' if p.reached else 'no' if p.learned else 'no arm learnt (below 5 AP)'} |"
         )
     return rows
 

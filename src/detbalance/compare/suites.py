@@ -64,7 +64,7 @@ FULL_ITERS = 6000
 """``--budget full`` for every suite: the longest budget measured (docs/pilots/optim/), not a plateau."""
 
 FULL_BUDGET_EVIDENCE = (
-    "6000 iterations, the longest budget measured, and not a plateau by issue 12's rule (the best arm's AP "
+    "6000 iterations, the longest budget measured on the built-in benchmark, and not a plateau by issue 12's rule (the best arm's AP "
     "changing by < 1 AP over the last quarter): the losses suite's best arm, focal under AdamW (seed 0), moved "
     "+2.5 AP over the last quarter at 3000 iterations (48.1 -> 50.6) and again +2.5 at 6000 (54.2 -> 56.7); "
     "SSD's 3:1 mining arm moved +2.9 at 3000 under SGD. Doubling the budget raised focal's final AP by 6.1, so "
@@ -72,7 +72,8 @@ FULL_BUDGET_EVIDENCE = (
 )
 
 _RETINANET_OPTIM_EVIDENCE = (
-    "the SGD vs AdamW learning-curve study (docs/pilots/optim/, losses suite, seed 0, 3000 iterations): under "
+    "the SGD vs AdamW learning-curve study on the built-in benchmark (docs/pilots/optim/, losses suite, seed 0, "
+    "3000 iterations): under "
     "the papers' SGD recipe CE reached 48.2 AP, GHM-C 38.1 and focal 32.6; under AdamW focal 50.6, GHM-C 46.2 "
     "and CE 44.0. Under SGD the arms finish in the order of the gradient norm each sends into the "
     "classification head at initialisation (CE 13.2, GHM-C 1.43, focal 0.27; docs/pilots/optim/grad_scale.py): "
@@ -157,6 +158,11 @@ class Suite:
         builtin_only: the suite needs the built-in benchmark (it controls the label noise), so it does not
             run on a user's ``--data``.
 
+    ``description`` may name facts of the data actually used, filled in by :meth:`describe`:
+    ``{image_size}`` (the model's input side in px), ``{train_classes}`` and ``{val_classes}`` (how the
+    instances spread over the classes of each split), so that a report on a user's data never describes the
+    built-in benchmark.
+
     The clean-label twins of arms (``Method.clean_of``, the noise suite) are listed by :attr:`clean`.
     """
 
@@ -173,6 +179,10 @@ class Suite:
     budget_evidence: str = FULL_BUDGET_EVIDENCE
     builtin_only: bool = False
 
+    def describe(self, *, image_size: int, train_classes: str, val_classes: str) -> str:
+        """The description with the facts of the data actually used filled in."""
+        return self.description.format(image_size=image_size, train_classes=train_classes, val_classes=val_classes)
+
     @property
     def clean(self) -> dict[str, str]:
         """``{arm: its clean-label twin}`` for the arms that have one."""
@@ -181,7 +191,8 @@ class Suite:
 
 _SSD_SHORT = 1500
 _SSD_OPTIM_EVIDENCE = (
-    "the SGD vs AdamW learning-curve study (docs/pilots/optim/, 3:1 mining arm, seed 0, 3000 iterations): "
+    "the SGD vs AdamW learning-curve study on the built-in benchmark (docs/pilots/optim/, 3:1 mining arm, seed "
+    "0, 3000 iterations): "
     "AdamW reached 40.6 AP against 33.0 under SGD and led at every evaluation (e.g. 32.4 vs 23.3 at "
     "iteration 1500). The short budget is 1500 iterations, where the mining arm reached 27.5 AP (700 "
     "gave 16.0)"
@@ -232,14 +243,15 @@ SUITES: dict[str, Suite] = {
         preset="default",
         baseline="fixed",
         optim_evidence=(
-            "the SGD vs AdamW learning-curve study (docs/pilots/optim/, fixed 1:3 arm, seed 0, 3000 iterations): "
+            "the SGD vs AdamW learning-curve study on the built-in benchmark (docs/pilots/optim/, fixed 1:3 arm, "
+            "seed 0, 3000 iterations): "
             "AdamW reached 58.1 AP against 32.2 under SGD and led at every evaluation (e.g. 48.8 vs 24.9 at "
             "iteration 1500). `--optim sgd` runs the OHEM paper's optimiser"
         ),
         description=(
-            "Two-stage detector sized for 128 px images (RPN 128 proposals per image in training, 5x5 RoIAlign, "
-            "128-unit box head; detectors/build.py). Every method back-propagates 64 RoIs per image, the OHEM "
-            "paper's budget (B = 128 RoIs over N = 2 images): 64 sampled at 1:3 (fixed ratio, as Fast R-CNN), "
+            "Two-stage detector sized for small images (RPN 128 proposals per image in training, 5x5 RoIAlign, "
+            "128-unit box head; detectors/build.py), here at {image_size} px. Every method back-propagates 64 RoIs "
+            "per image, the OHEM paper's budget (B = 128 RoIs over N = 2 images): 64 sampled at 1:3 (fixed ratio, as Fast R-CNN), "
             "the 64 hardest by cls + loc loss after NMS at 0.7 over all ~130 RoIs (OHEM), 64 drawn from 4 "
             "loss strata (S-OHEM: stage-weighted ranking and loss as in Li et al.; the schedule w_cls 1.5 -> "
             "0.5, w_loc 0.5 -> 1.5 and the per-stratum distribution are ours, the paper's full text was not "
@@ -292,7 +304,7 @@ SUITES: dict[str, Suite] = {
         optim_evidence="the losses suite's evidence (same detector, focal loss as the baseline): " + _RETINANET_OPTIM_EVIDENCE,
         primary="rare_AP",
         description=(
-            "RetinaNet with focal loss on the long-tailed training split (100:1), balanced test split. "
+            "RetinaNet with focal loss; training split: {train_classes}; validation split: {val_classes}. "
             "Class-frequency weights: effective number (beta 0.999) on the classification loss; repeat-factor "
             "sampling r(c) = max(1, sqrt(t / f(c))) with t = 0.3, so the rarer classes' images repeat. "
             "The findings speak to rare-class AP."

@@ -28,6 +28,7 @@ Files in ``output``:
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import random
@@ -590,7 +591,8 @@ def _fit(
     bar = _Progress(_progress_mode(progress, main), total, step, e.log_interval)
     window: dict[str, float] = {}
     window_steps = 0
-    images, seconds, start_step = 0, 0.0, step
+    images, seconds = 0, 0.0
+    recent_seconds: collections.deque[float] = collections.deque(maxlen=20)  # the ETA's rate: the last 20 steps
     last_ckpt = ckpt_path if state is not None else None
     metrics: dict[str, Any] = {}
     train_metrics: dict[str, Any] | None = None
@@ -611,11 +613,13 @@ def _fit(
             step_seconds = time.perf_counter() - t0  # data loading included
             images += out.images * info.world_size
             seconds += step_seconds
+            recent_seconds.append(step_seconds)
             images_per_s = images / seconds
             window_steps += 1
             for k, v in losses.items():
                 window[k] = window.get(k, 0.0) + v
-            bar.update(step, math.fsum(losses.values()), images_per_s, (total - step) * seconds / (step - start_step))
+            eta_s = (total - step) * math.fsum(recent_seconds) / len(recent_seconds)
+            bar.update(step, math.fsum(losses.values()), images_per_s, eta_s)
 
             if step % e.log_interval == 0 or step == total:
                 mean = _mean_over_ranks({k: v / window_steps for k, v in window.items()}, info)

@@ -9,6 +9,7 @@ call ``on_step``. Nothing here knows which imbalance remedy the model carries.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -25,6 +26,8 @@ __all__ = [
     "NonFiniteLossError",
     "StepMetrics",
     "StepOutput",
+    "ThreadChoice",
+    "choose_threads",
     "configure_cpu",
     "move_targets",
     "train_one_epoch",
@@ -45,6 +48,65 @@ def configure_cpu(threads: int | None = None) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+class ThreadChoice(NamedTuple):
+    """What :func:`choose_threads` chose: ``threads`` for ``cores`` usable cores under ``load``, and why."""
+
+    threads: int
+    cores: int
+    load: float | None
+    reason: str
+
+
+def _usable_cores() -> int:
+    """Physical cores among the CPUs this process may run on (Linux topology; else the CPUs themselves)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def choose_threads(*, cores: int | None = None, load: float | None = None) -> ThreadChoice:
+    """Intra-op threads for the cores actually free: ``cores`` minus the load, rounded, within ``[1, cores]``.
+
+    On a CPU that other jobs keep busy, every intra-op parallel region (an OpenMP barrier) waits for its
+    slowest thread, and a thread that has lost its core to another job holds all the others: measured on 2
+    cores under a load of 4-7, a 2-thread training step ran at a third of the speed of a 1-thread one beside
+    it (README, "Threads on a busy machine", ``benchmarks/bm_threads.py``). So a thread is only given to a
+    core that the load leaves free. ``detbalance train`` and ``compare`` call this at their start when
+    neither ``--threads`` nor ``OMP_NUM_THREADS`` is given.
+
+    Args:
+        cores: Usable cores; ``None``: the physical cores of the CPUs this process may run on
+            (``os.sched_getaffinity``; two hyperthreads of one core count once, as in torch's default).
+        load: Runnable processes besides this one; ``None``: the 1-minute load average (``os.getloadavg``),
+            and all ``cores`` when the system has none.
+
+    Returns:
+        The choice, with a one-line ``reason`` to print.
+    """
+    if cores is None:
+        cores = _usable_cores()
+    if cores < 1:
+        raise ValueError(f"cores must be >= 1, got {cores}")
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return ThreadChoice(cores, cores, None, f"{cores} cores, no load average on this system")
+    if load < 0:
+        raise ValueError(f"load must be >= 0, got {load}")
+    free = max(0.0, cores - load)
+    threads = min(cores, max(1, math.floor(free + 0.5)))
+    reason = f"load average {load:.2f} on {cores} cores: about {free:.1f} free"
+    return ThreadChoice(threads, cores, round(load, 2), reason)
 
 
 class NonFiniteLossError(RuntimeError):
