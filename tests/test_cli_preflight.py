@@ -49,6 +49,7 @@ def _probe(cases: list[list[str]], cwd: Path) -> list[dict]:
 def test_argument_errors_come_before_torch_is_imported(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "notes.json").write_text("{}")
     (tmp_path / "cfg.toml").write_text("[engine]\niterationz = 3\n")
     out = tmp_path / "new" / "out"  # no case may create it
     o = ["--output", str(out)]
@@ -80,6 +81,8 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path: Path) -> None:
         f"--data {str(tmp_path / 'notes.txt')!r} is not a COCO .json file": ["train", "--data",
                                                                              str(tmp_path / "notes.txt"), *o],
         "data.val 'nowhere': no such file or folder": ["train", "--set", "data.val=nowhere", *o],
+        "data.train_images 'nofolder': no such folder": ["train", "--data", str(tmp_path / "notes.json"),
+                                                          "--set", "data.train_images=nofolder", *o],
         "engine.iterationz: unknown key": ["train", "--config", str(tmp_path / "cfg.toml"), *o],
         f"--config {str(tmp_path / 'none.toml')!r}: not found": ["train", "--config", str(tmp_path / "none.toml"), *o],
         "--resume needs --output": ["train", "--resume"],

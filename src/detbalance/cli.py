@@ -208,6 +208,10 @@ def _check_train(args: argparse.Namespace) -> None:
     check_data_spec(cfg.data.train, flag="--data" if args.data is not None else "data.train", split="train")
     if cfg.data.val is not None:
         check_data_spec(cfg.data.val, flag="data.val", split="test")
+    for key in ("train_images", "val_images"):
+        folder = getattr(cfg.data, key)
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"data.{key} {folder!r}: no such folder")
     if args.output is None:
         stem = config.stem if config is not None else "train"
         args.output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
