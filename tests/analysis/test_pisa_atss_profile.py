@@ -56,3 +56,14 @@ def test_detector_stats_and_figures(tmp_path) -> None:
         assert fig.axes and fig.axes[0].get_title()
         plots.save_figure(fig, tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_faster_rcnn_isr_stats() -> None:
+    cfg = load_config(overrides=["model.arch=faster_rcnn", "remedy.roi_sampler.name=score_hlr", "remedy.pisa={}"])
+    data = open_dataset("builtin:tiny", split="train")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=data.num_classes, image_size=max(data.image_size(0)))
+    s = detector_isr_stats(model, data, [0, 1, 2, 3], batch_size=2)
+    assert s.num_positives > 0 and sum(s.count) == s.num_positives
+    weights = [w for w in s.mean_weight if w is not None]
+    assert weights[0] >= weights[-1]  # the most prime positives weigh most (k 2, bias 0)

@@ -151,8 +151,14 @@ def detector_isr_stats(
     model: torch.nn.Module, dataset: Any, indices: Sequence[int], *, batch_size: int = 8, k: float = 2.0,
     bias: float = 0.0,
 ) -> ISRStats:
-    """:func:`isr_weight_stats` of a RetinaNet's positives (its own assignment, decoded predictions and focal
-    loss) on ``dataset[indices]``, in batches of ``batch_size`` as in training."""
+    """:func:`isr_weight_stats` on ``dataset[indices]``, in batches of ``batch_size`` as in training.
+
+    RetinaNet: its positive anchors (its own assignment), decoded predictions and focal loss. Faster R-CNN: the
+    positive RoIs among the RPN's proposals (evaluation-mode proposals, all positives rather than the sampled
+    ones), their decoded class-specific predictions and cross entropy.
+    """
+    if hasattr(model, "roi_heads"):
+        return _faster_rcnn_isr_stats(model, dataset, indices, batch_size=batch_size, k=k, bias=bias)
     from detbalance.detectors.retinanet import anchor_outputs
     from detbalance.losses import sigmoid_focal_loss
     from detbalance.types import one_hot_targets
@@ -183,6 +189,41 @@ def detector_isr_stats(
             logits = out.cls_logits.reshape(b * a, c)[pos, 1:]
             loss = sigmoid_focal_loss(logits, one_hot_targets(labels[pos], c - 1, dtype=logits.dtype)).sum(-1)
             batches.append((ious, labels[pos], gt_index, loss))
+    finally:
+        model.train(was_training)
+    return isr_weight_stats(batches, k=k, bias=bias)
+
+
+def _faster_rcnn_isr_stats(
+    model: torch.nn.Module, dataset: Any, indices: Sequence[int], *, batch_size: int, k: float, bias: float
+) -> ISRStats:
+    import torch.nn.functional as F
+
+    head = model.roi_heads
+    was_training = model.training
+    model.eval()
+    batches = []
+    try:
+        for start in range(0, len(indices), batch_size):
+            items = [dataset[i] for i in indices[start:start + batch_size]]
+            image_list, targets = model.transform([im for im, _ in items],
+                                                  [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in items])
+            features = model.backbone(image_list.tensors)
+            features = features if isinstance(features, dict) else {"0": features}
+            proposals, _ = model.rpn(image_list, features, targets)
+            rois, reg = head.prepare_training_rois(proposals, image_list.image_sizes, targets)
+            pos = torch.nonzero(rois.labels > 0).flatten()
+            if pos.numel() == 0:
+                continue
+            counts = torch.bincount(rois.batch_idx[pos], minlength=rois.num_images).tolist()
+            boxes = rois.boxes[pos]
+            pooled = head.box_roi_pool(features, list(boxes.split(counts)), image_list.image_sizes)
+            logits, deltas = head.box_predictor(head.box_head(pooled))
+            labels = rois.labels[pos]
+            d = deltas.reshape(pos.numel(), -1, 4)[torch.arange(pos.numel(), device=pos.device), labels]
+            ious = aligned_box_iou(head.box_coder.decode_single(d, boxes), head.box_coder.decode_single(reg[pos], boxes))
+            gt_index = rois.gt_index[pos] if rois.gt_index is not None else labels
+            batches.append((ious, labels, gt_index, F.cross_entropy(logits, labels, reduction="none")))
     finally:
         model.train(was_training)
     return isr_weight_stats(batches, k=k, bias=bias)

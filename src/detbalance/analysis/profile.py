@@ -475,8 +475,8 @@ def run_profile(
             idx = sample_indices(n, min(assignment_images, 100), seed)
             atss = detector_atss_stats(model, [targets[i] for i in idx], [train.image_size(i) for i in idx],
                                        topk=int(assigner.topk))
-        pisa = getattr(head, "pisa", None)
-        if pisa is not None and pisa.isr_k is not None and arch == "retinanet":  # PISA: ISR-P weight by rank
+        pisa = getattr(head if head is not None else getattr(model, "roi_heads", None), "pisa", None)
+        if pisa is not None and pisa.isr_k is not None:  # PISA: ISR-P weight by IoU-HLR rank
             from detbalance.analysis.assignment import sample_indices
             from detbalance.analysis.pisa_atss import detector_isr_stats
 

@@ -13,8 +13,10 @@ IoU threshold (the paper's Algorithm 1, mmdetection 3.3's ``ATSSAssigner``):
 The result is the matched index per anchor in torchvision's ``Matcher`` convention (``>= 0`` the object,
 ``-1`` background; ATSS ignores nothing, so ``-2`` never occurs), so a dense head takes it where it takes
 torchvision's IoU matching. An image without objects gives all background, as mmdetection. Vectorised over
-objects and levels: the levels are padded to one ``[L, A_max, G]`` distance tensor and one ``topk`` picks
-every level's candidates of every object.
+objects: one ``topk`` per pyramid level (a loop over the 5 levels, never over objects or anchors; a single
+``topk`` over the levels padded to one tensor was measured 4x slower on CPU) picks the candidates of every
+object at once, and the IoU is computed for the candidates only (the only entries ATSS reads), not for every
+anchor and object as mmdetection does.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from detbalance.sampling.assign import check_boxes
 
@@ -93,42 +94,43 @@ def assign_atss(
             iou=anchors.new_zeros(a),
         )
     gt = gt_boxes.to(dtype)
-    iou = box_iou(anchors, gt)  # [A, G]
     a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2.0
     g_ctr = (gt[:, :2] + gt[:, 2:]) / 2.0
-    dist = (a_ctr[:, None, :] - g_ctr[None, :, :]).pow(2).sum(-1).sqrt()  # [A, G]
+    # squared centre distance [G, A] (same order as the distance; contiguous along the anchors for topk)
+    dist = (g_ctr[:, None, 0] - a_ctr[None, :, 0]).square() + (g_ctr[:, None, 1] - a_ctr[None, :, 1]).square()
 
-    # Candidates: per level the topk nearest centres, all levels in one topk over a padded tensor.
-    num_levels, a_max = len(sizes), max(sizes)
-    sizes_t = torch.tensor(sizes, device=device)
-    level = torch.repeat_interleave(torch.arange(num_levels, device=device), sizes_t)
-    starts = torch.cumsum(sizes_t, 0) - sizes_t
-    within = torch.arange(a, device=device) - starts[level]
-    padded = dist.new_full((num_levels, a_max, g), float("inf"))
-    padded[level, within] = dist
-    k = min(topk, a_max)
-    _, top = padded.topk(k, dim=1, largest=False)  # [L, k, G]
-    # Levels with fewer than k anchors contribute only min(topk, size) candidates (the rest is padding).
-    taken = torch.arange(k, device=device)[None, :] < sizes_t.clamp(max=topk)[:, None]  # [L, k]
-    cand = (top + starts[:, None, None]).reshape(num_levels * k, g)
-    cand_valid = taken.reshape(num_levels * k, 1).expand(-1, g)
-    cand = torch.where(cand_valid, cand, torch.zeros_like(cand))
-    cand_iou = iou.gather(0, cand)  # [L k, G]
+    # Candidates: per level the topk nearest centres of every object at once. The loop runs over the pyramid
+    # levels (5), never over objects or anchors; each level is a view of ``dist``. One topk over the levels
+    # padded to [G, L, A_max] was measured 4x slower on CPU (it ranks the padding too).
+    cands = []
+    start = 0
+    for size in sizes:
+        if size:
+            cands.append(dist[:, start:start + size].topk(min(topk, size), dim=1, largest=False).indices + start)
+        start += size
+    cand = torch.cat(cands, dim=1).t()  # [C, G], C = sum_l min(topk, A_l)
+    # IoU of the candidates only (the only entries ATSS reads): [C, G]
+    cb = anchors[cand]  # [C, G, 4]
+    lt = torch.maximum(cb[..., :2], gt[None, :, :2])
+    rb = torch.minimum(cb[..., 2:], gt[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_c = (cb[..., 2] - cb[..., 0]) * (cb[..., 3] - cb[..., 1])
+    area_g = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+    cand_iou = inter / (area_c + area_g[None, :] - inter)
 
-    n = cand_valid[:, 0].sum().to(dtype)
-    vf = cand_valid.to(dtype)
-    mean = (cand_iou * vf).sum(0) / n
-    std = (((cand_iou - mean) ** 2) * vf).sum(0).div(n - 1).sqrt()
+    mean = cand_iou.mean(0)
+    std = cand_iou.std(0)  # unbiased, as mmdetection
     threshold = mean + std
 
-    c_ctr = a_ctr[cand]  # [L k, G, 2]
+    c_ctr = a_ctr[cand]  # [C, G, 2]
     sides = torch.stack([c_ctr[..., 0] - gt[:, 0], c_ctr[..., 1] - gt[:, 1],
                          gt[:, 2] - c_ctr[..., 0], gt[:, 3] - c_ctr[..., 1]], dim=-1)
     inside = sides.min(dim=-1).values > 0.01
-    positive = cand_valid & (cand_iou >= threshold[None, :]) & inside  # [L k, G]
+    positive = (cand_iou >= threshold[None, :]) & inside  # [C, G]
 
-    # An anchor positive for several objects goes to the one of highest IoU.
-    scored = torch.full_like(iou, -float("inf"))
+    # An anchor positive for several objects goes to the one of highest IoU (ties: the lowest object index).
+    scored = torch.full((a, g), -float("inf"), dtype=dtype, device=device)
     gt_col = torch.arange(g, device=device).expand_as(cand)
     scored[cand[positive], gt_col[positive]] = cand_iou[positive]
     best, best_gt = scored.max(dim=1)
