@@ -18,6 +18,7 @@ ARMS = {
     "retinanet_ghm.toml": ("losses", "ghm_c_r"),
     "ssd_mining.toml": ("ssd", "mining"),
     "class_weights.toml": ("classes", "weights"),
+    "retinanet_atss.toml": ("losses", "atss_focal"),
 }
 
 
@@ -49,7 +50,8 @@ def test_config_is_its_compare_arm(name):
     suite, key = ARMS[name]
     arm = next(m for m in SUITES[suite].methods if m.key == key)
     assert cfg.model.arch == SUITES[suite].arch
-    for field in ("cls_loss", "box_loss", "roi_sampler", "ssd_mining", "class_weights", "repeat_factor", "bootstrap"):
+    for field in ("cls_loss", "box_loss", "roi_sampler", "ssd_mining", "class_weights", "repeat_factor", "bootstrap",
+                  "assigner", "pisa"):
         want = getattr(arm.remedy, field)
         if want is not None:
             assert getattr(cfg.remedy, field) == want, field
