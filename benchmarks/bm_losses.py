@@ -3,7 +3,9 @@
 Every method runs once per repetition, in rotating order, in one process (``common.interleaved_times``), for
 ``--reps`` (>= 15) repetitions; the table gives the median and the IQR. BCE-with-logits is the floor for the
 classification losses, with flush-denormal off (``bce``) and on (``bce_ftz``); smooth L1 (beta 1/9) is the floor
-for GHM-R. Peak allocation is measured apart (profiler). The machine load before and after is recorded.
+for GHM-R. QFL and VFL run on soft IoU targets (the positives of the same input, each scaled by an IoU drawn in
+[0.05, 1]), beside the literal transcriptions of mmdetection 3.3 (``tests/reference/mmdet_quality.py``: QFL in
+its one-hot tensor form and its ``(label, score)`` form, as ``GFLHead`` calls it) and BCE on the same input. Peak allocation is measured apart (profiler). The machine load before and after is recorded.
 Method: benchmarks/README.md.
 
     python benchmarks/bm_losses.py                 # full run, writes benchmarks/results/<version>/losses--cpu.json
@@ -36,9 +38,17 @@ from common import (  # noqa: E402
 ensure_repo_on_path()
 
 from tests.losses.inputs import dense_detection_inputs  # noqa: E402
+from tests.reference import mmdet_quality  # noqa: E402
 
 import detbalance  # noqa: E402
-from detbalance.losses import GHMCLoss, GHMRLoss, ghm_c_loss, sigmoid_focal_loss  # noqa: E402
+from detbalance.losses import (  # noqa: E402
+    GHMCLoss,
+    GHMRLoss,
+    ghm_c_loss,
+    quality_focal_loss,
+    sigmoid_focal_loss,
+    varifocal_loss,
+)
 
 NUM_CLASSES = 80
 POS_FRACTION = 0.001
@@ -49,6 +59,7 @@ SMOKE_SIZES = (256,)
 FOCAL_TIME_X_BCE = 1.2
 GHM_TIME_X_BCE = 1.5
 GHMR_TIME_X_SMOOTH_L1 = 1.5
+QUALITY_TIME_X_BCE = 1.5  # issue 22: QFL and VFL
 PEAK_X_LOGITS = 3.0
 
 
@@ -90,6 +101,11 @@ def methods(
         return step
 
     bce = cls(lambda: F.binary_cross_entropy_with_logits(x, y, reduction="sum"))
+    # soft IoU targets on the same positives, and the (label, score) form of mmdetection's GFLHead
+    iou = torch.empty(y.shape, dtype=y.dtype).uniform_(0.05, 1.0, generator=torch.Generator().manual_seed(2))
+    yq = y * iou.to(y.device)
+    score, col = yq.max(1)
+    label = torch.where(score > 0, col, torch.full_like(col, y.shape[1]))
     return {
         "bce": bce,
         "bce_ftz": _ftz(bce),
@@ -98,6 +114,14 @@ def methods(
         "ghm_c_functional_M10": cls(lambda: ghm_c_loss(x, y, bins=10)),
         "ghm_c_functional_M100": cls(lambda: ghm_c_loss(x, y, bins=100)),
         "ghm_c_module_M30": cls(lambda: ghm_c(x, y)),
+        "bce_soft": cls(lambda: F.binary_cross_entropy_with_logits(x, yq, reduction="sum")),
+        "qfl_ours": cls(lambda: quality_focal_loss(x, yq, beta=2.0, reduction="sum")),
+        "qfl_mmdet_tensor": cls(
+            lambda: mmdet_quality.quality_focal_loss_tensor_target(x, yq, beta=2.0, reduction="sum")
+        ),
+        "qfl_mmdet_label": cls(lambda: mmdet_quality.quality_focal_loss(x, (label, score), beta=2.0, reduction="sum")),
+        "vfl_ours": cls(lambda: varifocal_loss(x, yq, alpha=0.75, gamma=2.0, reduction="sum")),
+        "vfl_mmdet": cls(lambda: mmdet_quality.varifocal_loss(x, yq, alpha=0.75, gamma=2.0, reduction="sum")),
         "smooth_l1": box(lambda: F.smooth_l1_loss(d, t, beta=1.0 / 9.0, reduction="sum")),
         "ghm_r_module": box(lambda: ghm_r(d, t)),
         "smooth_l1_positives": box(lambda: F.smooth_l1_loss(d[pos], t[pos], beta=1.0 / 9.0, reduction="sum")),
@@ -186,6 +210,8 @@ def target_checks(rows: list[dict]) -> list[str]:
              GHMR_TIME_X_SMOOTH_L1),
             (f"GHM-R on the positives <= {GHMR_TIME_X_SMOOTH_L1}x smooth L1 on them (as used)",
              get(n, "ghm_r_positives")["time_x_floor"], GHMR_TIME_X_SMOOTH_L1),
+            (f"QFL <= {QUALITY_TIME_X_BCE}x BCE", get(n, "qfl_ours")["time_x_floor"], QUALITY_TIME_X_BCE),
+            (f"VFL <= {QUALITY_TIME_X_BCE}x BCE", get(n, "vfl_ours")["time_x_floor"], QUALITY_TIME_X_BCE),
             (f"focal peak <= {PEAK_X_LOGITS}x logits", get(n, "focal_ours")["peak_x_input"], PEAK_X_LOGITS),
             (f"GHMCLoss peak <= {PEAK_X_LOGITS}x logits", get(n, "ghm_c_module_M30")["peak_x_input"], PEAK_X_LOGITS),
         ]

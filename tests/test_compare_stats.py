@@ -114,7 +114,9 @@ def test_study_table_rows_come_from_the_paired_verdicts(tmp_path):
     assert rows[0][1].startswith("focal − ce: +5.0 [+5.0, +5.0] AP (better, 3 seeds)") and rows[0][2] == "yes"
     assert rows[1][2] == "no" and "worse" in rows[1][1]  # focal below alpha-CE here
     assert rows[3][2] == "not reproduced" and "no measurable difference" in rows[3][1]  # GHM-R: +0.0 [-2.5, +2.5]
-    assert rows[4][1:] == ["not run", "–"]
+    row_of = {(c.suite, c.arm, c.reference): i for i, c in enumerate(CLAIMS)}
+    assert rows[row_of[("samplers", "ohem", "fixed")]][1:] == ["not run", "–"]
+    assert rows[row_of[("losses", "vfl", "focal")]][1:] == ["an arm has no finished run", "–"]
     setup = {"command": "detbalance compare --study", "trained on": "CPU (4 runs), CUDA NVIDIA H200 then CPU (2 runs)"}
     readme = write_study_readme({"setup": setup, "suites": {"losses": losses}}, tmp_path)
     text = readme.read_text()

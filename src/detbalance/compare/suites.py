@@ -33,12 +33,14 @@ from detbalance.config import (
     OHEMConfig,
     OptimConfig,
     PISAConfig,
+    QFLConfig,
     RemedyConfig,
     RepeatFactorConfig,
     ScheduleConfig,
     ScoreHLRConfig,
     SSDMiningConfig,
     StratifiedOHEMConfig,
+    VFLConfig,
 )
 
 __all__ = [
@@ -222,7 +224,13 @@ SUITES: dict[str, Suite] = {
             "mmdetection's ATSSAssigner, topk 9 per level, threshold mean + std of the candidates' IoU, centre "
             "inside the object) in place of the IoU matching at 0.5 / 0.4; its control is the focal arm (same "
             "loss, same anchors), so the pair isolates the assignment. The anchors stay torchvision's (several "
-            "per location), where mmdetection's ATSS config tiles one."
+            "per location), where mmdetection's ATSS config tiles one. "
+            "QFL (GFL, beta 2) and VFL (VarifocalNet, alpha 0.75, gamma 2, "
+            "IoU-weighted) are mmdetection 3.3's losses (held to transcriptions in tests/reference/mmdet_quality.py) "
+            "with their heads' targets: a positive's target in its class column is the IoU of its decoded, "
+            "detached predicted box with its ground truth (VFL: clamped at 1e-6), prior 0.01, normalised by the "
+            "positive count; RetinaNet's IoU matching and smooth L1 box loss stay (GFL's ATSS, DFL and "
+            "quality-weighted GIoU, VFNet's star-shaped refinement are not part of these arms)."
         ),
         methods=(
             Method("ce", "CE", RemedyConfig(cls_loss=CEConfig())),
@@ -235,6 +243,8 @@ SUITES: dict[str, Suite] = {
                 "ATSS + focal",
                 RemedyConfig(cls_loss=FocalConfig(alpha=0.25, gamma=2.0), assigner=ATSSConfig(topk=9)),
             ),
+            Method("qfl", "QFL (beta 2)", RemedyConfig(cls_loss=QFLConfig())),
+            Method("vfl", "VFL (0.75, 2)", RemedyConfig(cls_loss=VFLConfig())),
         ),
     ),
     "samplers": Suite(
