@@ -264,3 +264,15 @@ def test_dense_targets_follow_the_reference_heads():
     expected_onehot = torch.zeros(len(mm_labels), k)
     expected_onehot[pos.nonzero().squeeze(1), mm_labels[pos]] = 1.0
     torch.testing.assert_close(SigmoidFocalLoss().dense_targets(batch), expected_onehot)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 1.5, 2.0, 3.0])
+def test_gradient_finite_where_the_target_is_met(beta):
+    """``p == y`` exactly (saturated logits on hard targets, a 0.5 target at logit 0): the gradient is finite."""
+    x = torch.tensor([[100.0, -100.0, 0.0, 3.0]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, 0.5, 0.0]])
+    for fn, kw in ((quality_focal_loss, {"beta": beta}), (varifocal_loss, {"gamma": beta})):
+        x.grad = None
+        fn(x, y, **kw).sum().backward()
+        assert torch.isfinite(x.grad).all(), (fn.__name__, x.grad)
+        assert x.grad[0, 0] == 0.0 and x.grad[0, 1] == 0.0

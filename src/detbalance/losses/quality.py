@@ -65,50 +65,79 @@ __all__ = [
 _QFL, _VFL = 0, 1
 
 
-def _modulated(d: Tensor, ce: Tensor, pq: Tensor, power: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """``(|d|^power, d/dx [|d|^power CE])`` with ``d = p - y`` (``dd/dx = p q``, ``dCE/dx = d``)."""
-    if power == 2:
-        mod = d * d
-        grad = torch.addcmul(mod, ce, pq, value=2.0).mul_(d) if need_grad else None
-        return mod, grad
-    if power == 0:
-        return torch.ones_like(d), (d.clone() if need_grad else None)
-    a = d.abs()
-    if power < 1:
-        a = a.clamp_min(torch.finfo(d.dtype).tiny)
-    mod = a.pow(power)
-    if not need_grad:
-        return mod, None
-    grad = torch.addcmul(d * d, ce, pq, value=power).mul_(a.pow(power - 1.0)).mul_(torch.sign(d))
-    return mod, grad
-
-
 def _quality_block(
-    x: Tensor, y: Tensor, w: Tensor | None, loss_id: int, params: tuple[float, float, bool], need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Per-element loss and (optionally) ``dL/dx`` of one block, weight ``w`` applied to both."""
+    x: Tensor,
+    y: Tensor,
+    w: Tensor | None,
+    loss_id: int,
+    params: tuple[float, float, bool],
+    scale: float,
+    loss_out: Tensor | None,
+    grad_out: Tensor | None,
+) -> Tensor | None:
+    """One block: writes the loss into ``loss_out`` (or returns its sum) and ``scale * dL/dx`` into ``grad_out``.
+
+    With ``d = p - y``, ``pq = p (1 - p)`` and a modulating power ``k`` (QFL: ``beta``; VFL negatives:
+    ``gamma``), ``d/dx [|d|^k CE] = sign(d) |d|^(k - 1) (d^2 + k CE pq)``; for ``k = 2`` that is
+    ``d (d^2 + 2 CE pq)``. VFL's positives have the constant weight ``q`` (or 1): ``d/dx = q d``.
+    """
     p = torch.sigmoid(x)
     ce = _bce_block(x, y)
     d = p - y
-    pq = torch.addcmul(p, p, p, value=-1.0) if need_grad else p  # p (1 - p)
-    if loss_id == _QFL:
-        beta = params[0]
-        mod, grad = _modulated(d, ce, pq, beta, need_grad)
-        loss = ce.mul_(mod) if not need_grad else ce * mod
+    power = params[0] if loss_id == _QFL else params[1]
+    a = None
+    if power == 2:
+        mod = d * d
+    elif power == 0:
+        mod = torch.ones_like(d)
     else:
-        alpha, gamma, iou_weighted = params
-        mod, grad_neg = _modulated(d, ce, pq, gamma, need_grad)
+        a = d.abs()
+        if power < 1:
+            a.clamp_min_(torch.finfo(d.dtype).tiny)
+        mod = a.pow(power)
+    # the per-element weight of the cross-entropy, and (for the gradient) of d
+    if loss_id == _QFL:
+        weight = mod
+    else:
+        alpha, _, iou_weighted = params
         pos = y > 0
-        pos_w = y if iou_weighted else torch.ones_like(y)
-        loss = ce * torch.where(pos, pos_w, mod.mul_(alpha))
-        grad = None
-        if need_grad:
-            grad = torch.where(pos, pos_w * d, grad_neg.mul_(alpha))
+        pos_w = y if iou_weighted else torch.ones((), dtype=y.dtype, device=y.device)
+        weight = torch.where(pos, pos_w, mod * alpha)
     if w is not None:
-        loss = loss * w
-        if grad is not None:
-            grad = grad * w
-    return loss, grad
+        weight = weight * w
+    total = None
+    if loss_out is not None:
+        torch.mul(ce, weight, out=loss_out)
+    else:
+        total = torch.dot(ce.reshape(-1), weight.reshape(-1)) if weight.dim() else ce.sum() * weight
+    if grad_out is None:
+        return total
+    direct = w is None and scale == 1.0  # write the last op straight into grad_out
+    if power == 0:
+        g = d
+    else:
+        pq = torch.addcmul(p, p, p, value=-1.0)
+        if power == 2:
+            g = torch.addcmul(mod, ce, pq, value=2.0)
+            if loss_id == _QFL and direct:
+                torch.mul(g, d, out=grad_out)
+                return total
+            g.mul_(d)
+        else:  # sign(d) |d|^(k - 1) (d^2 + k CE pq); |d| clamped above 0 for k < 1 (the limit at d = 0 is 0)
+            g = torch.addcmul(d * d, ce, pq, value=power).mul_(a.pow(power - 1.0)).mul_(torch.sign(d))
+    if loss_id != _QFL:  # VFL: alpha * that on the negatives, q d (or d) on the positives
+        neg = g * params[0]
+        posd = d * pos_w if params[2] else d
+        if direct:
+            torch.where(pos, posd, neg, out=grad_out)
+            return total
+        g = torch.where(pos, posd, neg)
+    if w is not None:
+        g = g * w
+    if scale != 1.0:
+        g = g * scale
+    grad_out.copy_(g)
+    return total
 
 
 class _QualityFunction(torch.autograd.Function):
@@ -142,13 +171,18 @@ class _QualityFunction(torch.autograd.Function):
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
                 w = None if w2 is None else w2[r0:r1].to(dtype)
-                loss, g = _quality_block(x2[r0:r1].to(dtype), y2[r0:r1].to(dtype), w, loss_id, params, need_grad)
-                if out is not None:
-                    out[r0:r1] = loss
-                else:
-                    total.add_(loss.sum())
-                if grad is not None:
-                    grad[r0:r1] = g if scale == 1.0 else g.mul_(scale)
+                partial = _quality_block(
+                    x2[r0:r1].to(dtype),
+                    y2[r0:r1].to(dtype),
+                    w,
+                    loss_id,
+                    params,
+                    scale,
+                    None if out is None else out[r0:r1],
+                    None if grad is None else grad[r0:r1],
+                )
+                if partial is not None:
+                    total.add_(partial)
         ctx.grad = grad
         ctx.grad_shape = logits.shape
         ctx.in_dtype = logits.dtype
