@@ -100,3 +100,26 @@ def test_float64() -> None:
     out = assign_atss(anchors, gt, sizes)
     ref_inds, _, _ = atss_assign(anchors, sizes, gt)
     torch.testing.assert_close(out.matched_idxs, ref_inds - 1)
+
+
+def test_torchvision_anchors_with_ties_match_mmdet() -> None:
+    """RetinaNet's 9 anchors per location tie in centre distance (and integer boxes put centres on midpoints):
+    the candidates, hence the assignment, still equal mmdetection's."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    size = 128
+    gen = AnchorGenerator(tuple((16 * 2**i, 16 * 2**i * 2 ** (1 / 3), 16 * 2**i * 2 ** (2 / 3)) for i in range(3)),
+                          ((0.5, 1.0, 2.0),) * 3)
+    feats = [torch.zeros(1, 1, size // s, size // s) for s in (8, 16, 32)]
+    anchors = gen(ImageList(torch.zeros(1, 3, size, size), [(size, size)]), feats)[0]
+    levels = [int(f.shape[-1] * f.shape[-2] * 9) for f in feats]
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        xy = torch.randint(0, 90, (n, 2), generator=g).float()
+        gt = torch.cat([xy, xy + torch.randint(4, 40, (n, 2), generator=g).float()], 1)
+        ref, _, ref_thr = atss_assign(anchors, levels, gt)
+        ours = assign_atss(anchors, gt, levels)
+        torch.testing.assert_close(ours.matched_idxs, ref - 1, msg=f"seed {seed}")
+        torch.testing.assert_close(ours.threshold, ref_thr, msg=f"seed {seed}")
