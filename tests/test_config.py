@@ -49,7 +49,7 @@ EXAMPLES = [
     ExperimentConfig(),
     ExperimentConfig(
         data=DataConfig(train="data/x.json", val="data/y.json", augment=False, num_workers=2, seed=3),
-        model=ModelConfig(arch="retinanet", image_size=96, norm="gn", head_convs=2),
+        model=ModelConfig(name="retinanet", image_size=96, norm="gn", head_convs=2),
         remedy=RemedyConfig(
             cls_loss=GHMCConfig(bins=12, momentum=0.5, normalization="valid_bins"),
             box_loss=GHMRConfig(mu=0.03),
@@ -62,7 +62,7 @@ EXAMPLES = [
         engine=EngineConfig(iterations=30, batch_size=2, accumulate=3, eval_interval=10, device="cpu", amp=True),
     ),
     ExperimentConfig(
-        model=ModelConfig(arch="faster_rcnn"),
+        model=ModelConfig(name="faster_rcnn"),
         remedy=RemedyConfig(
             cls_loss=FocalConfig(alpha=None, gamma=1.5, loss_weight=2.0),
             roi_sampler=StratifiedOHEMConfig(num_samples=64, strata=3, nms_iou=None),
@@ -71,7 +71,7 @@ EXAMPLES = [
         ),
     ),
     ExperimentConfig(
-        model=ModelConfig(arch="ssd"),
+        model=ModelConfig(name="ssd"),
         remedy=RemedyConfig(cls_loss=CEConfig(alpha=0.75), ssd_mining=SSDMiningConfig(negative_ratio=2.5, min_negatives=4)),
     ),
 ]
@@ -112,7 +112,10 @@ def test_missing_keys_take_defaults_and_ints_are_floats() -> None:
         ("[engine]\niterations = true\n", "engine.iterations: expected an integer, got True"),
         ("[engine]\niterations = 1.5\n", "engine.iterations: expected an integer, got 1.5"),
         ("[engine]\namp = 1\n", "engine.amp: expected true or false, got 1"),
-        ("[model]\narch = 'yolo'\n", "model.arch: must be one of ['retinanet', 'faster_rcnn', 'ssd'], got 'yolo'"),
+        ("[model]\narch = 'yolo'\n", "model.name: unknown model 'yolo'; accepted: the small presets ['retinanet', "
+         "'faster_rcnn', 'ssd'] or ['retinanet_resnet50_fpn', 'retinanet_resnet50_fpn_v2', 'fcos_resnet50_fpn'"),
+        ("[model]\nname = 'yolo'\n", "model.name: unknown model 'yolo'"),
+        ("[model]\nname = 'ssd'\narch = 'retinanet'\n", "model.arch: is the earlier name of 'name'; give one"),
         ("[remedy.cls_loss]\ngamma = 2.0\n", "remedy.cls_loss.name: is required"),
         ("[remedy.cls_loss]\nname = 'fcal'\n",
          "remedy.cls_loss.name: must be one of ['focal', 'ce', 'ghm_c', 'qfl', 'vfl', 'seesaw', 'eqlv2', 'federated']"),
@@ -200,7 +203,8 @@ def test_overrides_apply_in_order_and_type_check() -> None:
         ("engine.iterations=abc", "engine.iterations: expected an integer, got 'abc'"),
         ("optim.lr.x=1", "optim.lr: is a value, not a section"),
         ("remedy.cls_loss.gamma=2", "remedy.cls_loss: is none; choose it first with --set remedy.cls_loss.name="),
-        ("remedy.roi_sampler.name=ohem", "remedy.roi_sampler: not available with model.arch = 'retinanet'"),
+        ("remedy.roi_sampler.name=ohem", "remedy.roi_sampler: not available with model.name = 'retinanet', a "
+         "retinanet model"),
         ("engine=3", "engine: is a section"),
         ("optim.lr=-1", "optim.lr: must be > 0"),
     ],
@@ -255,3 +259,67 @@ def test_builders_take_their_defaults_from_the_dataclasses() -> None:
     mined = apply_overrides(ssd, ["remedy.ssd_mining.min_negatives=5", "remedy.ssd_mining.negative_ratio=2.0"])
     model = build_model(mined, num_classes=3, image_size=64)
     assert (model.negative_ratio, model.min_negatives) == (2.0, 5)
+
+
+# ------------------------------------------------------------------------------------ the model zoo
+
+
+def test_zoo_model_keys_round_trip_and_set_the_family() -> None:
+    cfg = apply_overrides(ExperimentConfig(), [
+        "model.name=retinanet_resnet50_fpn_v2", "model.weights=DEFAULT", "model.trainable_backbone_layers=5",
+        "model.min_size=512", "model.max_size=853", "model.image_mean=[0.5, 0.5, 0.5]",
+        "model.image_std=[0.2, 0.2, 0.2]",
+    ])
+    assert cfg.model.arch == "retinanet" and cfg.model.is_zoo
+    assert load_toml(dump_toml(cfg)) == cfg
+    fcos = apply_overrides(cfg, ["model.name=fcos_resnet50_fpn", "remedy.cls_loss.name=ghm_c"])
+    assert fcos.model.arch == "fcos" and fcos.model.weights == "DEFAULT"
+    ssd = apply_overrides(ExperimentConfig(), ["model.name=ssdlite320_mobilenet_v3_large", "model.min_size=256",
+                                               "remedy.ssd_mining.background_prior=0.01"])
+    assert ssd.model.arch == "ssd" and ssd.remedy.ssd_mining.background_prior == 0.01
+
+
+def test_arch_is_read_as_name() -> None:
+    assert load_toml("[model]\narch = 'ssd'\n").model.name == "ssd"
+    assert apply_overrides(ExperimentConfig(), ["model.arch=fasterrcnn_resnet50_fpn"]).model.arch == "faster_rcnn"
+    assert "arch" not in dump_toml(ExperimentConfig())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=yolov8"], "model.name: unknown model 'yolov8'; accepted: the small presets"),
+        (["model.name=retinanet_resnet50_fpn", "model.min_size=900", "model.max_size=800"],
+         "model.min_size: 900 must not exceed model.max_size = 800"),
+        (["model.name=retinanet_resnet50_fpn", "model.weights=FCOS_ResNet50_FPN_Weights.COCO_V1"],
+         "model.weights: 'FCOS_ResNet50_FPN_Weights.COCO_V1' are the weights of fcos_resnet50_fpn (fcos family), "
+         "not of retinanet_resnet50_fpn (retinanet family); accepted: ['DEFAULT', "
+         "'RetinaNet_ResNet50_FPN_Weights.COCO_V1']"),
+        (["model.name=retinanet_resnet50_fpn", "model.weights_backbone=VGG16_Weights.IMAGENET1K_V1"],
+         "model.weights_backbone: 'VGG16_Weights.IMAGENET1K_V1' are VGG16_Weights"),
+        (["model.name=retinanet_resnet50_fpn", "model.trainable_backbone_layers=3"],
+         "model.trainable_backbone_layers: needs torchvision pretrained weights"),
+        (["model.name=retinanet_resnet50_fpn", "model.weights=DEFAULT", "model.trainable_backbone_layers=6"],
+         "model.trainable_backbone_layers: must be in [0, 5] for retinanet_resnet50_fpn, got 6"),
+        (["model.name=retinanet_resnet50_fpn", "model.image_size=256"],
+         "model.image_size: applies to the small presets only; 'retinanet_resnet50_fpn' is torchvision's "
+         "(set model.min_size / model.max_size)"),
+        (["model.min_size=256"], "model.min_size: applies to torchvision's zoo models"),
+        (["model.weights=DEFAULT"], "model.weights: the small preset 'retinanet' takes only a local .pth"),
+        (["model.name=ssdlite320_mobilenet_v3_large", "model.max_size=400"], "model.max_size: "
+         "ssdlite320_mobilenet_v3_large takes a fixed square input"),
+        (["model.name=ssd300_vgg16", "model.min_size=512"], "model.min_size: ssd300_vgg16's default boxes are laid "
+         "out for 300 px"),
+        (["model.name=retinanet_resnet50_fpn_v2", "remedy.roi_sampler.name=ohem"],
+         "remedy.roi_sampler: not available with model.name = 'retinanet_resnet50_fpn_v2', a retinanet model (RoI "
+         "sampling (fixed ratio, OHEM, S-OHEM) exists only in the two-stage Faster R-CNN); remove it or set "
+         "model.name to one of 'faster_rcnn', 'fasterrcnn_resnet50_fpn', 'fasterrcnn_resnet50_fpn_v2'"),
+        (["model.name=fcos_resnet50_fpn", "remedy.box_loss.name=giou"], "remedy.box_loss: not available with "
+         "model.name = 'fcos_resnet50_fpn', a fcos model"),
+        (["model.name=ssdlite320_mobilenet_v3_large", "remedy.cls_loss.name=ghm_c"],
+         "remedy.cls_loss: GHM-C is a sigmoid (one-vs-all) loss and needs a retinanet or fcos model"),
+    ],
+)
+def test_zoo_mistakes_name_the_key_and_the_accepted_values(overrides, message) -> None:
+    err = _error(apply_overrides, ExperimentConfig(), overrides)
+    assert message in str(err), str(err)

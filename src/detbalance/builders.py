@@ -29,6 +29,7 @@ from detbalance.config import (
     GHMRConfig,
     GIoUConfig,
     L1Config,
+    ModelConfig,
     NormalizerConfig,
     OHEMConfig,
     OptimConfig,
@@ -63,6 +64,7 @@ __all__ = [
     "build_class_weights",
     "build_cls_loss",
     "build_datasets",
+    "build_detector_of",
     "build_hooks",
     "build_model",
     "build_optimizer",
@@ -227,7 +229,7 @@ def build_cls_loss(
     )
 
     c = remedy.cls_loss
-    if arch == "retinanet":
+    if arch in ("retinanet", "fcos"):  # dense sigmoid heads
         match c:
             case None:
                 loss: nn.Module = SigmoidFocalLoss(alpha=0.25, gamma=2.0)
@@ -242,7 +244,7 @@ def build_cls_loss(
             case VFLConfig():
                 loss = VarifocalLoss(**_loss_options(c))
             case _:
-                raise ValueError(f"remedy.cls_loss: unsupported {c!r} for retinanet")
+                raise ValueError(f"remedy.cls_loss: unsupported {c!r} for {arch}")
         return loss if class_weight is None else ClassWeightedLoss(loss, class_weight)
     # the long-tail RoI classifiers of Faster R-CNN (class weights, if any, are the head's per-RoI weights)
     if isinstance(c, SeesawConfig | EQLv2Config | FederatedConfig):
@@ -404,13 +406,10 @@ def build_model(
         image_counts: ``Tensor[K]`` training images per class, needed for the federated loss
             (:func:`class_image_counts`).
     """
-    from detbalance.detectors.build import build_detector
     from detbalance.detectors.faster_rcnn import balance_faster_rcnn
 
     m, r = cfg.model, cfg.remedy
-    model = build_detector(
-        m.arch, num_classes=num_classes, backbone=m.backbone, image_size=image_size, norm=m.norm, head_convs=m.head_convs
-    )
+    model, fresh_classifier = build_detector_of(m, num_classes=num_classes, image_size=image_size)
     class_weight = None
     if r.class_weights is not None:
         if counts is None:
@@ -420,7 +419,8 @@ def build_model(
         build_cls_loss(r, m.arch, class_weight=class_weight, num_classes=num_classes, image_counts=image_counts),
         r.cls_loss,
     )
-    box_loss = _weighted(build_box_loss(r, m.arch), r.box_loss)
+    # A zoo model keeps torchvision's box loss (RetinaNet v2: GIoU) unless one is configured.
+    box_loss = None if m.is_zoo and r.box_loss is None else _weighted(build_box_loss(r, m.arch), r.box_loss)
     match m.arch:
         case "retinanet":
             from detbalance.detectors.retinanet import balance_retinanet
@@ -438,6 +438,15 @@ def build_model(
                 box_loss_weight=1.0,
                 assigner=build_assigner(r),
                 pisa=build_pisa(r),
+            )
+        case "fcos":
+            from detbalance.detectors.fcos import balance_fcos
+            from detbalance.losses import PositiveNormalizer
+
+            norm = r.normalizer or NormalizerConfig()
+            return balance_fcos(
+                model, cls_loss=cls_loss, normalizer=PositiveNormalizer(mode=norm.mode, momentum=norm.momentum),
+                recorder=recorder,
             )
         case "faster_rcnn":
             roi_sampler = build_roi_sampler(r)
@@ -463,9 +472,42 @@ def build_model(
                 cls_loss=cls_loss,
                 box_loss=box_loss,
                 recorder=recorder,
+                # only a freshly created classifier gets the prior; a loaded one keeps its biases
+                background_prior=mining.background_prior if fresh_classifier else None,
             )
         case other:
-            raise ValueError(f"model.arch: unknown {other!r}")
+            raise ValueError(f"model.name: {m.name!r} has an unknown family {other!r}")
+
+
+def build_detector_of(model_cfg: ModelConfig, *, num_classes: int, image_size: int) -> tuple[nn.Module, bool]:
+    """The unmodified torchvision detector of ``cfg.model`` and whether its classifier is freshly created.
+
+    A small preset comes from :func:`~detbalance.detectors.build_detector` (``image_size`` is its side); a zoo
+    name from :func:`~detbalance.detectors.build_zoo_model` (``image_size`` is not used: ``model.min_size`` /
+    ``max_size`` or torchvision's). ``model.weights`` as a ``.pth`` is loaded into a preset too.
+    """
+    from detbalance.detectors.build import build_detector
+    from detbalance.detectors.zoo import _build, _read_state, load_detector_state
+
+    m = model_cfg
+    if m.is_zoo:
+        model, fresh = _build(
+            m.name, num_classes=num_classes, weights=m.weights, weights_backbone=m.weights_backbone,
+            trainable_backbone_layers=m.trainable_backbone_layers, min_size=m.min_size, max_size=m.max_size,
+            image_mean=m.image_mean, image_std=m.image_std, prior_prob=0.01,
+        )
+        return model, bool(fresh)
+    extra = {} if m.image_mean is None else {"image_mean": m.image_mean}
+    if m.image_std is not None:
+        extra["image_std"] = m.image_std
+    model = build_detector(m.arch, num_classes=num_classes, backbone=m.backbone, image_size=image_size,  # type: ignore[arg-type]
+                           norm=m.norm, head_convs=m.head_convs, **extra)
+    if m.weights is None:
+        return model, True
+    from pathlib import Path
+
+    fresh = load_detector_state(model, _read_state(Path(m.weights)), source=f"model.weights {m.weights!r}")
+    return model, bool(fresh)
 
 
 # ------------------------------------------------------------------------------------------ optimiser

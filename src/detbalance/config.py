@@ -6,7 +6,7 @@ objects and :func:`detbalance.engine.fit` is the only function that reads the wh
 An :class:`ExperimentConfig` has six sections::
 
     [data]      what to train and evaluate on (``builtin[:preset]`` or a COCO json path)
-    [model]     the torchvision detector (``arch``, ``backbone``, ``image_size``)
+    [model]     the torchvision detector: a small preset or a zoo model by ``name``, weights, sizes
     [remedy]    the imbalance remedy: classification / box loss, normaliser, RoI/RPN sampler, SSD mining,
                 class-frequency weights, repeat-factor sampling, offline bootstrapping
     [optim]     SGD or AdamW, gradient clipping
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from detbalance._sampler_params import FixedRatioParams, OHEMParams, ScoreHLRParams, StratifiedOHEMParams
+from detbalance._zoo_names import ZOO, check_weights_name, is_weights_file, model_family
 
 __all__ = [
     "ASL1Config",
@@ -86,9 +87,6 @@ __all__ = [
     "load_toml",
     "parse_override",
 ]
-
-Arch = Literal["retinanet", "faster_rcnn", "ssd"]
-
 
 class ConfigError(ValueError):
     """An invalid configuration; the message starts with the offending key (``remedy.cls_loss.gamma: ...``)."""
@@ -485,10 +483,15 @@ class SSDMiningConfig:
     ``negative_ratio = None`` (``"none"`` in TOML) turns mining off: every negative counts, which is what
     a softmax focal loss over all boxes wants. ``min_negatives``: negatives kept in an image without
     objects; 0 (the default) is torchvision's SSD, where such an image contributes no classification loss.
+    ``background_prior``: initialise a freshly created classifier so that every box starts at foreground
+    probability ``pi`` (:func:`detbalance.detectors.init_background_prior`, the softmax counterpart of focal's
+    prior; 0.01 as the focal paper); ``None`` (default) keeps torchvision's zero biases. A loaded
+    (pretrained) classifier is never re-initialised.
     """
 
     negative_ratio: float | None = 3.0
     min_negatives: int = 0
+    background_prior: float | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -500,6 +503,11 @@ class SSDMiningConfig:
             self.min_negatives >= 0,
             "min_negatives",
             f"must be >= 0, got {self.min_negatives}",
+        )
+        _require(
+            self.background_prior is None or 0.0 < self.background_prior < 1.0,
+            "background_prior",
+            f"must be in (0, 1) or none, got {self.background_prior}",
         )
 
 
@@ -599,21 +607,100 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The torchvision detector, built without pretrained weights by ``detectors.build_detector``.
+    """The torchvision detector: a small preset trained from scratch, or torchvision's model zoo by name.
 
-    ``image_size = None`` takes the larger side of the first training image. ``norm`` is the backbone's
-    normalisation (``"gn"`` for small per-process batches and DDP runs that must match one process).
+    ``name``: a small preset, ``"retinanet"``, ``"faster_rcnn"`` or ``"ssd"`` (built by
+    ``detectors.build_detector`` with ``backbone``, ``norm``, ``head_convs`` and ``image_size``; ``image_size =
+    None`` takes the larger side of the first training image), or one of torchvision's detection builders
+    (:data:`detbalance.detectors.zoo.ZOO`: ``retinanet_resnet50_fpn_v2``, ``fcos_resnet50_fpn``,
+    ``fasterrcnn_resnet50_fpn_v2``, ``ssdlite320_mobilenet_v3_large``, ...), built by torchvision with
+    ``weights``, ``weights_backbone``, ``trainable_backbone_layers``, ``min_size``, ``max_size``,
+    ``image_mean`` and ``image_std`` (``None``: torchvision's default; weights ``None``: from scratch). The
+    model's family (``arch``: retinanet, fcos, faster_rcnn, ssd) decides which remedies fit.
+
+    ``arch`` is the key of earlier versions: in TOML and ``--set`` it is read as ``name``.
     """
 
-    arch: Arch = "retinanet"
+    name: str = "retinanet"
     backbone: str = "tiny"
     image_size: int | None = None
     norm: Literal["bn", "gn"] = "bn"
     head_convs: int = 1
+    weights: str | None = None
+    weights_backbone: str | None = None
+    trainable_backbone_layers: int | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
+        try:
+            model_family(self.name)
+        except ValueError as err:
+            raise ConfigError("name", str(err)) from None
         _require(self.image_size is None or self.image_size >= 32, "image_size", f"must be >= 32, got {self.image_size}")
         _require(self.head_convs >= 0, "head_convs", f"must be >= 0, got {self.head_convs}")
+        for key in ("min_size", "max_size"):
+            v = getattr(self, key)
+            _require(v is None or v >= 32, key, f"must be >= 32, got {v}")
+        if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
+            raise ConfigError("min_size", f"{self.min_size} must not exceed model.max_size = {self.max_size}")
+        _require(self.image_std is None or min(self.image_std) > 0, "image_std", f"must be > 0, got {self.image_std}")
+        if self.name not in ZOO:
+            zoo_only = ("weights_backbone", "trainable_backbone_layers", "min_size", "max_size")
+            for key in zoo_only:
+                _require(
+                    getattr(self, key) is None, key,
+                    f"applies to torchvision's zoo models ({list(ZOO)}), not to the small preset {self.name!r} "
+                    "(it uses model.image_size and trains from scratch)",
+                )
+            _require(
+                self.weights is None or is_weights_file(self.weights), "weights",
+                f"the small preset {self.name!r} takes only a local .pth state dict, got {self.weights!r}",
+            )
+            return
+        for key, default in (("backbone", "tiny"), ("norm", "bn"), ("head_convs", 1), ("image_size", None)):
+            _require(
+                getattr(self, key) == default, key,
+                f"applies to the small presets only; {self.name!r} is torchvision's"
+                + (" (set model.min_size / model.max_size)" if key == "image_size" else ""),
+            )
+        for key in ("weights", "weights_backbone"):
+            spec = getattr(self, key)
+            if spec is None or (key == "weights" and is_weights_file(spec)):
+                continue  # a file is read (and checked) when the model is built
+            try:
+                check_weights_name(self.name, spec, part=key, key="")  # type: ignore[arg-type]
+            except ValueError as err:
+                raise ConfigError(key, str(err).removeprefix(": ")) from None
+        if self.weights is not None and self.weights_backbone is not None:
+            raise ConfigError("weights_backbone", "not used when model.weights loads the whole detector; give one")
+        if self.trainable_backbone_layers is not None:
+            top = ZOO[self.name].max_trainable_layers
+            _require(0 <= self.trainable_backbone_layers <= top, "trainable_backbone_layers",
+                     f"must be in [0, {top}] for {self.name}, got {self.trainable_backbone_layers}")
+            pretrained = (self.weights is not None and not is_weights_file(self.weights)) or (
+                self.weights_backbone is not None
+            )
+            _require(pretrained, "trainable_backbone_layers",
+                     "needs torchvision pretrained weights (model.weights or model.weights_backbone by name); "
+                     "without them torchvision trains every layer")
+        if ZOO[self.name].fixed_size:
+            _require(self.max_size is None, "max_size",
+                     f"{self.name} takes a fixed square input: set model.min_size (its side) only")
+            _require(self.name != "ssd300_vgg16" or self.min_size in (None, 300), "min_size",
+                     f"ssd300_vgg16's default boxes are laid out for 300 px, got {self.min_size}")
+
+    @property
+    def arch(self) -> str:
+        """The model's family: ``"retinanet"``, ``"fcos"``, ``"faster_rcnn"`` or ``"ssd"`` (which remedies fit)."""
+        return model_family(self.name)
+
+    @property
+    def is_zoo(self) -> bool:
+        """Whether ``name`` is one of torchvision's detection builders (not a small preset)."""
+        return self.name in ZOO
 
 
 @dataclass(frozen=True)
@@ -749,14 +836,21 @@ class ExperimentConfig:
 _DEFER_COMBINATIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("defer_combinations", default=False)
 
 
+def _models_of(families: Sequence[str]) -> str:
+    names = [n for n in ("retinanet", "faster_rcnn", "ssd") if n in families]
+    names += [n for n in ZOO if model_family(n) in families]
+    return ", ".join(repr(n) for n in names)
+
+
 def _check_combinations(cfg: ExperimentConfig) -> None:
     arch = cfg.model.arch
+    name = cfg.model.name
     r = cfg.remedy
     only = {
         "roi_sampler": ("faster_rcnn",),
         "rpn_sampler": ("faster_rcnn",),
         "bootstrap": ("faster_rcnn",),
-        "normalizer": ("retinanet",),
+        "normalizer": ("retinanet", "fcos"),
         "ssd_mining": ("ssd",),
         "box_loss": ("retinanet", "ssd"),
         "assigner": ("retinanet",),
@@ -766,9 +860,9 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         "roi_sampler": "RoI sampling (fixed ratio, OHEM, S-OHEM) exists only in the two-stage Faster R-CNN",
         "rpn_sampler": "only Faster R-CNN has an RPN",
         "bootstrap": "offline bootstrapping feeds mined negatives to the RoI head of Faster R-CNN",
-        "normalizer": "the positive-count normaliser is RetinaNet's (SSD divides by its positives itself)",
+        "normalizer": "the positive-count normaliser is RetinaNet's and FCOS's (SSD divides by its positives itself)",
         "ssd_mining": "hard negative mining at 3:1 is SSD's sampler",
-        "box_loss": "Faster R-CNN keeps torchvision's box losses",
+        "box_loss": "Faster R-CNN keeps torchvision's box losses, FCOS its GIoU and centerness",
         "assigner": "the anchor assigner (ATSS) is an option of the dense RetinaNet head",
         "pisa": "ISR-P and CARL are wired for RetinaNet's and Faster R-CNN's heads",
     }
@@ -777,13 +871,14 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         if value is not None and arch not in archs:
             raise ConfigError(
                 f"remedy.{key}",
-                f"not available with model.arch = {arch!r} ({why[key]}); remove it or set model.arch to "
-                + " or ".join(repr(a) for a in archs),
+                f"not available with model.name = {name!r}, a {arch} model ({why[key]}); remove it or set "
+                f"model.name to one of {_models_of(archs)}",
             )
-    if isinstance(r.cls_loss, GHMCConfig) and arch != "retinanet":
+    if isinstance(r.cls_loss, GHMCConfig) and arch not in ("retinanet", "fcos"):
         raise ConfigError(
             "remedy.cls_loss",
-            f"GHM-C is a sigmoid (one-vs-all) loss and needs model.arch = 'retinanet', got {arch!r}",
+            f"GHM-C is a sigmoid (one-vs-all) loss and needs a retinanet or fcos model (model.name one of "
+            f"{_models_of(('retinanet', 'fcos'))}), got {name!r}, a {arch} model",
         )
     if isinstance(r.cls_loss, QFLConfig | VFLConfig) and arch != "retinanet":
         raise ConfigError(
@@ -798,9 +893,11 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
             f"got {arch!r}",
         )
     if isinstance(r.box_loss, GHMRConfig) and arch != "retinanet":
-        raise ConfigError("remedy.box_loss", f"GHM-R is only wired for model.arch = 'retinanet', got {arch!r}")
+        raise ConfigError("remedy.box_loss", f"GHM-R is only wired for retinanet models, got {name!r}, a {arch} model")
     if isinstance(r.box_loss, GIoUConfig) and arch != "retinanet":
-        raise ConfigError("remedy.box_loss", f"GIoU needs decoded boxes; only 'retinanet' provides them, got {arch!r}")
+        raise ConfigError(
+            "remedy.box_loss", f"GIoU needs decoded boxes; only retinanet models provide them, got {name!r}, a {arch} model"
+        )
     if r.pisa is not None and arch == "retinanet" and (isinstance(r.cls_loss, GHMCConfig)
                                                        or isinstance(r.box_loss, GHMRConfig)):
         raise ConfigError(
@@ -917,7 +1014,27 @@ def _pick_variant(classes: list[type], value: Mapping[str, Any], key: str) -> ty
     return names[value["name"]]
 
 
+# Keys of earlier versions, read as their new name: {class: {old: new}}.
+_ALIASES: dict[type, dict[str, str]] = {ModelConfig: {"arch": "name"}}
+
+
+def _resolve_aliases(cls: type, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    aliases = _ALIASES.get(cls, {})
+    if not any(k in data for k in aliases):
+        return data
+    out = dict(data)
+    for old, new in aliases.items():
+        if old in out:
+            where = f"{prefix}.{old}" if prefix else old
+            value = out.pop(old)
+            if new in out and out[new] != value:
+                raise ConfigError(where, f"is the earlier name of {new!r}; give one of them, got {value!r} and {out[new]!r}")
+            out[new] = value
+    return out
+
+
 def _from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    data = _resolve_aliases(cls, data, prefix)
     hints = _hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for k in data:
@@ -981,7 +1098,9 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def dump_toml(cfg: ExperimentConfig, *, leave_out: Mapping[str, Any] | None = None) -> str:
+def dump_toml(
+    cfg: ExperimentConfig, *, leave_out: Mapping[str, Any] | None = None, rename: Mapping[str, str] | None = None
+) -> str:
     """The whole resolved config as TOML (every key written; ``None`` as ``"none"``).
 
     ``load_toml(dump_toml(cfg)) == cfg`` for every valid config (floats use ``repr``, which round-trips).
@@ -991,6 +1110,8 @@ def dump_toml(cfg: ExperimentConfig, *, leave_out: Mapping[str, Any] | None = No
         leave_out: ``{dotted key: value}``: a key is not written while it holds that value (its default), so
             that the text of a config that does not use a newer key is the text earlier versions wrote (what
             ``detbalance compare`` keys its run folders by). ``load_toml`` restores the default.
+        rename: ``{dotted key: earlier name}``: write a key under the name earlier versions gave it (an alias
+            :func:`load_toml` reads), e.g. ``{"model.name": "arch"}``, for the same reason.
     """
     lines: list[str] = []
     data = config_to_dict(cfg)
@@ -1001,6 +1122,15 @@ def dump_toml(cfg: ExperimentConfig, *, leave_out: Mapping[str, Any] | None = No
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node and node[leaf] == value:
             del node[leaf]
+    for dotted, earlier in (rename or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            renamed = {(earlier if k == leaf else k): v for k, v in node.items()}
+            node.clear()
+            node.update(renamed)
 
     def table(prefix: str, d: Mapping[str, Any]) -> None:
         scalars = {k: v for k, v in d.items() if not isinstance(v, Mapping)}
@@ -1071,8 +1201,11 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> Experime
 def _apply_each(data: dict[str, Any], cfg: ExperimentConfig, overrides: Iterable[str]) -> ExperimentConfig:
     for text in overrides:
         path, value = parse_override(text)
+        if path == ["model", "arch"]:
+            path = ["model", "name"]  # the earlier name of model.name
         node: Any = data
         cls: Any = ExperimentConfig
+        multi_choice = False  # a section whose ``name`` picks its class (not model.name, a plain value)
         for i, part in enumerate(path[:-1]):
             where = ".".join(path[: i + 1])
             if cls is None or not isinstance(node, dict):
@@ -1092,6 +1225,7 @@ def _apply_each(data: dict[str, Any], cfg: ExperimentConfig, overrides: Iterable
                 else:
                     node[part] = {}
             node = node[part]
+            multi_choice = len(classes) > 1
             if len(classes) == 1:
                 cls = classes[0]
             else:
@@ -1105,7 +1239,7 @@ def _apply_each(data: dict[str, Any], cfg: ExperimentConfig, overrides: Iterable
                 raise ConfigError(".".join(path), f"unknown key; valid keys here: {sorted(hints)}")
             if isinstance(node.get(leaf), dict) and value != "none":
                 raise ConfigError(".".join(path), f"is a section; set one of its keys ({sorted(node[leaf])}) or none")
-        if leaf == "name" and node.get("name") != value:
+        if leaf == "name" and multi_choice and node.get("name") != value:
             node.clear()
         node[leaf] = value
         cfg = config_from_dict(data)

@@ -40,14 +40,24 @@ KEYS_ADDED_LATER: dict[str, object] = {
     "data.aspect_ratio_group_factor": 3,
     "remedy.assigner": None,
     "remedy.pisa": None,
+    "model.weights": None,
+    "model.weights_backbone": None,
+    "model.trainable_backbone_layers": None,
+    "model.min_size": None,
+    "model.max_size": None,
+    "model.image_mean": None,
+    "model.image_std": None,
+    "remedy.ssd_mining.background_prior": None,
 }
+#: Keys renamed since the study's runs were keyed, written under their earlier name in the key's text.
+KEYS_RENAMED: dict[str, str] = {"model.name": "arch"}
 
 
 def run_key(cfg: ExperimentConfig) -> str:
     """A 10-hex-digit key of the resolved config with the run seed set aside (the seed names the folder
     below it; the data seed, which picks the benchmark instance, stays in the key). Keys added later
     (:data:`KEYS_ADDED_LATER`) count only when they differ from their defaults."""
-    text = dump_toml(replace(cfg, engine=replace(cfg.engine, seed=0)), leave_out=KEYS_ADDED_LATER)
+    text = dump_toml(replace(cfg, engine=replace(cfg.engine, seed=0)), leave_out=KEYS_ADDED_LATER, rename=KEYS_RENAMED)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

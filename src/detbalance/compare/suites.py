@@ -410,7 +410,7 @@ def suite_configs(
     interval = max(1, iters // MIN_CURVE_POINTS)
     base = ExperimentConfig(
         data=data_cfg,
-        model=ModelConfig(arch=suite.arch),
+        model=ModelConfig(name=suite.arch),
         optim=opt,
         schedule=sched,
         engine=EngineConfig(

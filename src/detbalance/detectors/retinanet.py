@@ -57,7 +57,7 @@ from detbalance.detectors._dense import (
 )
 from detbalance.detectors._targets import check_detection_targets, install_target_check
 from detbalance.detectors.recorder import BalanceRecorder
-from detbalance.losses import AnchorBatch, DetectionLoss, L1Loss
+from detbalance.losses import AnchorBatch, DetectionLoss, GIoULoss, L1Loss, SmoothL1Loss
 from detbalance.losses.pisa import PrimeSampleAttention, aligned_box_iou, carl_loss, isr_p_weights
 
 #: An anchor assigner: ``(anchors[A, 4], gt_boxes[G, 4], anchors_per_level) -> matched index Tensor[A]`` in
@@ -67,13 +67,127 @@ Assigner = Callable[[Tensor, Tensor, Sequence[int]], Tensor]
 __all__ = [
     "AnchorOutputs",
     "BalancedRetinaNetHead",
+    "DenseSigmoidLoss",
     "anchor_outputs",
     "balance_retinanet",
+    "torchvision_box_loss",
 ]
 
 
+# ------------------------------------------------------------------------------ dense sigmoid losses
+class DenseSigmoidLoss:
+    """The classification loss of a dense sigmoid head (RetinaNet, FCOS), shared by their adapted heads.
+
+    The host class sets ``cls_loss`` (a ``"sigmoid"`` loss), ``normalizer``, ``background_column``,
+    ``recorder``, ``anchors_per_level`` (from its forward) and ``record_prefix`` (``"retinanet"``, ``"fcos"``).
+    """
+
+    cls_loss: DetectionLoss
+    normalizer: Normalizer
+    background_column: bool
+    recorder: BalanceRecorder | None
+    anchors_per_level: list[int]
+    record_prefix: str = "retinanet"
+
+    def level_index(self, num_anchors: int, device: torch.device) -> Tensor:
+        """``Tensor[A]`` (int64): the pyramid level of every anchor of the last forward."""
+        sizes = self.anchors_per_level
+        level_slices(sizes, num_anchors)
+        return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+
+    def _self_normalized(self, loss: DetectionLoss, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        """A self-normalising loss on ``[B, A, *]`` inputs: once per level (summed) or once for all levels."""
+        b, a = valid.shape
+        if not loss.per_level:
+            return loss(pred.reshape(b * a, -1), target.reshape(b * a, -1), valid=valid.reshape(-1))
+        total = None
+        for sl in level_slices(self.anchors_per_level, a):
+            n = b * (sl.stop - sl.start)
+            value = loss(pred[:, sl].reshape(n, -1), target[:, sl].reshape(n, -1), valid=valid[:, sl].reshape(n))
+            total = value if total is None else total + value
+        return total
+
+    def classification_loss(
+        self,
+        cls_logits: Tensor,
+        labels: Tensor,
+        num_positives: Tensor,
+        *,
+        anchors: Tensor,
+        matched_boxes: Tensor,
+        pred_boxes: Tensor,
+        reweight: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(value, per_anchor)``: the normalised classification loss of ``cls_logits: Tensor[B, A, C]`` for
+        ``labels: Tensor[B, A]`` (``-1`` ignore, ``0`` background, ``1..K`` = column), and the per-anchor loss
+        ``Tensor[B, A]`` (``None`` for a self-normalising loss). ``anchors: Tensor[B A, 4]``, ``matched_boxes:
+        Tensor[B, A, 4]`` and the detached decoded ``pred_boxes: Tensor[B A, 4]`` go to the loss's
+        :class:`~detbalance.losses.AnchorBatch` (QFL / VFL build their targets from them); ``reweight`` maps the
+        per-anchor loss ``Tensor[B, A]`` to a reweighted one before normalisation (PISA's ISR-P)."""
+        b, a, c = cls_logits.shape
+        valid = labels >= 0
+        # Classification: the K class columns (torchvision's column 0 only with background_column). The loss
+        # builds its targets from the per-anchor batch (one-hot labels; QFL/VFL: IoU of the detached decoded box).
+        batch = AnchorBatch(
+            logits=cls_logits[..., 1:].reshape(b * a, c - 1),
+            labels=labels.reshape(-1),
+            anchors=anchors,
+            matched_boxes=matched_boxes.reshape(b * a, 4),
+            pred_boxes=pred_boxes,
+        )
+        cls_targets = self.cls_loss.dense_targets(batch).reshape(b, a, c - 1)
+        logits = cls_logits if self.background_column else cls_logits[..., 1:]
+        if self.background_column:
+            cls_targets = torch.cat([torch.zeros_like(cls_targets[..., :1]), cls_targets], dim=-1)
+        k = logits.shape[-1]
+        per_anchor_cls = None
+        if self.cls_loss.self_normalizing:
+            cls_value = self._self_normalized(self.cls_loss, logits, cls_targets, valid)
+        else:
+            flat = logits.reshape(b * a, k)
+            elementwise = self.cls_loss(flat, cls_targets.reshape(b * a, k))
+            if elementwise.shape != flat.shape:
+                raise ValueError(
+                    f"cls_loss returned shape {tuple(elementwise.shape)}, expected per-element "
+                    f"{tuple(flat.shape)} (reduction='none')"
+                )
+            per_anchor_cls = torch.where(valid.reshape(-1), elementwise.sum(-1), 0.0).reshape(b, a)
+            if reweight is not None:
+                per_anchor_cls = reweight(per_anchor_cls)
+            cls_value = normalize(self.normalizer, per_anchor_cls.sum(1), num_positives)
+
+        return cls_value, per_anchor_cls
+
+    def _record(self, labels: Tensor, per_anchor_cls: Tensor | None, per_anchor_box: Tensor | None) -> None:
+        rec = self.recorder
+        if rec is None:
+            return
+        with torch.no_grad():
+            b, a = labels.shape
+            level = self.level_index(a, labels.device)
+            num_levels = len(self.anchors_per_level)
+
+            def per_level(mask: Tensor) -> Tensor:
+                out = torch.zeros(num_levels, dtype=torch.int64, device=labels.device)
+                return out.index_add_(0, level, mask.sum(0).to(torch.int64))
+
+            p = self.record_prefix
+            rec.record_counts(f"{p}/anchors", per_level(labels > 0), per_level(labels == 0), per_level(labels < 0))
+            if per_anchor_cls is not None:
+                k = self.num_classes - 1  # type: ignore[attr-defined]  # the host head's column count
+                rec.record_class_losses(f"{p}/cls", labels.reshape(-1), per_anchor_cls.reshape(-1), k)
+                rec.record_losses(f"{p}/cls_positive", per_anchor_cls, mask=labels > 0)
+                rec.record_losses(f"{p}/cls_negative", per_anchor_cls, mask=labels == 0)
+            if per_anchor_box is not None:
+                rec.record_losses(f"{p}/box", per_anchor_box, mask=labels > 0)
+            box_loss = getattr(self, "box_loss", None)  # FCOS keeps torchvision's box loss
+            for name, loss in ((f"{p}/cls", self.cls_loss), (f"{p}/box", box_loss)):
+                if loss is not None and loss.last_density is not None:
+                    rec.record_ghm_density(name, loss.last_density)
+
+
 # -------------------------------------------------------------------------------------------- head
-class BalancedRetinaNetHead(RetinaNetHead):
+class BalancedRetinaNetHead(DenseSigmoidLoss, RetinaNetHead):
     """torchvision's ``RetinaNetHead`` with injected losses; forward and modules are the original's.
 
     Build it with :meth:`from_head` (or :func:`balance_retinanet`). ``compute_loss`` returns
@@ -150,7 +264,7 @@ class BalancedRetinaNetHead(RetinaNetHead):
         recorder: BalanceRecorder | None = None,
         cls_loss_weight: float = 1.0,
         box_loss_weight: float = 1.0,
-        prior_prob: float | None = 0.01,
+        prior_prob: float | None = None,
         background_column: bool = False,
         assigner: Assigner | None = None,
         pisa: PrimeSampleAttention | None = None,
@@ -189,24 +303,6 @@ class BalancedRetinaNetHead(RetinaNetHead):
         self.anchors_per_level = [int(f.shape[-2] * f.shape[-1] * a) for f in x]
         return super().forward(x)
 
-    def level_index(self, num_anchors: int, device: torch.device) -> Tensor:
-        """``Tensor[A]`` (int64): the pyramid level of every anchor of the last forward."""
-        sizes = self.anchors_per_level
-        level_slices(sizes, num_anchors)
-        return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-
-    def _self_normalized(self, loss: DetectionLoss, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
-        """A self-normalising loss on ``[B, A, *]`` inputs: once per level (summed) or once for all levels."""
-        b, a = valid.shape
-        if not loss.per_level:
-            return loss(pred.reshape(b * a, -1), target.reshape(b * a, -1), valid=valid.reshape(-1))
-        total = None
-        for sl in level_slices(self.anchors_per_level, a):
-            n = b * (sl.stop - sl.start)
-            value = loss(pred[:, sl].reshape(n, -1), target[:, sl].reshape(n, -1), valid=valid[:, sl].reshape(n))
-            total = value if total is None else total + value
-        return total
-
     def compute_loss(
         self,
         targets: list[dict[str, Tensor]],
@@ -225,45 +321,25 @@ class BalancedRetinaNetHead(RetinaNetHead):
                             for anchors_i, t in zip(anchors, targets)]
         labels, matched_boxes = match_targets(targets, matched_idxs, device)
         positive = labels > 0
-        valid = labels >= 0
         num_positives = positive.sum(1)
 
-        # Classification: the K class columns (torchvision's column 0 only with background_column). The loss
-        # builds its targets from the per-anchor batch (one-hot labels; QFL/VFL: IoU of the detached decoded box).
         anchors_flat = torch.stack(list(anchors)).reshape(b * a, 4)
         with torch.no_grad():
             pred_boxes = self.regression_head.box_coder.decode_single(
                 bbox_regression.detach().reshape(b * a, 4), anchors_flat
             )
-        batch = AnchorBatch(
-            logits=cls_logits[..., 1:].reshape(b * a, c - 1),
-            labels=labels.reshape(-1),
-            anchors=anchors_flat,
-            matched_boxes=matched_boxes.reshape(b * a, 4),
-            pred_boxes=pred_boxes,
+        reweight = None
+        if self.pisa is not None and self.pisa.isr_k is not None:
+            pisa = self.pisa
+
+            def reweight(per_anchor: Tensor) -> Tensor:  # ISR-P: each positive's loss by its importance rank
+                return per_anchor * self._isr_p(targets, matched_idxs, per_anchor, labels, matched_boxes,
+                                                bbox_regression, anchors, k=pisa.isr_k, bias=pisa.isr_bias)
+
+        cls_value, per_anchor_cls = self.classification_loss(
+            cls_logits, labels, num_positives, anchors=anchors_flat, matched_boxes=matched_boxes,
+            pred_boxes=pred_boxes, reweight=reweight,
         )
-        cls_targets = self.cls_loss.dense_targets(batch).reshape(b, a, c - 1)
-        logits = cls_logits if self.background_column else cls_logits[..., 1:]
-        if self.background_column:
-            cls_targets = torch.cat([torch.zeros_like(cls_targets[..., :1]), cls_targets], dim=-1)
-        k = logits.shape[-1]
-        per_anchor_cls = None
-        if self.cls_loss.self_normalizing:
-            cls_value = self._self_normalized(self.cls_loss, logits, cls_targets, valid)
-        else:
-            flat = logits.reshape(b * a, k)
-            elementwise = self.cls_loss(flat, cls_targets.reshape(b * a, k))
-            if elementwise.shape != flat.shape:
-                raise ValueError(
-                    f"cls_loss returned shape {tuple(elementwise.shape)}, expected per-element "
-                    f"{tuple(flat.shape)} (reduction='none')"
-                )
-            per_anchor_cls = torch.where(valid.reshape(-1), elementwise.sum(-1), 0.0).reshape(b, a)
-            if self.pisa is not None and self.pisa.isr_k is not None:
-                per_anchor_cls = per_anchor_cls * self._isr_p(
-                    targets, matched_idxs, per_anchor_cls, labels, matched_boxes, bbox_regression, anchors,
-                    k=self.pisa.isr_k, bias=self.pisa.isr_bias)
-            cls_value = normalize(self.normalizer, per_anchor_cls.sum(1), num_positives)
 
         # Regression: positives only, torchvision's box coding.
         pred, target = box_loss_inputs(
@@ -311,29 +387,28 @@ class BalancedRetinaNetHead(RetinaNetHead):
             return torch.ones(b * a, dtype=per_anchor_cls.dtype, device=labels.device).index_copy(
                 0, pos, w.to(per_anchor_cls.dtype)).reshape(b, a)
 
-    def _record(self, labels: Tensor, per_anchor_cls: Tensor | None, per_anchor_box: Tensor | None) -> None:
-        rec = self.recorder
-        if rec is None:
-            return
-        with torch.no_grad():
-            b, a = labels.shape
-            level = self.level_index(a, labels.device)
-            num_levels = len(self.anchors_per_level)
 
-            def per_level(mask: Tensor) -> Tensor:
-                out = torch.zeros(num_levels, dtype=torch.int64, device=labels.device)
-                return out.index_add_(0, level, mask.sum(0).to(torch.int64))
+def torchvision_box_loss(model: RetinaNet) -> DetectionLoss:
+    """The box loss torchvision's ``model`` trains with, as a library loss (per element, ``reduction="none"``).
 
-            rec.record_counts("retinanet/anchors", per_level(labels > 0), per_level(labels == 0), per_level(labels < 0))
-            if per_anchor_cls is not None:
-                rec.record_class_losses("retinanet/cls", labels.reshape(-1), per_anchor_cls.reshape(-1), self.num_classes - 1)
-                rec.record_losses("retinanet/cls_positive", per_anchor_cls, mask=labels > 0)
-                rec.record_losses("retinanet/cls_negative", per_anchor_cls, mask=labels == 0)
-            if per_anchor_box is not None:
-                rec.record_losses("retinanet/box", per_anchor_box, mask=labels > 0)
-            for name, loss in (("retinanet/cls", self.cls_loss), ("retinanet/box", self.box_loss)):
-                if loss.last_density is not None:
-                    rec.record_ghm_density(name, loss.last_density)
+    ``regression_head._loss_type``: ``"l1"`` (``retinanet_resnet50_fpn``) -> ``L1Loss()``; ``"smooth_l1"`` ->
+    ``SmoothL1Loss(beta=1.0)`` (torchvision's ``_box_loss`` default beta); ``"giou"``
+    (``retinanet_resnet50_fpn_v2``) -> ``GIoULoss()`` (eps 1e-7, torchvision's).
+
+    Raises:
+        ValueError: for a loss type without a library equivalent (``"ciou"``, ``"diou"``).
+    """
+    if not isinstance(model, RetinaNet):
+        raise ValueError(f"model must be a torchvision RetinaNet, got {type(model).__name__}")
+    match getattr(model.head.regression_head, "_loss_type", "l1"):
+        case "l1":
+            return L1Loss()
+        case "smooth_l1":
+            return SmoothL1Loss(beta=1.0)
+        case "giou":
+            return GIoULoss()
+        case other:
+            raise ValueError(f"the model's box loss {other!r} has no library equivalent; pass box_loss explicitly")
 
 
 def balance_retinanet(
@@ -345,7 +420,7 @@ def balance_retinanet(
     recorder: BalanceRecorder | None = None,
     cls_loss_weight: float = 1.0,
     box_loss_weight: float | None = None,
-    prior_prob: float | None = 0.01,
+    prior_prob: float | None = None,
     background_column: bool = False,
     assigner: Assigner | None = None,
     pisa: PrimeSampleAttention | None = None,
@@ -366,7 +441,8 @@ def balance_retinanet(
             ``VarifocalLoss`` (VarifocalNet), a ``ClassWeightedLoss``, or
             ``declare_loss(fn, kind="sigmoid")`` for your own callable.
         box_loss: A ``"box"`` loss (``L1Loss``, ``SmoothL1Loss``, ``ASL1Loss``, ``GIoULoss``, ``GHMRLoss``);
-            ``None`` is torchvision's ``L1Loss()``.
+            ``None`` keeps the model's own (:func:`torchvision_box_loss`: ``L1Loss()`` for
+            ``retinanet_resnet50_fpn``, ``GIoULoss()`` for ``retinanet_resnet50_fpn_v2``).
         normalizer: ``"per_image"`` (torchvision, default), ``"per_batch"`` (focal-loss paper) or a
             ``PositiveNormalizer``.
         recorder: Optional sink for per-level positive/negative/ignored anchor counts, per-class
@@ -376,7 +452,8 @@ def balance_retinanet(
             ``GHMRLoss`` (the GHM paper and mmdetection's config), 1 otherwise (a
             :class:`~detbalance.losses.ScaledLoss` carries its own weight and declares 1).
         prior_prob: Set the classifier bias to ``-log((1 - pi) / pi)`` (Lin et al. 2017, sec. 3.3);
-            ``None`` keeps the current bias.
+            ``None`` (default) keeps the current bias: torchvision already initialises a fresh classifier at
+            ``pi = 0.01``, and a loaded (pretrained) classifier keeps its trained bias.
         background_column: Include torchvision's column 0 (never a class) in the classification loss, as
             torchvision does; by default it is left out, as in detectron2 and mmdetection.
         assigner: Which anchors are positive: ``None`` is torchvision's IoU matching (0.5 / 0.4);
@@ -392,7 +469,7 @@ def balance_retinanet(
     """
     if not isinstance(model, RetinaNet):
         raise ValueError(f"model must be a torchvision RetinaNet, got {type(model).__name__}")
-    box_loss = L1Loss() if box_loss is None else box_loss
+    box_loss = torchvision_box_loss(model) if box_loss is None else box_loss
     if box_loss_weight is None:
         box_loss_weight = box_loss.reference_weight if isinstance(box_loss, DetectionLoss) else 1.0
     model.head = BalancedRetinaNetHead.from_head(
