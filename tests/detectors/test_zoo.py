@@ -19,6 +19,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detbalance.detectors import (
     ZOO,
+    BalancedFCOSHead,
     balance_faster_rcnn,
     balance_fcos,
     balance_retinanet,
@@ -347,3 +348,39 @@ def test_the_torch_free_name_tables_match_torchvisions_registry():
         assert (enum.__name__, tuple(m.name for m in enum)) == (info.weights, info.weights_members)
         backbone = type(get_weight(f"{info.backbone_weights}.DEFAULT"))
         assert tuple(m.name for m in backbone) == info.backbone_members
+
+
+# ------------------------------------------------------------------------------------ through the config
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "check"),
+    [
+        pytest.param("retinanet_resnet50_fpn_v2", ["remedy.cls_loss.name=ghm_c"],
+                     lambda m: isinstance(m.head.box_loss, GIoULoss) and isinstance(m.head.cls_loss, GHMCLoss),
+                     marks=pytest.mark.slow),
+        pytest.param("fcos_resnet50_fpn", ["remedy.cls_loss.name=ce", "remedy.cls_loss.alpha=0.75"],
+                     lambda m: isinstance(m.head, BalancedFCOSHead) and m.head.cls_loss.gamma == 0.0,
+                     marks=pytest.mark.slow),
+        ("fasterrcnn_mobilenet_v3_large_320_fpn", ["remedy.roi_sampler.name=ohem"],
+         lambda m: type(m.roi_heads.sampler).__name__ == "OHEMSampler"),
+        ("ssdlite320_mobilenet_v3_large", ["model.min_size=128", "remedy.ssd_mining.negative_ratio=none",
+                                           "remedy.cls_loss.name=focal", "remedy.ssd_mining.background_prior=0.01"],
+         lambda m: m.negative_ratio is None and float(m.head.classification_head.module_list[0][-1].bias[0].detach()) > 5),
+    ],
+    ids=["retinanet_v2_ghmc", "fcos_alpha_ce", "frcnn_ohem", "ssdlite_focal_prior"],
+)
+def test_build_model_adapts_every_family_from_the_config(name, overrides, check):
+    from detbalance.builders import build_model
+    from detbalance.config import ExperimentConfig, apply_overrides
+
+    sizes = [] if any(o.startswith("model.min_size") for o in overrides) or "ssd" in name else [
+        "model.min_size=64", "model.max_size=64"]
+    cfg = apply_overrides(ExperimentConfig(), [f"model.name={name}", *sizes, *overrides])
+    model = build_model(cfg, num_classes=K, image_size=64)
+    assert check(model)
+    images, targets = make_batch()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert describe_model(model, name=name)["family"] == cfg.model.arch
