@@ -486,6 +486,11 @@ def run_profile(
 
         gstats: GradientStats | None = None
         notes: list[str] = []
+        if atss is not None:
+            notes.append(
+                "The model assigns anchors with ATSS: the pos:neg counts and the anchor figure are those of the IoU "
+                "matching the detector would use without it; ATSS's own positives per object are in the ATSS figure."
+            )
         if state is None:
             notes.append(
                 "No checkpoint: only what is meaningful at initialisation is shown (the data and the anchor "
