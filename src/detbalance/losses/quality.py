@@ -102,7 +102,8 @@ def _quality_block(
         alpha, _, iou_weighted = params
         pos = y > 0
         pos_w = y if iou_weighted else torch.ones((), dtype=y.dtype, device=y.device)
-        weight = torch.where(pos, pos_w, mod * alpha)
+        mod = mod * alpha  # alpha |d|^gamma, the negatives' weight
+        weight = torch.where(pos, pos_w, mod)
     if w is not None:
         weight = weight * w
     total = None
@@ -113,13 +114,23 @@ def _quality_block(
     if grad_out is None:
         return total
     direct = w is None and scale == 1.0  # write the last op straight into grad_out
+    if loss_id != _QFL and power == 2:
+        # VFL, gamma 2: dL/dx = d * [q on positives; alpha (d^2 + 2 CE pq) on negatives] (mod holds alpha d^2)
+        pq = torch.addcmul(p, p, p, value=-1.0)
+        factor = torch.where(pos, pos_w, torch.addcmul(mod, ce, pq, value=2.0 * params[0]))
+        if w is not None:
+            factor.mul_(w)
+        if scale != 1.0:
+            factor.mul_(scale)
+        torch.mul(factor, d, out=grad_out)
+        return total
     if power == 0:
         g = d
     else:
         pq = torch.addcmul(p, p, p, value=-1.0)
-        if power == 2:
+        if power == 2:  # QFL
             g = torch.addcmul(mod, ce, pq, value=2.0)
-            if loss_id == _QFL and direct:
+            if direct:
                 torch.mul(g, d, out=grad_out)
                 return total
             g.mul_(d)
