@@ -205,10 +205,11 @@ def build(arch: str, adapt: Callable[[nn.Module], nn.Module], args: argparse.Nam
           device: torch.device) -> nn.Module:
     """The detector of ``arch`` with the same weights for every variant (seed 0), adapted, on ``device``."""
     torch.manual_seed(0)
-    model = build_detector(arch, num_classes=NUM_CLASSES, backbone=args.backbone, image_size=args.image_size)
+    pool = {}
     if arch == "faster_rcnn" and args.proposals is not None:
-        model.rpn._pre_nms_top_n["training"] = args.proposals
-        model.rpn._post_nms_top_n["training"] = args.proposals
+        pool = {"rpn_pre_nms_top_n_train": args.pre_nms_proposals or args.proposals,
+                "rpn_post_nms_top_n_train": args.proposals}
+    model = build_detector(arch, num_classes=NUM_CLASSES, backbone=args.backbone, image_size=args.image_size, **pool)
     return adapt(model).to(device).train()
 
 
@@ -351,7 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"interleaved B=64: fixed {interleaved['fixed']} ohem {interleaved['ohem']} "
               f"ratio {interleaved['ratio_of_medians']:.3f}", flush=True)
     rows: list[dict[str, Any]] = []
-    for arch in args.detectors:
+    for arch in [] if args.interleaved_only else args.detectors:
         for remedy, adapt in VARIANTS[arch]().items():
             row: dict[str, Any] = {"detector": arch, "remedy": remedy}
             try:
@@ -397,7 +398,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "smoke": args.smoke,
         "metadata": run_metadata(device, num_threads=args.threads),
         "config": {"batch": args.batch, "image_size": args.image_size, "backbone": args.backbone,
-                   "num_classes": NUM_CLASSES, "proposals": args.proposals, "min_run_time_s": args.min_run_time,
+                   "num_classes": NUM_CLASSES, "proposals": args.proposals,
+                   "pre_nms_proposals": args.pre_nms_proposals or args.proposals, "min_run_time_s": args.min_run_time,
                    "threads": args.threads},
         "results": rows,
         "interleaved_faster_rcnn": interleaved,
@@ -458,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--proposals", type=int, default=None,
-                        help="RPN proposals per image in training (OHEM paper: ~2000); default: the builder's")
+                        help="RPN proposals per image after NMS in training (OHEM paper: ~2000); default: the builder's")
+    parser.add_argument("--pre-nms-proposals", type=int, default=None,
+                        help="RPN proposals per level before NMS in training (default: --proposals)")
+    parser.add_argument("--interleaved-only", action="store_true",
+                        help="only the interleaved OHEM / fixed timing (and the naive-OHEM check), no per-variant table")
     parser.add_argument("--detectors", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (timer and torch)")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per variant for the timer")
@@ -470,13 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (losses suite)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (losses suite)")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    parser.add_argument("--name", default="train_step", help="results file name: <name>--<device>.json")
     args = parser.parse_args(argv)
     if args.smoke:
         args.batch, args.image_size = min(args.batch, 2), min(args.image_size, 64)
         args.proposals = min(args.proposals or 64, 64)
+        args.pre_nms_proposals = None
     report = run(args)
     table = markdown(report)
-    path = write_report(report, table, suite="train_step", device=args.device, out=args.out, smoke=args.smoke)
+    path = write_report(report, table, suite=args.name, device=args.device, out=args.out, smoke=args.smoke)
     print(table)
     print(f"wrote {path}")
     failed = [r for r in report["results"] if r["status"] != "ok" and r["detector"] == "faster_rcnn"]

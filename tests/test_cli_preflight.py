@@ -16,6 +16,7 @@ import pytest
 from detbalance._preflight import (
     BENCHMARK_PRESETS,
     BUILTIN_ONLY_SUITES,
+    EARLIER_REGIME_SUITES,
     RUN_FILES,
     SUITE_NAMES,
     check_data_spec,
@@ -128,6 +129,7 @@ def test_the_catalogue_matches_the_packages() -> None:
     assert BENCHMARK_PRESETS == tuple(PRESETS)
     assert SUITE_NAMES == tuple(SUITES)
     assert BUILTIN_ONLY_SUITES == {n for n, s in SUITES.items() if s.builtin_only}
+    assert EARLIER_REGIME_SUITES == {n for n, s in SUITES.items() if s.regime_of}
     assert run.RUN_FILES is RUN_FILES
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "BENCHMARK_PRESETS",
     "BUILTIN_ONLY_SUITES",
+    "EARLIER_REGIME_SUITES",
     "RUN_FILES",
     "SUITE_NAMES",
     "check_data_spec",
@@ -25,11 +26,15 @@ __all__ = [
 BENCHMARK_PRESETS: tuple[str, ...] = ("default", "balanced", "noisy", "crowded", "tiny")
 """The built-in benchmark's presets, in the order of :data:`detbalance.data.PRESETS`."""
 
-SUITE_NAMES: tuple[str, ...] = ("losses", "samplers", "ssd", "classes", "noise")
+SUITE_NAMES: tuple[str, ...] = ("losses", "samplers", "samplers_pool128", "ssd", "classes", "noise")
 """The suites of ``detbalance compare``, in the order of :data:`detbalance.compare.SUITES`."""
 
 BUILTIN_ONLY_SUITES: frozenset[str] = frozenset({"noise"})
 """The suites that need the built-in benchmark (``Suite.builtin_only``)."""
+
+EARLIER_REGIME_SUITES: frozenset[str] = frozenset({"samplers_pool128"})
+"""Suites kept in an earlier regime for the study (``Suite.regime_of``): run when named or with ``all``, never
+by default."""
 
 
 RUN_FILES: tuple[str, ...] = ("config.toml", "metrics.jsonl", "balance.jsonl", "checkpoint.pt")
@@ -39,9 +44,11 @@ RUN_FILES: tuple[str, ...] = ("config.toml", "metrics.jsonl", "balance.jsonl", "
 def select_suites(suite: str | None, *, user_data: bool) -> list[str]:
     """The suites to run: ``suite`` (one name, a comma-separated list run in the order given, or ``all`` for
     every one); with ``--data`` and no ``--suite`` every suite that fits a user's dataset (the noise suite needs
-    the built-in benchmark's controlled noise)."""
+    the built-in benchmark's controlled noise), without the earlier regimes kept for the study
+    (:data:`EARLIER_REGIME_SUITES`)."""
     if suite is None:
-        return [n for n in SUITE_NAMES if n not in BUILTIN_ONLY_SUITES] if user_data else ["losses"]
+        default = BUILTIN_ONLY_SUITES | EARLIER_REGIME_SUITES
+        return [n for n in SUITE_NAMES if n not in default] if user_data else ["losses"]
     if suite == "all":
         return [n for n in SUITE_NAMES if not (user_data and n in BUILTIN_ONLY_SUITES)]
     names = [n.strip() for n in suite.split(",")]

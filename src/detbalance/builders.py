@@ -500,6 +500,10 @@ def build_detector_of(model_cfg: ModelConfig, *, num_classes: int, image_size: i
     extra = {} if m.image_mean is None else {"image_mean": m.image_mean}
     if m.image_std is not None:
         extra["image_std"] = m.image_std
+    if m.rpn_pre_nms_top_n_train is not None:
+        extra["rpn_pre_nms_top_n_train"] = m.rpn_pre_nms_top_n_train
+    if m.rpn_post_nms_top_n_train is not None:
+        extra["rpn_post_nms_top_n_train"] = m.rpn_post_nms_top_n_train
     model = build_detector(m.arch, num_classes=num_classes, backbone=m.backbone, image_size=image_size,  # type: ignore[arg-type]
                            norm=m.norm, head_convs=m.head_convs, **extra)
     if m.weights is None:

@@ -633,6 +633,11 @@ class ModelConfig:
     max_size: int | None = None
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None
+    # The Faster R-CNN RPN's training proposal pool (issue 21), the candidates a RoI sampler draws from:
+    # proposals kept per level before NMS and per image after it. ``None``: ``detectors.faster_rcnn_sizes``
+    # (600 / 128 below 512 px). The samplers suite sets 2000 / 1000 (OHEM's regime, B / R of a few %).
+    rpn_pre_nms_top_n_train: int | None = None
+    rpn_post_nms_top_n_train: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -641,6 +646,9 @@ class ModelConfig:
             raise ConfigError("name", str(err)) from None
         _require(self.image_size is None or self.image_size >= 32, "image_size", f"must be >= 32, got {self.image_size}")
         _require(self.head_convs >= 0, "head_convs", f"must be >= 0, got {self.head_convs}")
+        for key in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, key, f"must be >= 1 or \"none\", got {value}")
         for key in ("min_size", "max_size"):
             v = getattr(self, key)
             _require(v is None or v >= 32, key, f"must be >= 32, got {v}")
@@ -660,7 +668,8 @@ class ModelConfig:
                 f"the small preset {self.name!r} takes only a local .pth state dict, got {self.weights!r}",
             )
             return
-        for key, default in (("backbone", "tiny"), ("norm", "bn"), ("head_convs", 1), ("image_size", None)):
+        for key, default in (("backbone", "tiny"), ("norm", "bn"), ("head_convs", 1), ("image_size", None),
+                             ("rpn_pre_nms_top_n_train", None), ("rpn_post_nms_top_n_train", None)):
             _require(
                 getattr(self, key) == default, key,
                 f"applies to the small presets only; {self.name!r} is torchvision's"
@@ -874,6 +883,9 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
                 f"not available with model.name = {name!r}, a {arch} model ({why[key]}); remove it or set "
                 f"model.name to one of {_models_of(archs)}",
             )
+    for key in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train"):
+        if getattr(cfg.model, key) is not None and arch != "faster_rcnn":
+            raise ConfigError(f"model.{key}", f"sets the RPN's proposal pool; model.arch = {arch!r} has no RPN")
     if isinstance(r.cls_loss, GHMCConfig) and arch not in ("retinanet", "fcos"):
         raise ConfigError(
             "remedy.cls_loss",

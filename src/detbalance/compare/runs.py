@@ -48,6 +48,8 @@ KEYS_ADDED_LATER: dict[str, object] = {
     "model.image_mean": None,
     "model.image_std": None,
     "remedy.ssd_mining.background_prior": None,
+    "model.rpn_pre_nms_top_n_train": None,
+    "model.rpn_post_nms_top_n_train": None,
 }
 #: Keys renamed since the study's runs were keyed, written under their earlier name in the key's text.
 KEYS_RENAMED: dict[str, str] = {"model.name": "arch"}

@@ -72,7 +72,10 @@ def faster_rcnn_sizes(image_size: int) -> dict[str, int]:
       objects 128 proposals still give every object several foreground RoIs (IoU >= 0.5) next to ~100
       background ones. It is twice the 64 RoIs per image that the samplers suite back-propagates, so
       OHEM still chooses (its paper: ~2000 candidates for 64 per image at 800 px), while the read-only
-      pass of OHEM/S-OHEM covers ~130 RoIs per image instead of the ~1000 of the previous sizing.
+      pass of OHEM/S-OHEM covers ~130 RoIs per image instead of the ~1000 of the previous sizing. With
+      64 of ~130 chosen (B / R ~ 50 %) hard-example selection hardly differs from random sampling, so
+      the samplers suite overrides this pool with ``build_detector(rpn_pre_nms_top_n_train=2000,
+      rpn_post_nms_top_n_train=1000)`` (``model.*`` config keys of the same names).
     * test: 300 pre-NMS per level, 100 post-NMS per image: COCO AP counts at most 100 detections.
     * ``roi_output_size = 5``: an object of 7-18 px covers 2-5 cells of the stride-4 level; a 7x7 grid
       samples the same few cells more finely at twice the cost of the box head's first layer.
@@ -162,6 +165,8 @@ def build_detector(
     head_convs: int = 1,
     image_mean: Sequence[float] = (0.5, 0.5, 0.5),
     image_std: Sequence[float] = (0.25, 0.25, 0.25),
+    rpn_pre_nms_top_n_train: int | None = None,
+    rpn_post_nms_top_n_train: int | None = None,
 ) -> nn.Module:
     """Build an unmodified torchvision detector for ``K = num_classes`` object classes.
 
@@ -179,6 +184,12 @@ def build_detector(
             is 4) and SSD (per level, before each predictor; torchvision's is 0).
         image_mean: Per-channel mean the transform subtracts.
         image_std: Per-channel std the transform divides by.
+        rpn_pre_nms_top_n_train: Faster R-CNN only: RPN proposals kept per pyramid level before NMS in
+            training; ``None`` takes :func:`faster_rcnn_sizes` (600 below 512 px).
+        rpn_post_nms_top_n_train: Faster R-CNN only: RPN proposals kept per image after NMS in training,
+            the candidate pool the RoI sampler draws from; ``None`` takes :func:`faster_rcnn_sizes` (128
+            below 512 px). The samplers suite sets 2000 / 1000, the OHEM paper's order (64 of ~1000 RoIs
+            per image back-propagated, B / R ~ 6 %).
 
     Returns:
         ``torchvision.models.detection.RetinaNet``, ``FasterRCNN`` or ``SSD`` in training mode.
@@ -197,6 +208,12 @@ def build_detector(
         raise ValueError(f"image_mean/image_std must have 3 entries, std > 0; got {image_mean!r}, {image_std!r}")
     if not aspect_ratios or min(aspect_ratios) <= 0:
         raise ValueError(f"aspect_ratios must be positive, got {aspect_ratios!r}")
+    for name, value in (("rpn_pre_nms_top_n_train", rpn_pre_nms_top_n_train),
+                        ("rpn_post_nms_top_n_train", rpn_post_nms_top_n_train)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if value is not None and arch != "faster_rcnn":
+            raise ValueError(f"{name} sets the Faster R-CNN RPN's proposal pool; arch {arch!r} has none")
 
     body = build_backbone(backbone, norm=norm)
     strides = tuple(body.strides)
@@ -232,6 +249,10 @@ def build_detector(
         if backbone in ("resnet18_fpn", "mobilenet_v3_fpn"):
             names[-1] = "pool"  # torchvision's LastLevelMaxPool level
         size = faster_rcnn_sizes(image_size)
+        if rpn_pre_nms_top_n_train is not None:
+            size["rpn_pre_nms_top_n_train"] = rpn_pre_nms_top_n_train
+        if rpn_post_nms_top_n_train is not None:
+            size["rpn_post_nms_top_n_train"] = rpn_post_nms_top_n_train
         out = size["roi_output_size"]
         return FasterRCNN(
             body,
