@@ -401,3 +401,26 @@ def test_a_run_names_every_device_that_trained_a_part_of_it(tmp_path):
     assert _devices(tmp_path, "CPU") == "CPU"  # nothing recorded: the device training it now
     (tmp_path / "devices.txt").write_text("CUDA NVIDIA H200\nCUDA NVIDIA H200\nCPU\nCUDA NVIDIA H200\n")
     assert _devices(tmp_path, "CPU") == "CUDA NVIDIA H200 then CPU then CUDA NVIDIA H200"
+
+
+def test_suite_configs_pass_the_same_settings_to_every_arm():
+    arms = suite_configs(
+        "losses", iters=52, seed=0, amp=True, workers=2, device="cpu",
+        settings={"data": {"aspect_ratio_group_factor": 0}, "engine": {"eval_batch_size": 4}},
+        overrides=["engine.log_interval=3"],
+    )
+    assert len({str(cfg.remedy) for _, cfg in arms}) == len(arms)  # the arms still differ in their remedy
+    for _, cfg in arms:
+        assert cfg.engine.amp and cfg.data.num_workers == 2 and cfg.data.aspect_ratio_group_factor == 0
+        assert cfg.engine.eval_batch_size == 4 and cfg.engine.log_interval == 3
+    with pytest.raises(ValueError, match=r"remedy.cls_loss.gamma is set by compare \(each arm's remedy\)"):
+        suite_configs("losses", iters=52, seed=0, overrides=["remedy.cls_loss.gamma=1"])
+    with pytest.raises(ValueError, match=r"--config: engine.iterations is set by compare \(--iters"):
+        suite_configs("losses", iters=52, seed=0, settings={"engine": {"iterations": 5}})
+
+
+def test_finetune_recipe_turns_amp_on_for_cuda_only():
+    (_, cpu), *_ = suite_configs("samplers", iters=52, seed=0, optim="finetune", device="cpu", batch_size=4)
+    (_, gpu), *_ = suite_configs("samplers", iters=52, seed=0, optim="finetune", device="cuda", batch_size=4)
+    assert not cpu.engine.amp and gpu.engine.amp
+    assert cpu.optim.lr == pytest.approx(0.005) and cpu.optim.decay_all and cpu.schedule.milestones == (32, 44)

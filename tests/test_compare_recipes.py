@@ -55,3 +55,37 @@ def test_config_is_its_compare_arm(name):
         want = getattr(arm.remedy, field)
         if want is not None:
             assert getattr(cfg.remedy, field) == want, field
+
+
+@pytest.mark.parametrize("iters_per_epoch", [1, 2, 40, 1100])
+def test_finetune_recipe_is_torchvisions_detection_schedule(iters_per_epoch):
+    """Every iteration's learning rate equals torchvision's reference (tests/reference/tv_detection_recipe.py)
+    over its 26 epochs, when the budget is 26 epochs of ``iters_per_epoch`` iterations at the reference's batch."""
+    import torch
+
+    from detbalance.builders import build_optimizer, build_scheduler
+    from tests.reference.tv_detection_recipe import reference_lrs
+
+    iters = 26 * iters_per_epoch
+    opt_cfg, sched_cfg = recipe("finetune", batch_size=16, iters=iters)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    optimizer = build_optimizer(model, opt_cfg)
+    scheduler = build_scheduler(optimizer, sched_cfg, iters)
+    ours = []
+    for _ in range(iters):
+        ours.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert ours == pytest.approx(reference_lrs(iters_per_epoch), rel=1e-12, abs=0)
+    # SGD, momentum 0.9, weight decay 1e-4 on every parameter (biases and norm layers too), no clipping
+    groups = [g for g in optimizer.param_groups if g["params"]]
+    assert all(g["weight_decay"] == 1e-4 and g["momentum"] == 0.9 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == 4 and opt_cfg.grad_clip is None
+
+
+def test_finetune_recipe_scales_lr_with_the_batch_and_caps_the_warmup():
+    opt, sched = recipe("finetune", batch_size=4, iters=200_000)
+    assert opt.lr == pytest.approx(0.005) and sched.warmup_iters == 1000
+    assert sched.milestones == (200_000 * 16 // 26, 200_000 * 22 // 26)
+    _, short = recipe("finetune", batch_size=2, iters=20)
+    assert short.warmup_iters == 0 and short.milestones == (12, 16)

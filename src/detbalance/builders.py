@@ -521,12 +521,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """SGD (momentum) or AdamW over the trainable parameters.
 
     Weight decay applies to weights of rank >= 2 (convolutions, linear layers); biases and normalisation
-    parameters are not decayed (as in the torchvision / timm recipes).
+    parameters are not decayed (timm's and torchvision's classification recipes), unless ``optim.decay_all``
+    (torchvision's detection reference: every parameter decayed).
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if cfg.decay_all or p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

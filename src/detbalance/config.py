@@ -741,7 +741,12 @@ class RemedyConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser. ``momentum`` is SGD's; ``betas`` AdamW's; ``grad_clip`` a max global L2 norm."""
+    """Optimiser. ``momentum`` is SGD's; ``betas`` AdamW's; ``grad_clip`` a max global L2 norm.
+
+    ``decay_all``: weight decay on every parameter, biases and normalisation layers included, as torchvision's
+    detection reference does (its ``--norm-weight-decay`` unset; the ``finetune`` recipe); ``false`` (default)
+    decays only weights of rank >= 2.
+    """
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
@@ -749,6 +754,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
     grad_clip: float | None = None
+    decay_all: bool = False
 
     def __post_init__(self) -> None:
         _require(self.lr > 0.0, "lr", f"must be > 0, got {self.lr}")
@@ -788,8 +794,8 @@ class EngineConfig:
     """The training run. The budget is ``iterations`` optimiser steps (an epoch-free loop over the data:
     each pass is reshuffled from ``(seed, pass)``); one step consumes ``accumulate`` batches of
     ``batch_size`` images per process. ``eval_interval`` / ``checkpoint_interval`` ``None``: only at the end.
-    ``device = "auto"`` takes CUDA when available. ``amp`` autocasts (fp16 + grad scaler on CUDA,
-    bf16 on CPU). ``record`` attaches a ``BalanceRecorder`` and writes ``recorder.jsonl``.
+    ``device = "auto"`` takes CUDA when available. ``amp`` autocasts (bf16 on a GPU that supports
+    it, else fp16 with a grad scaler; bf16 on CPU). ``record`` attaches a ``BalanceRecorder`` and writes ``recorder.jsonl``.
     ``eval_train`` also evaluates on the training images (no augmentation), logged with ``"split":
     "train"``: a measure of fit, not of generalisation. ``sync_bn`` converts BatchNorm layers to
     ``SyncBatchNorm`` under DDP (CUDA only), so that batch statistics are taken over all processes."""

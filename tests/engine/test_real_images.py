@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import detbalance.engine.run as run_module
@@ -52,3 +53,25 @@ def test_image_folders_from_the_config_override_the_layout(tmp_path):
     train, val = build_datasets(cfg)
     assert train.image_root == moved and val.image_root == tmp_path / "coco" / "val2017"
     assert train[0][0].shape[0] == 3
+
+
+def test_epochs_are_whole_passes_and_amp_dtypes():
+    from detbalance.engine import amp_dtype_for, iterations_for_epochs
+
+    assert iterations_for_epochs(3, num_images=10, batch_size=4) == 6  # 2 full batches per pass
+    assert iterations_for_epochs(2, num_images=100, batch_size=2, accumulate=2, world_size=5) == 10
+    with pytest.raises(ValueError, match="less than one step of 8 images"):
+        iterations_for_epochs(1, num_images=7, batch_size=4, world_size=2)
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        iterations_for_epochs(0, num_images=7, batch_size=1)
+    assert amp_dtype_for(torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.cuda
+def test_amp_on_cuda_is_bf16_where_supported():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from detbalance.engine import amp_dtype_for
+
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert amp_dtype_for(torch.device("cuda")) == expected

@@ -118,6 +118,19 @@ def _suite_results(output: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
 
 
+def _epoch_iters(
+    epochs: int, *, data: str | None, preset: str, data_seed: int, batch_size: int, settings: dict[str, Any] | None
+) -> int:
+    """``--epochs N`` as iterations: N passes over the training images at ``batch_size`` (one process)."""
+    from detbalance.data import open_dataset
+    from detbalance.engine.run import iterations_for_epochs
+
+    images = ((settings or {}).get("data") or {}).get("train_images")
+    spec = data if data is not None else f"builtin:{preset}"
+    train = open_dataset(spec, split="train", seed=data_seed, images=images if data is not None else None)
+    return iterations_for_epochs(epochs, num_images=len(train), batch_size=batch_size)
+
+
 def _wait_for_others(seconds: float = 30.0) -> None:
     """Pause before looking again at the runs other processes hold (their locks go when they finish)."""
     time.sleep(seconds)
@@ -137,6 +150,33 @@ def _drop_unfinished(results: dict[str, Any], pending: list[str]) -> None:
         elif entry.get("clean"):
             present = {m["key"] for m in entry["methods"]}
             entry["clean"] = {arm: twin for arm, twin in entry["clean"].items() if arm in present and twin in present}
+
+
+def _recipe_text(cfg: Any, *, suite: Any, optim: str | None, batch_size: int) -> str:
+    """What the report says about a suite's recipe: which ran, with its numbers, and why that one."""
+    opt, sched, e = cfg.optim, cfg.schedule, cfg.engine
+    name = optim or suite.optim
+    decay = (
+        f"x {sched.gamma:g} at steps {', '.join(map(str, sched.milestones))}" if sched.name == "step" else f"{sched.name} decay"
+    )
+    why = (
+        f"`--optim {optim}` was given" if optim is not None else f"the suite's default is `{suite.optim}`: {suite.optim_evidence}"
+    )
+    if name == "finetune":
+        what = "torchvision's detection fine-tuning recipe (references/detection, 26-epoch schedule scaled to the budget)"
+    else:
+        what = f"the `{name}` recipe"
+    return (
+        f"Recipe: {what}: {'SGD' if opt.name == 'sgd' else 'AdamW'} lr {opt.lr:g}"
+        + (f", momentum {opt.momentum:g}" if opt.name == "sgd" else "")
+        + f", weight decay {opt.weight_decay:g}" + (" on every parameter" if opt.decay_all else "")
+        + (f", gradient clip {opt.grad_clip:g}" if opt.grad_clip is not None else ", no gradient clipping")
+        + f", linear warm-up {sched.warmup_iters} steps from {sched.warmup_factor:g} x lr, {decay}, "
+        f"{e.iterations} iterations at batch {batch_size}"
+        + (", AMP" if e.amp else "")
+        + f" (why: {why}). Budgets: short {suite.budgets['short']}, full {suite.budgets['full']} iterations "
+        f"({suite.budget_evidence})."
+    )
 
 
 def _setup(command: str, seeds: list[int], batch_size: int) -> dict[str, Any]:
@@ -170,6 +210,11 @@ def run_compare(
     data_seed: int = 0,
     study: bool = False,
     finished_only: bool = False,
+    amp: bool = False,
+    workers: int = 0,
+    settings: dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    epochs: int | None = None,
 ) -> Path:
     """Train every arm of the chosen suites for ``seeds`` seeds and write the report.
 
@@ -194,6 +239,11 @@ def run_compare(
         study: also write ``README.md`` with the paper-claims table (the committed study).
         finished_only: train nothing; report the runs that have finished and list the others as not finished
             (to read a long study while it runs elsewhere, or after an interruption).
+        amp: autocast every run's forward (``engine.amp``); the ``finetune`` recipe does so by itself on CUDA.
+        workers: data loader worker processes per run.
+        settings: a config table (``--config FILE``) set in every arm (see :func:`suite_configs`).
+        overrides: ``--set key=value`` applied to every arm.
+        epochs: passes over the training data per run instead of ``iters`` (``--epochs``).
 
     Returns:
         The path of ``report.md``.
@@ -203,6 +253,8 @@ def run_compare(
 
     if iters is not None and iters < 1:
         raise ValueError(f"--iters must be >= 1, got {iters}")
+    if epochs is not None and iters is not None:
+        raise ValueError("--epochs and --iters both set the budget; give one")
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if budget not in ("short", "full"):
@@ -226,9 +278,13 @@ def run_compare(
     for name in names:
         s = SUITES[name]
         n_iters = iters if iters is not None else s.budgets[budget]
+        if epochs is not None:
+            n_iters = _epoch_iters(epochs, data=data, preset=preset or s.preset, data_seed=data_seed,
+                                   batch_size=batch_size, settings=settings)
         per_seed = [
             suite_configs(name, preset=preset, iters=n_iters, seed=seed, batch_size=batch_size, device=device,
-                          optim=optim, decay=decay, data=data, val=val, data_seed=data_seed)
+                          optim=optim, decay=decay, data=data, val=val, data_seed=data_seed, amp=amp,
+                          workers=workers, settings=settings, overrides=overrides)
             for seed in seed_list
         ]
         base_cfg = next(cfg for m, cfg in per_seed[0] if m.key == s.baseline)
@@ -237,23 +293,14 @@ def run_compare(
             if suite in (None, "all"):
                 results["setup"].setdefault("skipped suites", []).append("classes (the data has no rare class)")
                 continue
-        opt = base_cfg.optim
-        sched = base_cfg.schedule
-        recipe_text = (
-            f"Recipe: {opt.name.upper() if opt.name == 'sgd' else 'AdamW'} lr {opt.lr:g}"
-            + (f", momentum {opt.momentum:g}" if opt.name == "sgd" else "")
-            + f", weight decay {opt.weight_decay:g}, gradient clip {opt.grad_clip:g}, linear warm-up "
-            f"{sched.warmup_iters} steps, {sched.name} decay, {n_iters} iterations at batch {batch_size} "
-            f"(`--optim {optim or s.optim}`; the suite's default is `{s.optim}`: {s.optim_evidence}). "
-            f"Budgets: short {s.budgets['short']}, full {s.budgets['full']} iterations ({s.budget_evidence})."
-        )
+        recipe_text = _recipe_text(base_cfg, suite=s, optim=optim, batch_size=batch_size)
         results["suites"][name] = {
             "title": s.title,
             "description": s.describe(**info["facts"]),
             "recipe": recipe_text,
             "arch": s.arch,
             "iterations": n_iters,
-            "optim": opt.name,
+            "optim": optim or s.optim,
             "baseline": s.baseline,
             "primary": s.primary,
             "clean": {arm: twin for arm, twin in s.clean.items() if {arm, twin} <= {m.key for m, _ in per_seed[0]}},

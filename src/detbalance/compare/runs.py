@@ -50,6 +50,7 @@ KEYS_ADDED_LATER: dict[str, object] = {
     "remedy.ssd_mining.background_prior": None,
     "model.rpn_pre_nms_top_n_train": None,
     "model.rpn_post_nms_top_n_train": None,
+    "optim.decay_all": False,
 }
 #: Keys renamed since the study's runs were keyed, written under their earlier name in the key's text.
 KEYS_RENAMED: dict[str, str] = {"model.name": "arch"}

@@ -14,8 +14,9 @@ holds them to it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from detbalance.config import (
     ATSSConfig,
@@ -41,9 +42,13 @@ from detbalance.config import (
     SSDMiningConfig,
     StratifiedOHEMConfig,
     VFLConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
 )
 
 __all__ = [
+    "COMPARE_OWNS",
     "DEFAULT_ITERS",
     "FULL_ITERS",
     "MIN_CURVE_POINTS",
@@ -54,7 +59,7 @@ __all__ = [
     "suite_configs",
 ]
 
-Optimizer = Literal["sgd", "adamw"]
+Optimizer = Literal["sgd", "adamw", "finetune"]
 Decay = Literal["cosine", "step"]
 Budget = Literal["short", "full"]
 
@@ -103,9 +108,19 @@ def recipe(
     Both warm up linearly from 0.001 x lr over ``min(100, iters // 10)`` steps, then decay: ``cosine`` to 0, or
     ``step`` x 0.1 at 8/12 and 11/12 of the run (mmdetection's 1x schedule).
 
+    * ``finetune``: torchvision's detection reference recipe (``references/detection/train.py``, its 26-epoch
+      schedule), the one for models loaded with pretrained weights: SGD, lr 0.02 x ``batch_size`` / 16 (its
+      0.02 is for 8 GPUs x 2 images), momentum 0.9, weight decay 1e-4 on every parameter (its
+      ``--norm-weight-decay`` unset), no clipping; linear warm-up from lr / 1000 over ``min(1000, iters // 26 - 1)``
+      steps (the reference warms up over ``min(1000, one epoch - 1)`` iterations of its first epoch; a budget of
+      ``iters`` is read as its 26 epochs, so one epoch is ``iters // 26``: a short budget gets a short warm-up,
+      none below 52 iterations);
+      then x 0.1 at 16/26 and 22/26 of the run (its ``--lr-steps 16 22``). ``decay`` does not apply. AMP on CUDA
+      is set by :func:`suite_configs` (``engine.amp``; bf16 where the GPU has it, else fp16 with a grad scaler).
+
     Args:
-        optim: ``"sgd"`` or ``"adamw"``.
-        batch_size: images per optimiser step (sets SGD's lr).
+        optim: ``"sgd"``, ``"adamw"`` or ``"finetune"``.
+        batch_size: images per optimiser step over all processes (sets SGD's lr).
         iters: optimiser steps of the run (sets the warm-up and the step milestones).
         decay: ``"cosine"`` or ``"step"``.
 
@@ -116,8 +131,14 @@ def recipe(
         opt = OptimConfig(name="sgd", lr=0.01 * batch_size / 16, momentum=0.9, weight_decay=1e-4, grad_clip=35.0)
     elif optim == "adamw":
         opt = OptimConfig(name="adamw", lr=2e-3, weight_decay=1e-4, grad_clip=10.0)
+    elif optim == "finetune":
+        opt = OptimConfig(name="sgd", lr=0.02 * batch_size / 16, momentum=0.9, weight_decay=1e-4, grad_clip=None,
+                          decay_all=True)
+        milestones = tuple(sorted({max(1, iters * 16 // 26), max(2, iters * 22 // 26)}))
+        return opt, ScheduleConfig(name="step", warmup_iters=max(0, min(1000, iters // 26 - 1)), warmup_factor=0.001,
+                                   milestones=milestones, gamma=0.1)
     else:
-        raise ValueError(f"--optim must be 'sgd' or 'adamw', got {optim!r}")
+        raise ValueError(f"--optim must be 'sgd', 'adamw' or 'finetune', got {optim!r}")
     warmup = min(100, max(1, iters // 10))
     if decay == "cosine":
         sched = ScheduleConfig(name="cosine", warmup_iters=warmup)
@@ -424,6 +445,10 @@ def suite_configs(
     data: str | None = None,
     val: str | None = None,
     data_seed: int = 0,
+    amp: bool = False,
+    workers: int = 0,
+    settings: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
 ) -> list[tuple[Method, ExperimentConfig]]:
     """The experiment of every arm of suite ``name`` for one seed (identical apart from the remedy).
 
@@ -439,6 +464,12 @@ def suite_configs(
         data: a COCO json or folder to train on instead of the built-in benchmark (needs ``val``).
         val: the validation COCO json or folder (with ``data``).
         data_seed: the built-in benchmark's generation seed.
+        amp: autocast the forward (``engine.amp``); the ``finetune`` recipe turns it on by itself on CUDA.
+        workers: data loader worker processes per run (``data.num_workers``).
+        settings: a config table (``--config FILE``, read with ``tomllib``) whose keys are set in every arm, after
+            the suite's and before ``overrides``; it may not set what the suite or a flag decides
+            (:data:`COMPARE_OWNS`).
+        overrides: ``--set key=value`` applied to every arm last (never ``remedy.*``: the arms differ there).
 
     Returns:
         ``[(method, config), ...]`` in the suite's order.
@@ -446,7 +477,16 @@ def suite_configs(
     suite = SUITES[name]
     if (data is None) != (val is None):
         raise ValueError("--data and --val go together: a validation set is required, never the training images")
-    opt, sched = recipe(optim or suite.optim, batch_size=batch_size, iters=iters, decay=decay)
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if _owned(key) is not None:
+            raise ValueError(f"--set {text!r}: {key} is set by compare ({_owned(key)}), not by --set")
+    for key in _flat_keys(settings or {}):
+        if _owned(key) is not None:
+            raise ValueError(f"--config: {key} is set by compare ({_owned(key)}), not by the config file")
+    optim = optim or suite.optim
+    opt, sched = recipe(optim, batch_size=batch_size, iters=iters, decay=decay)
+    amp = amp or (optim == "finetune" and _on_cuda(device))
     data_preset = preset if preset is not None else suite.preset
     if data is not None:
         data_cfg = DataConfig(train=str(data), val=str(val))
@@ -467,8 +507,11 @@ def suite_configs(
             eval_interval=interval,  # >= 8 evenly spaced evaluations: the learning curve
             checkpoint_interval=interval,  # so that an interrupted run resumes near where it stopped
             record=False,
+            amp=amp,
         ),
     )
+    if workers:
+        base = replace(base, data=replace(base.data, num_workers=workers))
     out = []
     for m in suite.methods:
         cfg = replace(base, remedy=m.remedy)
@@ -476,5 +519,58 @@ def suite_configs(
             if data is not None or preset is not None:
                 continue  # a clean arm exists only for the suite's own built-in preset
             cfg = replace(cfg, data=replace(cfg.data, train=f"builtin:{m.train_preset}"))
+        if settings:
+            merged = config_to_dict(cfg)
+            _merge(merged, settings)
+            cfg = config_from_dict(merged)
+        if overrides:
+            cfg = apply_overrides(cfg, overrides)
         out.append((m, cfg))
     return out
+
+
+COMPARE_OWNS: dict[str, str] = {
+    "remedy": "each arm's remedy",
+    "engine.iterations": "--iters / --budget / --epochs",
+    "engine.batch_size": "--batch-size",
+    "engine.seed": "--seeds",
+    "engine.device": "--device",
+    "data.train": "--data",
+    "data.val": "--val",
+    "data.seed": "--data-seed",
+}
+"""What a compare run's settings take from compare itself (its flags, the suite's arms), not from ``--config`` or
+``--set``."""
+
+
+def _owned(key: str) -> str | None:
+    for prefix, why in COMPARE_OWNS.items():
+        if key == prefix or key.startswith(prefix + "."):
+            return why
+    return None
+
+
+def _flat_keys(table: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in table.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        keys += _flat_keys(v, key) if isinstance(v, Mapping) else [key]
+    return keys
+
+
+def _merge(into: dict[str, Any], table: Mapping[str, Any]) -> None:
+    """Set every key of ``table`` in ``into`` (nested tables merged key by key; a table replaces ``None``)."""
+    for k, v in table.items():
+        if isinstance(v, Mapping) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = dict(v) if isinstance(v, Mapping) else v
+
+
+def _on_cuda(device: str) -> bool:
+    """Whether runs on ``device`` (``auto`` | ``cpu`` | ``cuda[:N]``) train on a GPU."""
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available() if device == "auto" else True

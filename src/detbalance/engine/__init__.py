@@ -8,7 +8,14 @@ from detbalance.engine.checkpoint import CheckpointError, load_checkpoint, save_
 from detbalance.engine.distributed import DistInfo, dist_info, init_distributed, unwrap
 from detbalance.engine.evaluate import COCO_METRICS, coco_metrics, evaluate, predict
 from detbalance.engine.hooks import TrainingHook
-from detbalance.engine.run import FitResult, fit, resolve_device, seed_everything
+from detbalance.engine.run import (
+    FitResult,
+    amp_dtype_for,
+    fit,
+    iterations_for_epochs,
+    resolve_device,
+    seed_everything,
+)
 from detbalance.engine.train import (
     NonFiniteLossError,
     StepMetrics,
@@ -30,6 +37,7 @@ __all__ = [
     "StepOutput",
     "ThreadChoice",
     "TrainingHook",
+    "amp_dtype_for",
     "choose_threads",
     "coco_metrics",
     "configure_cpu",
@@ -37,6 +45,7 @@ __all__ = [
     "evaluate",
     "fit",
     "init_distributed",
+    "iterations_for_epochs",
     "load_checkpoint",
     "predict",
     "resolve_device",

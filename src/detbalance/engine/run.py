@@ -86,7 +86,16 @@ from detbalance.engine.files import (
 from detbalance.engine.hooks import TrainingHook
 from detbalance.engine.train import NonFiniteLossError, StepMetrics, train_step
 
-__all__ = ["FitResult", "fit", "load_trained_model", "pass_batches", "resolve_device", "seed_everything"]
+__all__ = [
+    "FitResult",
+    "amp_dtype_for",
+    "fit",
+    "iterations_for_epochs",
+    "load_trained_model",
+    "pass_batches",
+    "resolve_device",
+    "seed_everything",
+]
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,37 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"engine.device = {name!r} but CUDA is not available")
     return device
+
+
+def amp_dtype_for(device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``engine.amp`` on ``device``: bfloat16 on a GPU that supports it (Ampere and
+    later; no loss scaling needed) and on CPU, else float16 (trained with a ``GradScaler``)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def iterations_for_epochs(
+    epochs: int, *, num_images: int, batch_size: int, accumulate: int = 1, world_size: int = 1
+) -> int:
+    """Optimiser steps of ``epochs`` passes over ``num_images`` training images (``--epochs N``).
+
+    One pass is ``num_images // (batch_size * accumulate * world_size)`` steps (:func:`pass_batches` drops the
+    trailing incomplete batch, as torchvision's reference ``drop_last`` batch sampler does).
+
+    Raises:
+        ValueError: ``epochs < 1``, or a pass shorter than one step (naming the numbers).
+    """
+    if epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    per_step = batch_size * accumulate * world_size
+    steps = num_images // per_step
+    if steps == 0:
+        raise ValueError(
+            f"one epoch of {num_images} training images is less than one step of {per_step} images "
+            f"(batch {batch_size} x accumulate {accumulate} x {world_size} processes); lower --batch-size"
+        )
+    return epochs * steps
 
 
 def seed_everything(seed: int) -> None:
@@ -516,8 +556,8 @@ def _fit(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
-    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if e.amp else None
-    scaler = torch.amp.GradScaler("cuda") if e.amp and device.type == "cuda" else None
+    amp_dtype = amp_dtype_for(device) if e.amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     hooks_at: dict[int, list[TrainingHook]] = {}
     for hook in hooks:
         for s in hook.steps(total):
