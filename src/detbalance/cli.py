@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="run comparison suites and write a report",
         description="Train every arm of a suite (same data, same initial weights per seed, same recipe) and "
-        "write report.md / report.html with paired 95 % intervals and verdicts. Rerunning a command reuses "
-        "its finished runs and resumes interrupted ones; other settings go to other run folders.",
+        "write report-<suite>.md / .html per suite, with paired 95 % intervals and verdicts, and report.md / "
+        ".html with every suite of the output folder. Rerunning a command reuses its finished runs and resumes "
+        "interrupted ones; other settings go to other run folders.",
     )
     p.add_argument("--suite", default=None,
                    help=f"{' | '.join(SUITE_NAMES)} | all, or a comma-separated list run in that "
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay", choices=("cosine", "step"), default="cosine", help="learning-rate decay")
     p.add_argument("--seeds", type=int, default=1,
                    help="number of seeds, >= 1 (runs seeds 0 .. N-1); verdicts need 3")
-    p.add_argument("--output", type=Path, default=Path("compare-out"))
+    p.add_argument("--output", type=Path, default=Path("compare-out"),
+                   help="report folder (default: compare-out); runs go to OUTPUT/runs, another suite adds to it")
     p.add_argument("--batch-size", type=int, default=16, help="images per iteration, >= 1")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--study", action="store_true",
