@@ -26,8 +26,9 @@ PRESETS: tuple[str, ...] = ("retinanet", "faster_rcnn", "ssd")
 @dataclass(frozen=True)
 class ZooModel:
     """One torchvision detection builder: its ``family``, its weights enum and their members, the weights enum
-    of its backbone and its members, the most ``trainable_backbone_layers`` it accepts, and whether its input
-    is a fixed square (SSD)."""
+    of its backbone and its members, the most ``trainable_backbone_layers`` it accepts, torchvision's input
+    sizes (``min_size`` / ``max_size`` of its ``GeneralizedRCNNTransform``; SSD: the side of its fixed square)
+    and whether its input is a fixed square (SSD)."""
 
     name: str
     family: Family
@@ -36,6 +37,8 @@ class ZooModel:
     backbone_weights: str
     backbone_members: tuple[str, ...]
     max_trainable_layers: int
+    min_size: int = 800
+    max_size: int = 1333
     fixed_size: bool = False
 
 
@@ -57,10 +60,10 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("fasterrcnn_mobilenet_v3_large_fpn", "faster_rcnn", "FasterRCNN_MobileNet_V3_Large_FPN_Weights",
                  _COCO, *_MOBILENET, 6),
         ZooModel("fasterrcnn_mobilenet_v3_large_320_fpn", "faster_rcnn",
-                 "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights", _COCO, *_MOBILENET, 6),
-        ZooModel("ssd300_vgg16", "ssd", "SSD300_VGG16_Weights", _COCO, *_VGG16, 5, fixed_size=True),
+                 "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights", _COCO, *_MOBILENET, 6, min_size=320, max_size=640),
+        ZooModel("ssd300_vgg16", "ssd", "SSD300_VGG16_Weights", _COCO, *_VGG16, 5, 300, 300, fixed_size=True),
         ZooModel("ssdlite320_mobilenet_v3_large", "ssd", "SSDLite320_MobileNet_V3_Large_Weights", _COCO,
-                 *_MOBILENET, 6, fixed_size=True),
+                 *_MOBILENET, 6, 320, 320, fixed_size=True),
     )
 }
 

@@ -65,6 +65,7 @@ __all__ = [
     "build_cls_loss",
     "build_datasets",
     "build_detector_of",
+    "model_description",
     "build_hooks",
     "build_model",
     "build_optimizer",
@@ -151,7 +152,13 @@ def build_hooks(cfg: ExperimentConfig) -> list[TrainingHook]:
 
 
 def resolve_image_size(cfg: ExperimentConfig, dataset: DetectionDataset) -> int:
-    """``model.image_size``, or (``None``) the larger side of the first training image."""
+    """The training side: for a small preset ``model.image_size``, or (``None``) the larger side of the first
+    training image; for a zoo model its shorter side, ``model.min_size`` or torchvision's (800; SSD: its fixed
+    square's side, 300 / 320), which SSD's augmentation crops and resizes to."""
+    if cfg.model.is_zoo:
+        from detbalance._zoo_names import ZOO
+
+        return cfg.model.min_size if cfg.model.min_size is not None else ZOO[cfg.model.name].min_size
     if cfg.model.image_size is not None:
         return cfg.model.image_size
     if len(dataset) == 0:
@@ -477,6 +484,15 @@ def build_model(
             )
         case other:
             raise ValueError(f"model.name: {m.name!r} has an unknown family {other!r}")
+
+
+def model_description(cfg: ExperimentConfig, model: nn.Module) -> dict[str, Any]:
+    """What reports and ``result.json`` say about ``cfg.model`` built as ``model``
+    (:func:`detbalance.detectors.describe_model`: name, family, parameters, weights, input size)."""
+    from detbalance.detectors.zoo import describe_model
+
+    m = cfg.model
+    return describe_model(model, name=m.name, weights=m.weights, weights_backbone=m.weights_backbone)
 
 
 def build_detector_of(model_cfg: ModelConfig, *, num_classes: int, image_size: int) -> tuple[nn.Module, bool]:

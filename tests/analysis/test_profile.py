@@ -186,3 +186,10 @@ def test_rules_fire_on_their_thresholds():
     lines = readings(data, assign, None)
     assert any("Class 'rare' is 1999x rarer than the most common class 'common'" in ln for ln in lines)
     assert any("1 positive per 201 anchors (200 negatives per positive" in ln for ln in lines)
+
+
+def test_fcos_is_refused_with_a_reason(tmp_path):
+    cfg = tmp_path / "fcos.toml"
+    cfg.write_text('[model]\nname = "fcos_resnet50_fpn"\n')
+    with pytest.raises(ValueError, match="model.name = 'fcos_resnet50_fpn': profile's anchor statistics are IoU"):
+        run_profile(data="builtin:tiny", config=cfg, checkpoint=None, output=tmp_path / "o", progress=False)

@@ -384,3 +384,33 @@ def test_build_model_adapts_every_family_from_the_config(name, overrides, check)
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
     assert describe_model(model, name=name)["family"] == cfg.model.arch
+
+
+def test_zoo_input_sizes_are_torchvisions():
+    import inspect
+
+    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+
+    for cls in (RetinaNet, FCOS, FasterRCNN):
+        params = inspect.signature(cls).parameters
+        assert (params["min_size"].default, params["max_size"].default) == (800, 1333)
+    for name in ("fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"):
+        t = build_zoo_model(name, num_classes=K).transform
+        assert (t.min_size[-1], t.max_size) == (ZOO[name].min_size, ZOO[name].max_size)
+    assert {n: (m.min_size, m.max_size) for n, m in ZOO.items() if m.fixed_size} == {
+        "ssd300_vgg16": (300, 300), "ssdlite320_mobilenet_v3_large": (320, 320)}
+
+
+def test_fit_trains_a_zoo_model_and_describes_it(tmp_path):
+    from detbalance.config import load_config
+    from detbalance.engine import fit
+
+    cfg = load_config(None, overrides=[
+        "data.train=builtin:tiny", "model.name=ssdlite320_mobilenet_v3_large", "model.min_size=128",
+        "engine.iterations=2", "engine.batch_size=2", "engine.device=cpu", "engine.log_interval=1",
+    ])
+    result = fit(cfg, output=tmp_path / "run", progress=False)
+    assert result.steps == 2 and "AP" in result.metrics
+    assert result.model["name"] == "ssdlite320_mobilenet_v3_large" and result.model["family"] == "ssd"
+    assert result.model["fixed_size"] == [128, 128] and result.model["weights"] == "none"
+    assert result.model["parameters"] > 1_000_000

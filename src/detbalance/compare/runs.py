@@ -344,6 +344,7 @@ def run_one(
         "curve": _curve(res.metrics_file),
         "hooks": _hooks(res.metrics_file),
         "grad_density": density,
+        "model": res.model,
     }
     write_json_atomic(folder / "result.json", out)
     return out, False

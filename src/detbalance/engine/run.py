@@ -59,6 +59,7 @@ from detbalance.builders import (
     build_train_eval_set,
     class_counts,
     class_image_counts,
+    model_description,
     needs_image_counts,
     resolve_image_size,
 )
@@ -107,7 +108,8 @@ class FitResult:
     (``engine.eval_train``), else ``None``; ``history``: every record written to ``metrics.jsonl`` by this
     call; ``images_per_s``: training images per second over all processes (evaluation, hooks and
     checkpointing excluded; ``nan`` when this call trained no step); ``already_finished``: ``resume`` found
-    a finished run and did nothing.
+    a finished run and did nothing; ``model``: what :func:`detbalance.builders.model_description` says about
+    the model (name, family, parameter count, weights, input size; ``None`` when nothing was built).
     """
 
     metrics: dict[str, Any]
@@ -122,6 +124,7 @@ class FitResult:
     train_metrics: dict[str, Any] | None = None
     note: str | None = None
     already_finished: bool = False
+    model: dict[str, Any] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -545,7 +548,9 @@ def _fit(
     model: nn.Module = build_model(
         cfg, num_classes=train_set.num_classes, image_size=image_size, counts=counts, recorder=recorder,
         image_counts=image_counts,
-    ).to(device)
+    )
+    description = model_description(cfg, model)
+    model = model.to(device)
     if device.type == "cpu":
         # oneDNN convolutions run faster in NHWC (a RetinaNet step on the tiny backbone, batch 16, 2 threads,
         # was about 20% faster).
@@ -717,6 +722,7 @@ def _fit(
         steps=step,
         train_metrics=train_metrics,
         note=note,
+        model=description,
     )
 
 
