@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from detbalance.analysis.libra import libra_negative_stats
+from detbalance.analysis.plots import plot_libra_bins
 from detbalance.sampling import IoUBalancedSampler, RoIBatch
 
 
@@ -35,3 +36,13 @@ def test_counts_per_bin_by_hand():
 def test_bad_edges_are_refused():
     with pytest.raises(ValueError, match="edges must start"):
         libra_negative_stats([_rois()], IoUBalancedSampler(), edges=(0.1, 0.2, 0.3))
+
+
+def test_plot_shows_the_three_distributions():
+    stats = libra_negative_stats([_rois()], IoUBalancedSampler(num_samples=16))
+    fig = plot_libra_bins(stats)
+    ax = fig.axes[0]
+    assert len(ax.containers) == 3 and [t.get_text() for t in ax.get_xticklabels()] == stats.bin_labels
+    heights = [b.get_height() for b in ax.containers[0]]
+    assert heights == pytest.approx(stats.share(stats.available))
+    assert stats.bin_labels[1] == "(0.00, 0.17)"

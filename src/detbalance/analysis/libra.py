@@ -80,7 +80,7 @@ def libra_negative_stats(
             hist = torch.bincount(bins[chosen], minlength=nbins).tolist()
             for i in range(nbins):
                 counts[i] += int(hist[i])
-    labels = ["IoU 0"] + [f"[{a:.2f}, {b:.2f})" for a, b in zip(edges[1:-1], edges[2:])]
+    labels = ["IoU 0"] + [f"{'(' if a == 0 else '['}{a:.2f}, {b:.2f})" for a, b in zip(edges[1:-1], edges[2:])]
     return LibraStats(images, sampler.num_samples, labels, available, random, balanced)
 
 
