@@ -140,7 +140,7 @@ def test_bad_toml_names_the_key(text: str, message: str) -> None:
         ("retinanet", "[remedy.bootstrap]\n", "remedy.bootstrap"),
         ("retinanet", "[remedy.ssd_mining]\n", "remedy.ssd_mining"),
         ("ssd", "[remedy.normalizer]\n", "remedy.normalizer"),
-        ("faster_rcnn", "[remedy.box_loss]\nname = 'smooth_l1'\n", "remedy.box_loss"),
+        ("faster_rcnn", "[remedy.box_loss]\nname = 'giou'\n", "remedy.box_loss"),
         ("ssd", "[remedy.box_loss]\nname = 'ghm_r'\n", "remedy.box_loss"),
         ("faster_rcnn", "[remedy.cls_loss]\nname = 'ghm_c'\n", "remedy.cls_loss"),
         ("ssd", "[remedy.cls_loss]\nname = 'ghm_c'\n", "remedy.cls_loss"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["FixedRatioParams", "OHEMParams", "ScoreHLRParams", "StratifiedOHEMParams"]
+__all__ = ["FixedRatioParams", "IoUBalancedParams", "OHEMParams", "ScoreHLRParams", "StratifiedOHEMParams"]
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -143,3 +143,31 @@ class ScoreHLRParams:
         _check_fraction("bias", self.bias)
         _check_fraction("score_thr", self.score_thr)
         _check_fraction("iou_thr", self.iou_thr)
+
+
+@dataclass(frozen=True)
+class IoUBalancedParams:
+    """Hyperparameters of :class:`~detbalance.sampling.IoUBalancedSampler` (Libra R-CNN; mmdetection 3.3's
+    ``configs/libra_rcnn``: 512 at 0.25, ``num_bins=3``, ``floor_fraction=0``, ``floor_thr=-1``, which its
+    sampler turns into 0 after the first call: our ``0.0``; ``None`` bins every negative).
+
+    Args:
+        num_samples: Budget per image.
+        positive_fraction: Largest share of the budget given to foreground.
+        floor_thr: IoU below which negatives form the floor set (``0.0``: IoU == 0); ``None``: no floor set.
+        floor_fraction: Share of the negative budget left to the floor set.
+        num_bins: IoU bins of the negatives above the floor.
+    """
+
+    num_samples: int = 512
+    positive_fraction: float = 0.25
+    floor_thr: float | None = 0.0
+    floor_fraction: float = 0.0
+    num_bins: int = 3
+
+    def __post_init__(self) -> None:
+        _check_int("num_samples", self.num_samples, minimum=1)
+        _check_fraction("positive_fraction", self.positive_fraction)
+        _check_fraction("floor_thr", self.floor_thr, allow_none=True)
+        _check_fraction("floor_fraction", self.floor_fraction)
+        _check_int("num_bins", self.num_bins, minimum=1)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from detbalance.config import (
     ASL1Config,
     ATSSConfig,
+    BalancedL1Config,
     CEConfig,
     ClassWeightsConfig,
     DataConfig,
@@ -28,6 +29,7 @@ from detbalance.config import (
     GHMCConfig,
     GHMRConfig,
     GIoUConfig,
+    IoUBalancedConfig,
     L1Config,
     ModelConfig,
     NormalizerConfig,
@@ -291,7 +293,7 @@ def build_cls_loss(
 
 def build_box_loss(remedy: RemedyConfig, arch: str) -> nn.Module | None:
     """The box regression loss module (``None``: the detector's default, see :class:`RemedyConfig`)."""
-    from detbalance.losses import ASL1Loss, GHMRLoss, GIoULoss, L1Loss, SmoothL1Loss
+    from detbalance.losses import ASL1Loss, BalancedL1Loss, GHMRLoss, GIoULoss, L1Loss, SmoothL1Loss
 
     match remedy.box_loss:
         case None:
@@ -306,6 +308,8 @@ def build_box_loss(remedy: RemedyConfig, arch: str) -> nn.Module | None:
             return GHMRLoss(**_loss_options(remedy.box_loss))
         case GIoUConfig():
             return GIoULoss()
+        case BalancedL1Config():
+            return BalancedL1Loss(**_loss_options(remedy.box_loss))
         case other:
             raise ValueError(f"remedy.box_loss: unsupported {other!r}")
 
@@ -348,6 +352,7 @@ def build_roi_sampler(remedy: RemedyConfig) -> Any:
     from detbalance.sampling import (
         BootstrappedSampler,
         FixedRatioSampler,
+        IoUBalancedSampler,
         OHEMSampler,
         ScoreHLRSampler,
         StratifiedOHEMSampler,
@@ -364,6 +369,8 @@ def build_roi_sampler(remedy: RemedyConfig) -> Any:
             return StratifiedOHEMSampler(**_hyperparameters(cfg))
         case ScoreHLRConfig():
             return ScoreHLRSampler(**_hyperparameters(cfg))
+        case IoUBalancedConfig():
+            return IoUBalancedSampler(**_hyperparameters(cfg))
     raise TypeError(f"remedy.roi_sampler: no sampler for {type(cfg).__name__}")
 
 
@@ -466,7 +473,7 @@ def build_model(
                 cls_loss, frcnn_class_weight = None, class_weight
             return balance_faster_rcnn(
                 model, roi_sampler=roi_sampler, rpn_sampler=rpn_sampler, box_cls_loss=cls_loss,
-                class_weight=frcnn_class_weight, recorder=recorder, pisa=build_pisa(r),
+                class_weight=frcnn_class_weight, recorder=recorder, pisa=build_pisa(r), box_loss=box_loss,
             )
         case "ssd":
             from detbalance.detectors.ssd import balance_ssd

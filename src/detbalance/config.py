@@ -42,12 +42,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from detbalance._sampler_params import FixedRatioParams, OHEMParams, ScoreHLRParams, StratifiedOHEMParams
+from detbalance._sampler_params import (
+    FixedRatioParams,
+    IoUBalancedParams,
+    OHEMParams,
+    ScoreHLRParams,
+    StratifiedOHEMParams,
+)
 from detbalance._zoo_names import ZOO, check_weights_name, is_weights_file, model_family
 
 __all__ = [
     "ASL1Config",
     "ATSSConfig",
+    "BalancedL1Config",
     "BootstrapConfig",
     "CEConfig",
     "ClassWeightsConfig",
@@ -62,6 +69,7 @@ __all__ = [
     "GHMCConfig",
     "GHMRConfig",
     "GIoUConfig",
+    "IoUBalancedConfig",
     "L1Config",
     "ModelConfig",
     "NormalizerConfig",
@@ -342,7 +350,24 @@ class FederatedConfig:
 
 
 ClsLossConfig = FocalConfig | CEConfig | GHMCConfig | QFLConfig | VFLConfig | SeesawConfig | EQLv2Config | FederatedConfig
-BoxLossConfig = SmoothL1Config | L1Config | ASL1Config | GHMRConfig | GIoUConfig
+@dataclass(frozen=True)
+class BalancedL1Config:
+    """Balanced L1 (Pang et al., CVPR 2019, Libra R-CNN, eq. 8); defaults: mmdetection's ``configs/libra_rcnn``
+    (alpha 0.5, gamma 1.5, beta 1.0, loss weight 1). See :func:`detbalance.losses.balanced_l1_loss`."""
+
+    name: Literal["balanced_l1"] = "balanced_l1"
+    alpha: float = 0.5
+    gamma: float = 1.5
+    beta: float = 1.0
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("alpha", "gamma", "beta"):
+            _require(getattr(self, key) > 0.0, key, f"must be > 0, got {getattr(self, key)}")
+        _require(self.loss_weight >= 0.0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+
+BoxLossConfig = SmoothL1Config | L1Config | ASL1Config | GHMRConfig | GIoUConfig | BalancedL1Config
 
 
 @dataclass(frozen=True)
@@ -426,7 +451,18 @@ class ScoreHLRConfig(ScoreHLRParams):
         _as_config_error(super().__post_init__)
 
 
-RoISamplerConfig = FixedRatioConfig | OHEMConfig | StratifiedOHEMConfig | ScoreHLRConfig
+@dataclass(frozen=True)
+class IoUBalancedConfig(IoUBalancedParams):
+    """Libra R-CNN's IoU-balanced negatives and instance-balanced positives (Pang et al., 2019); see
+    :class:`~detbalance.sampling.IoUBalancedSampler` (defaults: mmdetection's ``configs/libra_rcnn``)."""
+
+    name: Literal["iou_balanced"] = "iou_balanced"
+
+    def __post_init__(self) -> None:
+        _as_config_error(super().__post_init__)
+
+
+RoISamplerConfig = FixedRatioConfig | OHEMConfig | StratifiedOHEMConfig | ScoreHLRConfig | IoUBalancedConfig
 
 
 @dataclass(frozen=True)
@@ -717,7 +753,8 @@ class RemedyConfig:
     """The imbalance remedy. ``None`` everywhere means the detector's standard (torchvision) behaviour:
 
     * ``cls_loss``: RetinaNet sigmoid focal (alpha 0.25, gamma 2); Faster R-CNN / SSD softmax CE;
-    * ``box_loss``: RetinaNet smooth L1 (beta 1/9); SSD smooth L1 (Faster R-CNN keeps torchvision's);
+    * ``box_loss``: RetinaNet smooth L1 (beta 1/9); SSD smooth L1; Faster R-CNN's RoI head torchvision's
+      smooth L1 (beta 1/9; a configured box loss replaces it in the RoI head, the RPN keeps its own);
     * ``normalizer``: RetinaNet ``per_batch`` (the focal paper);
     * ``roi_sampler`` / ``rpn_sampler``: Faster R-CNN fixed ratio 512 @ 0.25 / 256 @ 0.5;
     * ``ssd_mining``: SSD 3:1 hard negatives;
@@ -867,7 +904,7 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         "bootstrap": ("faster_rcnn",),
         "normalizer": ("retinanet", "fcos"),
         "ssd_mining": ("ssd",),
-        "box_loss": ("retinanet", "ssd"),
+        "box_loss": ("retinanet", "ssd", "faster_rcnn"),
         "assigner": ("retinanet",),
         "pisa": ("retinanet", "faster_rcnn"),
     }
@@ -877,7 +914,7 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         "bootstrap": "offline bootstrapping feeds mined negatives to the RoI head of Faster R-CNN",
         "normalizer": "the positive-count normaliser is RetinaNet's and FCOS's (SSD divides by its positives itself)",
         "ssd_mining": "hard negative mining at 3:1 is SSD's sampler",
-        "box_loss": "Faster R-CNN keeps torchvision's box losses, FCOS its GIoU and centerness",
+        "box_loss": "FCOS keeps its GIoU and centerness",
         "assigner": "the anchor assigner (ATSS) is an option of the dense RetinaNet head",
         "pisa": "ISR-P and CARL are wired for RetinaNet's and Faster R-CNN's heads",
     }

@@ -9,12 +9,14 @@
   GHM-C, loss CDFs; :func:`per_class_ap`); :mod:`~detbalance.analysis.stats` re-exports them all;
 * :mod:`~detbalance.analysis.pisa_atss`: what PISA (ISR-P weight by IoU-HLR rank, :func:`isr_weight_stats`)
   and ATSS (positives and IoU threshold per object, :func:`atss_stats`) do to the balance they target;
+  :mod:`~detbalance.analysis.libra`: Libra R-CNN's negatives per IoU bin (:func:`libra_negative_stats`);
 * :mod:`~detbalance.analysis.progress`: the one progress display (rich bar or plain log lines);
 * :mod:`~detbalance.analysis.plots`: one matplotlib ``Figure`` per diagnostic, and :func:`plot_run` for a
   training run folder (``detbalance plot RUN_DIR``);
 * :mod:`~detbalance.analysis.profile`: :func:`run_profile` (``detbalance profile``).
 """
 
+from detbalance.analysis.libra import LibraStats, detector_libra_stats, libra_negative_stats
 from detbalance.analysis.pisa_atss import (
     ATSSStats,
     ISRStats,
@@ -32,6 +34,7 @@ from detbalance.analysis.plots import (
     plot_ghm_histogram,
     plot_gradient_density,
     plot_isr_weights,
+    plot_libra_bins,
     plot_loss_cdfs,
     plot_loss_curves,
     plot_ohem_losses,
@@ -65,6 +68,7 @@ __all__ = [
     "GradientAccumulator",
     "GradientStats",
     "ISRStats",
+    "LibraStats",
     "UnmatchedBox",
     "assignment_stats",
     "atss_stats",
@@ -72,9 +76,11 @@ __all__ = [
     "detector_assignment_stats",
     "detector_atss_stats",
     "detector_isr_stats",
+    "detector_libra_stats",
     "focal_gradient_magnitude",
     "gradient_stats",
     "isr_weight_stats",
+    "libra_negative_stats",
     "match_anchors",
     "per_class_ap",
     "probe_gradients",
@@ -86,6 +92,7 @@ __all__ = [
     "plot_ghm_histogram",
     "plot_gradient_density",
     "plot_isr_weights",
+    "plot_libra_bins",
     "plot_loss_cdfs",
     "plot_loss_curves",
     "plot_ohem_losses",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from detbalance.analysis.assignment import AssignmentStats
 from detbalance.analysis.dataset import DatasetStats
 from detbalance.analysis.gradients import QUADRANTS, GradientStats
+from detbalance.analysis.libra import LibraStats
 from detbalance.analysis.pisa_atss import ATSSStats, ISRStats
 
 if TYPE_CHECKING:
@@ -717,5 +718,26 @@ def plot_isr_weights(stats: ISRStats) -> Figure:
                  f"{100 * stats.top_decile_share:.0f}% of the weight)", fontsize=10)
     ax.set_xlabel("IoU-HLR / n_max (0 = most prime)")
     ax.set_ylabel("mean weight")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_libra_bins(stats: LibraStats) -> Figure:
+    """Libra R-CNN: the share of negatives per IoU bin, available, randomly sampled and IoU-balanced."""
+    fig, axes = _figure(1, 1, size=(6.4, 4.4))
+    ax = axes[0, 0]
+    x = list(range(len(stats.bin_labels)))
+    width = 0.27
+    for offset, (label, counts, color) in zip((-width, 0.0, width), (
+        ("available", stats.available, "#b0b0b0"),
+        ("random (fixed 1:3)", stats.random, "#4c72b0"),
+        ("IoU-balanced", stats.balanced, "#dd8452"),
+    )):
+        ax.bar([i + offset for i in x], stats.share(counts), width=width, color=color, edgecolor="white", label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(stats.bin_labels, fontsize=8)
+    ax.set_xlabel("negative RoI's max IoU with an object")
+    ax.set_ylabel("share of the negatives")
+    ax.set_title(f"Negatives per IoU bin ({stats.num_images} images, {stats.num_samples} RoIs per image)", fontsize=10)
     ax.legend(fontsize=8)
     return fig

@@ -34,6 +34,7 @@ from detbalance.analysis.assignment import AssignmentStats, dataset_assignment_s
 from detbalance.analysis.dataset import DatasetStats, dataset_stats
 from detbalance.analysis.gradients import GradientStats, per_class_ap, probe_gradients
 from detbalance.analysis.progress import Progress
+from detbalance.sampling.roi_sampler import IoUBalancedSampler
 
 __all__ = ["Recommendation", "readings", "recommendations", "run_profile"]
 
@@ -470,7 +471,7 @@ def run_profile(
         bar.stage("anchors: assignment", total=None)
         astats = dataset_assignment_stats(model, train, num_images=assignment_images, seed=seed, targets=targets)
 
-        atss = isr = None
+        atss = isr = libra = None
         head = getattr(model, "head", None)
         assigner = getattr(head, "assigner", None)
         if assigner is not None and hasattr(assigner, "topk"):  # ATSS: positives and threshold per object
@@ -489,6 +490,15 @@ def run_profile(
             bar.stage("model: ISR-P weights", total=None)
             isr = detector_isr_stats(model, train, sample_indices(n, num_images, seed + 3), k=pisa.isr_k,
                                      bias=pisa.isr_bias)
+
+        roi_sampler = getattr(getattr(model, "roi_heads", None), "sampler", None)
+        if isinstance(roi_sampler, IoUBalancedSampler):  # Libra: negatives per IoU bin, random vs IoU-balanced
+            from detbalance.analysis.assignment import sample_indices
+            from detbalance.analysis.libra import detector_libra_stats
+
+            bar.stage("RoIs: negatives per IoU bin", total=None)
+            libra = detector_libra_stats(model, train, sample_indices(n, num_images, seed + 4), sampler=roi_sampler,
+                                         seed=seed)
 
         gstats: GradientStats | None = None
         notes: list[str] = []
@@ -530,6 +540,8 @@ def run_profile(
             figures.append(("atss", plots.save_figure(plots.plot_atss(atss), output / "atss.png")))
         if isr is not None:
             figures.append(("isr_weights", plots.save_figure(plots.plot_isr_weights(isr), output / "isr_weights.png")))
+        if libra is not None:
+            figures.append(("libra_bins", plots.save_figure(plots.plot_libra_bins(libra), output / "libra_bins.png")))
 
     lines = readings(dstats, astats, gstats, class_ap)
     if atss is not None and atss.positives_per_object:
@@ -544,6 +556,13 @@ def run_profile(
         lines.append(
             f"PISA's ISR-P puts {100 * isr.top_decile_share:.0f}% of the positives' classification weight on the "
             f"first tenth of the IoU-HLR ranks (over {isr.num_positives} positives; k {isr.k:g}, bias {isr.bias:g})."
+        )
+    if libra is not None and sum(libra.available):
+        rand, bal = libra.share(libra.random), libra.share(libra.balanced)
+        lines.append(
+            f"Libra's IoU-balanced sampling takes {100 * (1 - bal[0]):.0f}% of its negatives above IoU 0, where "
+            f"random sampling of the same RoIs takes {100 * (1 - rand[0]):.0f}% ({sum(libra.available)} negatives "
+            f"available over {libra.num_images} images, {100 * libra.share(libra.available)[0]:.0f}% at IoU 0)."
         )
     recs = recommendations(dstats, astats, gstats, arch=arch, trained=state is not None)
     result = {
@@ -560,6 +579,7 @@ def run_profile(
         "gradient": gstats,
         "atss": atss,
         "isr": isr,
+        "libra": libra,
         "class_ap": class_ap,
         "notes": notes,
         "readings": lines,
@@ -589,6 +609,7 @@ _CAPTIONS = {
     "class_ap": "Per-class AP against training frequency.",
     "atss": "ATSS: positive anchors per object, and each object's IoU threshold (mean + std of its candidates).",
     "isr_weights": "PISA's ISR-P: the positives' classification weight by normalised IoU-HLR (0 = most prime).",
+    "libra_bins": "Libra R-CNN: negatives per IoU bin of the training RoIs, available, randomly sampled and IoU-balanced.",
 }
 
 

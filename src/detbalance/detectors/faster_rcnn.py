@@ -71,6 +71,7 @@ ORIGINAL_SIZE_KEY = "original_image_size"
 MINED_BOXES_KEY = "mined_boxes"
 
 BoxClsLoss = Callable[[Tensor, Tensor], Tensor]
+BoxLoss = Callable[[Tensor, Tensor], Tensor]
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -120,12 +121,15 @@ def roi_losses(
     regression_targets: Tensor,
     *,
     box_cls_loss: BoxClsLoss | None = None,
+    box_loss: BoxLoss | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-RoI Fast R-CNN losses, the summands of torchvision's ``fastrcnn_loss``.
 
     .. math::
         L_{cls,i} = \mathrm{CE}(z_i, y_i), \qquad
         L_{loc,i} = [y_i > 0] \sum_{j=1}^{4} \mathrm{smooth}_{L1}^{\beta=1/9}(t^{y_i}_{ij} - v_{ij})
+
+    (``box_loss`` replaces the smooth L1, e.g. Libra R-CNN's balanced L1.)
 
     Args:
         class_logits: ``Tensor[N, C]`` (``C = K + 1``, column 0 background).
@@ -134,12 +138,15 @@ def roi_losses(
         regression_targets: ``Tensor[N, 4]`` encoded targets (only foreground rows are read).
         box_cls_loss: ``None`` for cross entropy, or a callable ``(logits[N, C], labels[N]) -> Tensor[N]``
             (e.g. :class:`detbalance.losses.SoftmaxFocalLoss`).
+        box_loss: ``None`` for torchvision's smooth L1 (beta 1/9), or a per-element box loss
+            ``(deltas[N, 4], targets[N, 4]) -> Tensor[N, 4]`` of the loss contract (``kind = "box"``, e.g.
+            :class:`detbalance.losses.BalancedL1Loss`), summed over the 4 coordinates.
 
     Returns:
         ``(cls, loc)``, each ``Tensor[N]``; the mean over the sampled RoIs of each is torchvision's loss.
 
     Raises:
-        ValueError: If ``box_cls_loss`` does not return one loss per RoI.
+        ValueError: If ``box_cls_loss`` does not return one loss per RoI or ``box_loss`` one per coordinate.
     """
     n = labels.shape[0]
     valid = labels >= 0
@@ -155,10 +162,18 @@ def roi_losses(
             )
     cls = torch.where(valid, cls, torch.zeros_like(cls))
     fg = labels > 0
-    deltas = box_regression.reshape(n, -1, 4)[torch.arange(n, device=labels.device), safe]
+    deltas = box_regression.reshape(n, box_regression.shape[-1] // 4, 4)[torch.arange(n, device=labels.device), safe]
     targets = torch.where(fg[:, None], regression_targets.to(deltas.dtype), torch.zeros_like(deltas))
-    loc = F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="none").sum(dim=1)
-    loc = torch.where(fg, loc, torch.zeros_like(loc))
+    if box_loss is None:
+        loc = F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="none")
+    else:
+        loc = box_loss(deltas, targets)
+        if loc.shape != deltas.shape:
+            raise ValueError(
+                f"box_loss must return per-coordinate losses of shape {tuple(deltas.shape)}, got "
+                f"{tuple(loc.shape)}; construct it with reduction='none'"
+            )
+    loc = torch.where(fg, loc.sum(dim=1), torch.zeros_like(loc[:, 0]))
     return cls, loc
 
 
@@ -400,6 +415,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
     mined_iou: float | None
     background_weight: float
     pisa: PrimeSampleAttention | None
+    box_loss: BoxLoss | None
 
     @classmethod
     def from_roi_heads(
@@ -414,6 +430,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         recorder: BalanceRecorder | None = None,
         seed: int | None = None,
         pisa: PrimeSampleAttention | None = None,
+        box_loss: BoxLoss | None = None,
     ) -> BalancedRoIHeads:
         """A :class:`BalancedRoIHeads` sharing ``heads``' pooler, box head, predictor, matcher and coder.
 
@@ -431,6 +448,8 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
             seed: Seed of the sampling generator; ``None`` draws one from the global generator.
             pisa: PISA's ISR-P and CARL on the sampled RoIs (:class:`~detbalance.losses.PrimeSampleAttention`);
                 ``None`` off.
+            box_loss: ``None`` (torchvision's smooth L1, beta 1/9) or a per-element box loss on the encoded
+                deltas (:func:`roi_losses`), e.g. ``BalancedL1Loss()`` (Libra R-CNN).
 
         Raises:
             ValueError: On a non-callable sampler, a self-normalising ``box_cls_loss``, bad class weights,
@@ -442,6 +461,13 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         if getattr(box_cls_loss, "self_normalizing", False):
             raise ValueError(
                 f"box_cls_loss must return per-RoI losses; {type(box_cls_loss).__name__} normalises itself"
+            )
+        if box_loss is not None and not callable(box_loss):
+            raise ValueError(f"box_loss must be None or a callable, got {box_loss!r}")
+        if getattr(box_loss, "self_normalizing", False) or getattr(box_loss, "decoded_boxes", False):
+            raise ValueError(
+                f"box_loss must return per-element losses on encoded deltas; {type(_inner_loss(box_loss)).__name__} "
+                "normalises itself or needs decoded boxes"
             )
         if heads.has_mask() or heads.has_keypoint():
             raise ValueError("balance_faster_rcnn supports box-only heads; got a mask or keypoint branch")
@@ -487,6 +513,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         new.box_coder = heads.box_coder
         new.sampler = sampler
         new.box_cls_loss = box_cls_loss
+        new.box_loss = box_loss
         new.register_buffer(
             "class_weight", None if class_weight is None else class_weight.detach().to(torch.float32).clone()
         )
@@ -631,7 +658,7 @@ class BalancedRoIHeads(_GeneratorMixin, RoIHeads):
         """``(cls, loc, class_logits, box_regression)`` of pooled features."""
         class_logits, box_regression = self.box_predictor(self.box_head(box_features))
         cls, loc = roi_losses(class_logits, box_regression, labels, regression_targets,
-                              box_cls_loss=self.box_cls_loss)
+                              box_cls_loss=self.box_cls_loss, box_loss=self.box_loss)
         if self.class_weight is not None:
             cls = cls * _class_weights(labels, self.class_weight, self.background_weight).to(cls.dtype)
         return cls, loc, class_logits, box_regression
@@ -743,6 +770,7 @@ def balance_faster_rcnn(
     mined_iou: float | None = 0.7,
     recorder: BalanceRecorder | None = None,
     pisa: PrimeSampleAttention | None = None,
+    box_loss: BoxLoss | None = None,
 ) -> FasterRCNN:
     """Adapt a torchvision Faster R-CNN in place to a sampling / loss remedy and return it.
 
@@ -765,6 +793,9 @@ def balance_faster_rcnn(
         recorder: Optional :class:`~detbalance.detectors.recorder.BalanceRecorder`.
         pisa: PISA's ISR-P and CARL (:class:`~detbalance.losses.PrimeSampleAttention`); with
             ``roi_sampler=ScoreHLRSampler()`` (ISR-N) it is mmdetection's ``faster-rcnn_r50_fpn_pisa`` recipe.
+        box_loss: The RoI head's box loss (``None``: torchvision's smooth L1, beta 1/9; the RPN keeps its own),
+            e.g. ``BalancedL1Loss()``: with ``roi_sampler=IoUBalancedSampler()`` it is Libra R-CNN's sampling
+            and loss (mmdetection's ``configs/libra_rcnn`` without the balanced feature pyramid).
 
     Returns:
         ``model`` itself, adapted. Bootstrapped boxes arrive per image as ``target["mined_boxes"]``
@@ -779,7 +810,7 @@ def balance_faster_rcnn(
         raise ValueError(f"model.rpn must be a RegionProposalNetwork, got {type(model.rpn).__name__}")
     model.roi_heads = BalancedRoIHeads.from_roi_heads(
         model.roi_heads, sampler=roi_sampler, box_cls_loss=box_cls_loss, class_weight=class_weight,
-        background_weight=background_weight, mined_iou=mined_iou, recorder=recorder, pisa=pisa,
+        background_weight=background_weight, mined_iou=mined_iou, recorder=recorder, pisa=pisa, box_loss=box_loss,
     )
     if rpn_sampler is not None:
         model.rpn = BalancedRPN.from_rpn(model.rpn, sampler=rpn_sampler, recorder=recorder)

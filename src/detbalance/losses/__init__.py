@@ -1,4 +1,4 @@
-"""Losses that re-weight examples: focal, GHM-C/GHM-R, QFL/VFL (IoU-quality targets), smooth L1/ASL1/L1/GIoU, class weights, normalisers;
+"""Losses that re-weight examples: focal, GHM-C/GHM-R, QFL/VFL (IoU-quality targets), smooth L1/ASL1/balanced L1/L1/GIoU, class weights, normalisers;
 for long-tailed RoI classifiers Seesaw, EQLv2 and the federated loss.
 
 Functions are the core (tensors positional, hyperparameters keyword-only, ``reduction="none"`` by default
@@ -40,13 +40,23 @@ from detbalance.losses.quality import (
     quality_targets,
     varifocal_loss,
 )
-from detbalance.losses.regression import ASL1Loss, GIoULoss, L1Loss, SmoothL1Loss, asl1_loss, smooth_l1_loss
+from detbalance.losses.regression import (
+    ASL1Loss,
+    BalancedL1Loss,
+    GIoULoss,
+    L1Loss,
+    SmoothL1Loss,
+    asl1_loss,
+    balanced_l1_loss,
+    smooth_l1_loss,
+)
 from detbalance.losses.seesaw import SeesawLoss, seesaw_factors, seesaw_loss
 from detbalance.losses.weighting import ClassWeightedLoss, class_frequency_weights, sample_class_weights
 
 __all__ = [
     "ASL1Loss",
     "AnchorBatch",
+    "BalancedL1Loss",
     "ClassWeightedLoss",
     "DetectionLoss",
     "EQLv2Loss",
@@ -67,6 +77,7 @@ __all__ = [
     "VarifocalLoss",
     "aligned_box_iou",
     "asl1_loss",
+    "balanced_l1_loss",
     "carl_loss",
     "check_slot",
     "class_frequency_weights",

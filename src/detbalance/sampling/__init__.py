@@ -1,5 +1,5 @@
-"""Which examples count: IoU assignment, fixed-ratio sampling, OHEM, S-OHEM, SSD hard negative mining,
-offline bootstrapping and repeat-factor dataset sampling.
+"""Which examples count: IoU assignment, fixed-ratio sampling, OHEM, S-OHEM, Libra R-CNN's IoU-balanced
+sampling, SSD hard negative mining, offline bootstrapping and repeat-factor dataset sampling.
 
 Every per-RoI sampler is a pure function of tensors (labels in the convention of :mod:`detbalance.types`:
 ``-1`` ignore, ``0`` background, ``1..K`` foreground) returning :class:`~detbalance.types.SampledIndices`
@@ -16,11 +16,13 @@ from detbalance.sampling.bootstrap import (
 )
 from detbalance.sampling.fixed_ratio import sample_fixed_ratio, sample_fixed_ratio_batched
 from detbalance.sampling.hard_negative import mine_hard_negatives
+from detbalance.sampling.iou_balanced import sample_iou_balanced
 from detbalance.sampling.ohem import select_hard_examples
 from detbalance.sampling.repeat_factor import RepeatFactorSampler, repeat_factors
 from detbalance.sampling.roi_sampler import (
     BootstrappedSampler,
     FixedRatioSampler,
+    IoUBalancedSampler,
     OHEMSampler,
     RoIBatch,
     RoILosses,
@@ -48,6 +50,7 @@ __all__ = [
     "BootstrappedSampler",
     "FixedRatioSampler",
     "HardNegativeSet",
+    "IoUBalancedSampler",
     "OHEMSampler",
     "RepeatFactorSampler",
     "RoIBatch",
@@ -68,6 +71,7 @@ __all__ = [
     "sampler_needs_losses",
     "sample_fixed_ratio",
     "sample_fixed_ratio_batched",
+    "sample_iou_balanced",
     "sample_score_hlr",
     "select_hard_examples",
     "select_hard_examples_stratified",

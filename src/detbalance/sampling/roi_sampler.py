@@ -24,10 +24,12 @@ sampling:
 * :class:`OHEMSampler`: online hard example mining (Shrivastava et al., 2016);
 * :class:`StratifiedOHEMSampler`: S-OHEM (Li et al., 2017), whose schedule also weights the loss;
 * :class:`ScoreHLRSampler`: PISA's ISR-N (Cao et al., 2020), which also weights each kept negative's
-  classification term: it returns a :class:`WeightedSample` instead of bare indices.
+  classification term: it returns a :class:`WeightedSample` instead of bare indices;
+* :class:`IoUBalancedSampler`: Libra R-CNN's IoU-balanced negatives and instance-balanced positives (Pang
+  et al., 2019).
 
 A plain function with the signature above is a sampler too (it needs no losses and weights both terms 1);
-see the README for Libra R-CNN's IoU-balanced sampling written that way.
+see the README for a sampler written that way.
 """
 
 from __future__ import annotations
@@ -38,8 +40,15 @@ from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from detbalance._sampler_params import FixedRatioParams, OHEMParams, ScoreHLRParams, StratifiedOHEMParams
+from detbalance._sampler_params import (
+    FixedRatioParams,
+    IoUBalancedParams,
+    OHEMParams,
+    ScoreHLRParams,
+    StratifiedOHEMParams,
+)
 from detbalance.sampling.fixed_ratio import sample_fixed_ratio_batched
+from detbalance.sampling.iou_balanced import sample_iou_balanced
 from detbalance.sampling.ohem import select_hard_examples
 from detbalance.sampling.score_hlr import sample_score_hlr
 from detbalance.sampling.stratified_ohem import select_hard_examples_stratified
@@ -48,6 +57,7 @@ from detbalance.types import SampledIndices
 __all__ = [
     "BootstrappedSampler",
     "FixedRatioSampler",
+    "IoUBalancedSampler",
     "OHEMSampler",
     "RoIBatch",
     "RoILosses",
@@ -347,3 +357,39 @@ class ScoreHLRSampler(ScoreHLRParams):
             score_thr=self.score_thr, iou_thr=self.iou_thr, generator=generator,
         )
         return WeightedSample(indices, weight)
+
+
+@dataclass(frozen=True)
+class IoUBalancedSampler(IoUBalancedParams):
+    """Libra R-CNN's RoI sampling (Pang et al., CVPR 2019, arXiv:1904.02701, sec. 3.1).
+
+    Negatives split into ``num_bins`` IoU bins above ``floor_thr`` and drawn evenly from them; positives drawn
+    evenly over the ground-truth instances they match. Defaults are mmdetection 3.3's ``configs/libra_rcnn``
+    (``CombinedSampler`` of ``InstanceBalancedPosSampler`` and ``IoUBalancedNegSampler``), as that code runs
+    in training (see :func:`~detbalance.sampling.sample_iou_balanced`). It needs ``rois.gt_index`` (the
+    Faster R-CNN adapter sets it) and no losses.
+
+    Args:
+        num_samples: Budget per image.
+        positive_fraction: Largest foreground share.
+        floor_thr: IoU below which negatives form the floor set; ``None``: every negative is binned.
+        floor_fraction: Share of the negative budget left to the floor set.
+        num_bins: IoU bins.
+    """
+
+    needs_losses: ClassVar[bool] = False
+
+    def __call__(
+        self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
+    ) -> SampledIndices:
+        """Sample ``rois`` (``losses`` is not used). Returns sorted indices into the ``R`` RoIs."""
+        if rois.gt_index is None:
+            raise ValueError(
+                "IoUBalancedSampler needs rois.gt_index (each foreground RoI's matched ground truth) for its "
+                "instance-balanced positives; the Faster R-CNN adapter sets it"
+            )
+        return sample_iou_balanced(
+            rois.labels, rois.max_iou, rois.batch_idx, rois.gt_index, num_images=rois.num_images,
+            num_samples=self.num_samples, positive_fraction=self.positive_fraction, floor_thr=self.floor_thr,
+            floor_fraction=self.floor_fraction, num_bins=self.num_bins, generator=generator,
+        )
