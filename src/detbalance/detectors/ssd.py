@@ -61,7 +61,8 @@ def init_background_prior(model: SSD, prior: float) -> None:
     background bias :math:`b_0 = \log(K (1 - \pi) / \pi)` and class biases 0, zero features give
     :math:`p_0 = 1 - \pi` and :math:`p_k = \pi / K`. Without it a stock SSD's classifier (bias 0) starts at
     :math:`p_0 = 1 / (K + 1)`, and a softmax focal loss over every box (no mining) begins with the loss of
-    thousands of negatives near chance (issue 20 measured 17x the 3:1 mining loss at step 1 on SSDlite, 37x on SSD300).
+    thousands of negatives near chance: at step 1 of a from-scratch SSDlite (K = 5) 11x the 3:1 mining loss, 0.15x
+    with ``prior = 0.01`` (``docs/pilots/ssd-background-prior/``).
     Only the bias of the last conv of each level's classification branch changes (in place).
 
     Args:
