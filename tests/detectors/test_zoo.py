@@ -414,3 +414,24 @@ def test_fit_trains_a_zoo_model_and_describes_it(tmp_path):
     assert result.model["name"] == "ssdlite320_mobilenet_v3_large" and result.model["family"] == "ssd"
     assert result.model["fixed_size"] == [128, 128] and result.model["weights"] == "none"
     assert result.model["parameters"] > 1_000_000
+
+
+def test_a_small_preset_loads_a_local_state_dict(tmp_path):
+    from detbalance.builders import build_model
+    from detbalance.config import ExperimentConfig, ModelConfig
+
+    torch.manual_seed(5)  # an adapted model's state (its EMA normaliser buffers are left out when loading)
+    source = build_model(ExperimentConfig(), num_classes=K, image_size=64)
+    assert "head.normalizer.ema" in source.state_dict()
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    torch.save(state, tmp_path / "preset.pth")
+    cfg = ExperimentConfig(model=ModelConfig(weights=str(tmp_path / "preset.pth")))
+    model = build_model(cfg, num_classes=K, image_size=64)
+    for key, value in model.state_dict().items():
+        if "normalizer" not in key:
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+    # another class count: the classifier is fresh (torchvision's prior), the rest is the file's
+    other = build_model(cfg, num_classes=K + 1, image_size=64)
+    bias = other.head.classification_head.cls_logits.bias
+    torch.testing.assert_close(bias, torch.full_like(bias, -math.log(99.0)))
+    torch.testing.assert_close(other.backbone.stem[0].weight, state["backbone.stem.0.weight"])

@@ -234,6 +234,10 @@ def replace_classifier(model: nn.Module, num_columns: int, *, prior_prob: float 
     return ["head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"]
 
 
+#: Attribute names under which the adapters keep their losses' and normalisers' state in a ``state_dict``.
+_ADAPTER_STATE = frozenset({"cls_loss", "box_loss", "normalizer", "box_normalizer", "box_cls_loss"})
+
+
 def _class_dependent(key: str) -> bool:
     return key.startswith(("roi_heads.box_predictor.", "head.classification_head.cls_logits.")) or (
         key.startswith("head.classification_head.module_list.")
@@ -247,7 +251,9 @@ def load_detector_state(
 
     When the file's classifier has another number of columns than ``model``'s, :func:`replace_classifier`
     builds the fresh layers (at ``model``'s column count) and they are not loaded; every other tensor is
-    loaded and must exist in both with the same shape (``num_batches_tracked`` may be missing from the file).
+    loaded and must exist in both with the same shape (``num_batches_tracked`` may be missing from the file). The
+    state of an adapted model's losses and normalisers (GHM histograms, EMA normalisers: keys under ``cls_loss``,
+    ``box_loss``, ``normalizer``, ``box_normalizer``, ``box_cls_loss``) is left out: the adapter starts it afresh.
 
     Args:
         model: A torchvision ``RetinaNet``, ``FCOS``, ``FasterRCNN`` or ``SSD``.
@@ -268,7 +274,10 @@ def load_detector_state(
     if mismatched:
         fresh = replace_classifier(model, columns, prior_prob=prior_prob)
         own = model.state_dict()
-    load = {k: v for k, v in state.items() if k not in fresh}
+    # the state of an adapted model's losses and normalisers (GHM histograms, EMA normalisers, Seesaw counts):
+    # not part of the torchvision model, set afresh by the adapter
+    load = {k: v for k, v in state.items()
+            if k not in fresh and not (k not in own and _ADAPTER_STATE.intersection(k.split(".")))}
     missing = [k for k in own if k not in load and k not in fresh and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in load if k not in own]
     bad_shape = [f"{k} {tuple(load[k].shape)} vs {tuple(own[k].shape)}" for k in load
