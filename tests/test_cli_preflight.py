@@ -63,7 +63,7 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path: Path) -> None:
         "--batch-size must be >= 1, got 0": ["compare", "--batch-size", "0", *o],
         "--data-seed must be >= 0, got -1": ["compare", "--data-seed", "-1", *o],
         "--device must be auto, cpu, cuda or cuda:N, got 'gpu'": ["compare", "--device", "gpu", *o],
-        "--suite must be one of losses, samplers, samplers_pool128, ssd, classes, noise, all": ["compare", "--suite", "lossez", *o],
+        "--suite must be one of losses, samplers, samplers_pool128, ssd, classes, noise, longtail, all": ["compare", "--suite", "lossez", *o],
         "--suite noise needs the built-in benchmark": ["compare", "--suite", "noise", "--data",
                                                        str(tmp_path / "empty"), "--val", "v", *o],
         "--preset picks a built-in benchmark; it cannot go with --data": ["compare", "--data", "d", "--val", "v",

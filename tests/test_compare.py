@@ -107,7 +107,7 @@ def test_run_folders_are_keyed_by_the_settings(tmp_path):
 
 def test_suite_selection():
     assert select_suites(None, user_data=False) == ["losses"]
-    assert select_suites(None, user_data=True) == ["losses", "samplers", "ssd", "classes"]
+    assert select_suites(None, user_data=True) == ["losses", "samplers", "ssd", "classes", "longtail"]
     assert select_suites("all", user_data=False) == list(SUITES)
     with pytest.raises(ValueError, match="needs the built-in benchmark"):
         select_suites("noise", user_data=True)

@@ -26,7 +26,7 @@ __all__ = [
 BENCHMARK_PRESETS: tuple[str, ...] = ("default", "balanced", "noisy", "crowded", "tiny")
 """The built-in benchmark's presets, in the order of :data:`detbalance.data.PRESETS`."""
 
-SUITE_NAMES: tuple[str, ...] = ("losses", "samplers", "samplers_pool128", "ssd", "classes", "noise")
+SUITE_NAMES: tuple[str, ...] = ("losses", "samplers", "samplers_pool128", "ssd", "classes", "noise", "longtail")
 """The suites of ``detbalance compare``, in the order of :data:`detbalance.compare.SUITES`."""
 
 BUILTIN_ONLY_SUITES: frozenset[str] = frozenset({"noise"})

@@ -193,3 +193,29 @@ def test_fcos_is_refused_with_a_reason(tmp_path):
     cfg.write_text('[model]\nname = "fcos_resnet50_fpn"\n')
     with pytest.raises(ValueError, match="model.name = 'fcos_resnet50_fpn': profile's anchor statistics are IoU"):
         run_profile(data="builtin:tiny", config=cfg, checkpoint=None, output=tmp_path / "o", progress=False)
+
+
+def test_profile_shows_what_the_long_tail_loss_applied_per_class(tmp_path):
+    """A Seesaw run recorded with engine.record: profile reads its balance.jsonl and shows each class's factors."""
+    from detbalance.analysis import class_values_over_training
+    from detbalance.config import ExperimentConfig as Cfg
+    from detbalance.config import apply_overrides
+    from detbalance.engine import fit
+
+    cfg = apply_overrides(Cfg(), ["data.train=builtin:tiny", "engine.device=cpu", "engine.batch_size=2",
+                                  "engine.iterations=2", "engine.record=true", "model.arch=faster_rcnn",
+                                  "remedy.cls_loss.name=seesaw", "model.norm=gn"])
+    result = fit(cfg, output=tmp_path / "run", progress=False)
+    md = run_profile(data="builtin:tiny", config=None, checkpoint=result.checkpoint, output=tmp_path / "p",
+                     num_images=4, assignment_images=4, progress=False)
+    data = json.loads((tmp_path / "p" / "profile.json").read_text())
+    values = data["longtail_class_values"]
+    assert set(values) == {"seesaw/mitigation", "seesaw/compensation"}
+    assert all(v is None or v <= 1 + 1e-9 for v in values["seesaw/mitigation"])
+    assert all(v is None or v >= 1 - 1e-9 for v in values["seesaw/compensation"])
+    assert (tmp_path / "p" / "longtail_factors.png").is_file()
+    assert "Seesaw mitigation factor" in md.read_text()
+    # the aggregate is sum / count over the steps
+    recs = [{"class_values": {"x": {"sum": [2.0, 0.0], "count": [1.0, 0.0]}}},
+            {"class_values": {"x": {"sum": [4.0, 3.0], "count": [3.0, 1.0]}}}]
+    assert class_values_over_training(recs) == {"x": [1.5, 3.0]}

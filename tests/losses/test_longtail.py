@@ -180,9 +180,11 @@ def test_bad_input_is_a_clear_error(make: str) -> None:
     with pytest.raises(ValueError, match="got -2 at row 5"):
         loss(logits, bad)
     nan = logits.clone()
-    nan[2, 1] = float("nan")
+    fg = labels.clone()
+    fg[2] = 3
+    nan[2, 3] = float("nan")  # its own class's logit: in the loss of every one of the three
     with pytest.raises(ValueError, match="logits must be finite.*row 2"):
-        loss(nan, labels)
+        loss(nan, fg)
     with pytest.raises(ValueError, match=rf"logits must have shape \(N, {K + extra}\)"):
         loss(logits[:, :-1], labels)
     with pytest.raises(ValueError, match="integer tensor"):

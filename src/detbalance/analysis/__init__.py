@@ -31,6 +31,7 @@ from detbalance.analysis.plots import (
     plot_box_sizes,
     plot_class_ap,
     plot_class_frequency,
+    plot_class_values,
     plot_ghm_histogram,
     plot_gradient_density,
     plot_isr_weights,
@@ -43,7 +44,7 @@ from detbalance.analysis.plots import (
     plot_sampled_counts,
     save_figure,
 )
-from detbalance.analysis.profile import run_profile
+from detbalance.analysis.profile import class_values_over_training, run_profile
 from detbalance.analysis.stats import (
     AssignmentStats,
     DatasetStats,
@@ -72,6 +73,7 @@ __all__ = [
     "UnmatchedBox",
     "assignment_stats",
     "atss_stats",
+    "class_values_over_training",
     "dataset_stats",
     "detector_assignment_stats",
     "detector_atss_stats",
@@ -83,12 +85,12 @@ __all__ = [
     "libra_negative_stats",
     "match_anchors",
     "per_class_ap",
-    "probe_gradients",
     "plot_assignment",
     "plot_atss",
     "plot_box_sizes",
     "plot_class_ap",
     "plot_class_frequency",
+    "plot_class_values",
     "plot_ghm_histogram",
     "plot_gradient_density",
     "plot_isr_weights",
@@ -99,6 +101,7 @@ __all__ = [
     "plot_quadrant_shares",
     "plot_run",
     "plot_sampled_counts",
+    "probe_gradients",
     "run_profile",
     "save_figure",
     "sigmoid_targets",

@@ -741,3 +741,34 @@ def plot_libra_bins(stats: LibraStats) -> Figure:
     ax.set_title(f"Negatives per IoU bin ({stats.num_images} images, {stats.num_samples} RoIs per image)", fontsize=10)
     ax.legend(fontsize=8)
     return fig
+
+
+# -------------------------------------------------------------------------------- long-tail losses
+_CLASS_VALUE_LABELS = {
+    "seesaw/mitigation": "Seesaw mitigation factor M (mean as a negative)",
+    "seesaw/compensation": "Seesaw compensation factor C (mean as a negative)",
+    "eqlv2/pos_neg": "EQLv2 gradient ratio pos/neg (mean over steps; dashed: mu = 0.8)",
+    "federated/in_loss": "federated loss: share of steps in the loss",
+    "federated/sampled": "federated loss: share of steps drawn as a negative",
+}
+
+
+def plot_class_values(values: dict[str, Sequence[float | None]], class_names: Sequence[str]) -> Figure:
+    """One bar chart per quantity a long-tail loss applied per class over training (Seesaw's factors, EQLv2's
+    gradient ratio, the federated loss's draws), classes in the dataset's order; ``None`` bars are left out."""
+    if not values:
+        raise ValueError("values is empty: the run recorded no per-class values of a long-tail loss")
+    for name, v in values.items():
+        if len(v) != len(class_names):
+            raise ValueError(f"{name!r} has {len(v)} values, the dataset has {len(class_names)} classes")
+    fig, axes = _figure(len(values), 1, size=(6.4, 2.4 * len(values)))
+    for ax, (name, v) in zip(axes[:, 0], values.items()):
+        xs = [i for i, x in enumerate(v) if x is not None]
+        ax.bar(xs, [v[i] for i in xs], color="#4c72b0")
+        if name.startswith("seesaw") or name.startswith("eqlv2"):
+            ax.axhline(1.0 if name.startswith("seesaw") else 0.8, color="#888888", lw=0.8, ls="--")
+        ax.set_xticks(range(len(class_names)), list(class_names), fontsize=8, rotation=45 if len(class_names) > 12 else 0)
+        ax.set_title(_CLASS_VALUE_LABELS.get(name, name), fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1, 0].set_xlabel("class")
+    return fig

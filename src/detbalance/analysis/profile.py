@@ -36,7 +36,7 @@ from detbalance.analysis.gradients import GradientStats, per_class_ap, probe_gra
 from detbalance.analysis.progress import Progress
 from detbalance.sampling.roi_sampler import IoUBalancedSampler
 
-__all__ = ["Recommendation", "readings", "recommendations", "run_profile"]
+__all__ = ["Recommendation", "class_values_over_training", "readings", "recommendations", "run_profile"]
 
 # Thresholds of the rules below, named so the report and the tests quote the same numbers.
 DENSE_RATIO = 100.0
@@ -390,6 +390,36 @@ def _to_json(obj: Any) -> Any:
     return obj
 
 
+def class_values_over_training(records: Sequence[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Per class, what a long-tail loss applied over a run: ``sum / count`` of each ``class_values`` entry.
+
+    ``records`` are the steps of a run's ``balance.jsonl`` (:meth:`BalanceRecorder.to_records`). Seesaw: the
+    mean mitigation / compensation factor each class received as a negative of other classes' foreground RoIs;
+    EQLv2: the mean over the steps of its accumulated positive/negative gradient ratio; federated loss: the
+    share of steps in which the class was in the loss / drawn as a negative. ``None`` where the count is 0.
+    """
+    sums: dict[str, list[float]] = {}
+    counts: dict[str, list[float]] = {}
+    for rec in records:
+        for name, v in (rec.get("class_values") or {}).items():
+            if name not in sums:
+                sums[name], counts[name] = [0.0] * len(v["sum"]), [0.0] * len(v["count"])
+            sums[name] = [a + b for a, b in zip(sums[name], v["sum"], strict=True)]
+            counts[name] = [a + b for a, b in zip(counts[name], v["count"], strict=True)]
+    return {name: [s / c if c > 0 else None for s, c in zip(sums[name], counts[name])] for name in sums}
+
+
+def _run_class_values(checkpoint: Path | None) -> dict[str, list[float | None]]:
+    """:func:`class_values_over_training` of the ``balance.jsonl`` beside a run's checkpoint (empty if none)."""
+    if checkpoint is None:
+        return {}
+    path = Path(checkpoint).parent / "balance.jsonl"
+    if not path.is_file():
+        return {}
+    records = [r for r in plots.read_jsonl(path) if "step" in r]
+    return class_values_over_training(records)
+
+
 def run_profile(
     *,
     data: str,
@@ -542,6 +572,10 @@ def run_profile(
             figures.append(("isr_weights", plots.save_figure(plots.plot_isr_weights(isr), output / "isr_weights.png")))
         if libra is not None:
             figures.append(("libra_bins", plots.save_figure(plots.plot_libra_bins(libra), output / "libra_bins.png")))
+        longtail = _run_class_values(Path(checkpoint) if checkpoint is not None else None)
+        if longtail:
+            figures.append(("longtail_factors", plots.save_figure(
+                plots.plot_class_values(longtail, dstats.class_names), output / "longtail_factors.png")))
 
     lines = readings(dstats, astats, gstats, class_ap)
     if atss is not None and atss.positives_per_object:
@@ -564,6 +598,9 @@ def run_profile(
             f"random sampling of the same RoIs takes {100 * (1 - rand[0]):.0f}% ({sum(libra.available)} negatives "
             f"available over {libra.num_images} images, {100 * libra.share(libra.available)[0]:.0f}% at IoU 0)."
         )
+    for name, v in longtail.items():
+        shown = ", ".join(f"{c} {x:.3g}" if x is not None else f"{c} –" for c, x in zip(dstats.class_names, v))
+        lines.append(f"Over training, {plots._CLASS_VALUE_LABELS.get(name, name)}: {shown}.")
     recs = recommendations(dstats, astats, gstats, arch=arch, trained=state is not None)
     result = {
         "data": data,
@@ -581,6 +618,7 @@ def run_profile(
         "isr": isr,
         "libra": libra,
         "class_ap": class_ap,
+        "longtail_class_values": longtail,
         "notes": notes,
         "readings": lines,
         "recommendations": recs,
@@ -610,6 +648,7 @@ _CAPTIONS = {
     "atss": "ATSS: positive anchors per object, and each object's IoU threshold (mean + std of its candidates).",
     "isr_weights": "PISA's ISR-P: the positives' classification weight by normalised IoU-HLR (0 = most prime).",
     "libra_bins": "Libra R-CNN: negatives per IoU bin of the training RoIs, available, randomly sampled and IoU-balanced.",
+    "longtail_factors": "What the long-tail loss applied to each class over training (the run's balance.jsonl).",
 }
 
 

@@ -289,9 +289,9 @@ def run_compare(
         ]
         base_cfg = next(cfg for m, cfg in per_seed[0] if m.key == s.baseline)
         info = _data_summary(base_cfg)
-        if name == "classes" and not info["rare"]:
+        if s.primary == "rare_AP" and not info["rare"]:
             if suite in (None, "all"):
-                results["setup"].setdefault("skipped suites", []).append("classes (the data has no rare class)")
+                results["setup"].setdefault("skipped suites", []).append(f"{name} (the data has no rare class)")
                 continue
         recipe_text = _recipe_text(base_cfg, suite=s, optim=optim, batch_size=batch_size)
         results["suites"][name] = {

@@ -18,7 +18,10 @@ IGNORE = -1
 
 def check_roi_inputs(logits: Tensor, labels: Tensor, *, num_classes: int, columns: int, name: str,
                      validate: bool) -> None:
-    """Shapes always; with ``validate``, labels in ``-1..K`` and finite logits (one host sync).
+    """Shapes always; with ``validate``, labels in ``-1..K`` (one host sync over ``N`` values).
+
+    Non-finite logits are caught on the per-RoI loss instead (:func:`check_loss_finite`): one reduction over
+    ``N`` values rather than a pass over the ``N x C`` logits.
 
     Args:
         logits: ``Tensor[N, columns]``.
@@ -26,7 +29,7 @@ def check_roi_inputs(logits: Tensor, labels: Tensor, *, num_classes: int, column
         num_classes: ``K``.
         columns: the logits' expected width (``K + 1``, or ``K + 2`` for Seesaw).
         name: the loss's name, for the messages.
-        validate: run the value checks (a host sync).
+        validate: run the value check (a host sync).
     """
     check_floating("logits", logits)
     if logits.dim() != 2 or logits.shape[1] != columns:
@@ -38,19 +41,27 @@ def check_roi_inputs(logits: Tensor, labels: Tensor, *, num_classes: int, column
         raise ValueError(f"{name}: labels must be an integer tensor, got {labels.dtype}")
     if not validate or labels.numel() == 0:
         return
-    lo, hi, bad = torch.stack([
-        labels.min().to(torch.float64), labels.max().to(torch.float64),
-        (~torch.isfinite(logits.detach())).sum().to(torch.float64),
-    ]).tolist()
-    if lo < IGNORE or hi > num_classes:
+    lo, hi = torch.aminmax(labels)
+    if int(lo) < IGNORE or int(hi) > num_classes:
         where = int(torch.nonzero((labels < IGNORE) | (labels > num_classes))[0, 0])
         raise ValueError(
             f"{name}: labels must lie in -1..{num_classes} (-1 ignore, 0 background, 1..{num_classes} classes), "
             f"got {int(labels[where])} at row {where}"
         )
-    if bad:
-        where = int(torch.nonzero(~torch.isfinite(logits.detach()))[0, 0])
-        raise ValueError(f"{name}: logits must be finite, got {int(bad)} NaN/inf element(s), the first in row {where}")
+
+
+def check_loss_finite(loss: Tensor, *, name: str, validate: bool) -> None:
+    """With ``validate``, raise ``ValueError`` naming the first RoI whose loss is NaN/inf (its logits that enter
+    the loss are not finite). One reduction over ``N`` values and one host sync."""
+    if not validate or loss.numel() == 0:
+        return
+    bad = ~torch.isfinite(loss.detach())
+    if bool(bad.any()):
+        where = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"{name}: logits must be finite, got a non-finite loss at {int(bad.sum())} RoI(s), the first in row "
+            f"{where} (NaN/inf among the logits that enter its loss)"
+        )
 
 
 def all_reduce_sum_(t: Tensor) -> Tensor:

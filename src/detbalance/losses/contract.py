@@ -16,6 +16,11 @@ Every loss the adapters accept is a :class:`DetectionLoss`. Its class (or instan
 * ``reference_weight``: the loss weight its authors use when the adapter is given none (GHM-R: 10).
 * ``last_density``: the gradient-density histogram of the latest call (GHM), else ``None``, for recorders.
 
+A RoI classification loss for long tails (Seesaw, EQLv2, federated loss) is a ``"softmax"``-slot loss that may
+also define ``classifier_columns(K)`` (the classifier's width: Seesaw's ``K + 2``) and ``class_probabilities``
+(the detection scores, mmdetection's ``get_activation``), and a ``last_stats`` dict of per-class values for
+recorders; the Faster R-CNN adapter reads these methods, with no branch per loss.
+
 A dense head (RetinaNet) hands a ``"sigmoid"`` loss its per-anchor batch, an :class:`AnchorBatch` (logits,
 labels, anchors, matched boxes, decoded predicted boxes), and asks it for its targets through
 :meth:`DetectionLoss.dense_targets`: the one-hot labels by default (focal, GHM-C, CE), the IoU quality of the

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from detbalance.losses._reduction import check_nonnegative, compute_dtype, reduce_loss, should_validate
-from detbalance.losses._roi_class import IGNORE, RoIClassLoss, all_reduce_sum_, check_roi_inputs
+from detbalance.losses._roi_class import (
+    IGNORE,
+    RoIClassLoss,
+    all_reduce_sum_,
+    check_loss_finite,
+    check_roi_inputs,
+)
 from detbalance.types import Reduction
 
 __all__ = ["EQLv2Loss", "eqlv2_gradient_statistics", "eqlv2_loss", "eqlv2_weights"]
@@ -47,6 +53,45 @@ def eqlv2_weights(pos_neg: Tensor, *, mu: float = 0.8, alpha: float = 4.0, gamma
     neg_w = torch.cat([pos_neg.new_ones(1), torch.sigmoid(gamma * (pos_neg - mu))])
     pos_w = 1 + alpha * (1 - neg_w)
     return pos_w, neg_w
+
+
+class _EQLv2Function(torch.autograd.Function):
+    """Row sums of the weighted BCE with the weights as constants, and ``sum_i keep_i sigma(z_i)`` for the
+    statistics, from one ``softplus`` and one ``sigmoid`` pass (no ``N x C`` target or weight matrix)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, z: Tensor, safe: Tensor, keep: Tensor, pos_w: Tensor, neg_w: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        sp = torch.nn.functional.softplus(z)  # BCE for target 0; for target 1 it is softplus(z) - z
+        sig = torch.sigmoid(z)
+        own = safe[:, None]
+        sp_own = sp.gather(1, own).squeeze(1)
+        z_own = z.gather(1, own).squeeze(1)
+        loss = torch.mv(sp, neg_w) + pos_w[safe] * (sp_own - z_own) - neg_w[safe] * sp_own
+        col_sig = torch.mv(sig.t(), keep.to(sig.dtype))  # sum over the kept rows of sigma, per column
+        ctx.save_for_backward(sig, safe, pos_w, neg_w)
+        ctx.mark_non_differentiable(col_sig)
+        return loss, col_sig
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor, _: Tensor):  # type: ignore[override]
+        sig, safe, pos_w, neg_w = ctx.saved_tensors
+        out = sig * neg_w  # d/dz of w_neg softplus(z)
+        out.mul_(grad[:, None])
+        own = safe[:, None]
+        s_own = sig.gather(1, own).squeeze(1)
+        out.scatter_(1, own, (grad * pos_w[safe] * (s_own - 1))[:, None])  # own column: w_pos (sigma - 1)
+        return out, None, None, None, None
+
+
+def _eqlv2(z: Tensor, labels: Tensor, pos_neg: Tensor, mu: float, alpha: float, gamma: float
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(per-RoI loss, column sums of sigma over kept rows, pos_w, neg_w)`` in ``z``'s dtype."""
+    pos_w, neg_w = eqlv2_weights(pos_neg.to(device=z.device, dtype=z.dtype), mu=mu, alpha=alpha, gamma=gamma)
+    keep = labels != IGNORE
+    loss, col_sig = _EQLv2Function.apply(z, labels.clamp(min=0), keep, pos_w, neg_w)
+    return loss, col_sig, pos_w, neg_w
 
 
 def eqlv2_loss(
@@ -94,20 +139,22 @@ def eqlv2_loss(
                      validate=should_validate(validate_args, logits))
     if weight is not None and weight.shape != labels.shape:
         raise ValueError(f"weight must have shape {tuple(labels.shape)}, got {tuple(weight.shape)}")
+    loss, _ = _eqlv2_apply(logits, labels, pos_neg, mu, alpha, gamma, weight)
+    check_loss_finite(loss, name="eqlv2_loss", validate=should_validate(validate_args, logits))
+    return reduce_loss(loss, reduction, count=(labels != IGNORE).sum())
+
+
+def _eqlv2_apply(logits: Tensor, labels: Tensor, pos_neg: Tensor, mu: float, alpha: float, gamma: float,
+                 weight: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Per-RoI loss (ignored rows 0) and ``(column sums of sigma, pos_w, neg_w)`` for the statistics."""
     dtype = compute_dtype(logits)
     keep = labels != IGNORE
     with torch.autocast(logits.device.type, enabled=False):
-        z = logits.to(dtype)
-        pos_w, neg_w = eqlv2_weights(pos_neg.to(device=z.device, dtype=dtype), mu=mu, alpha=alpha, gamma=gamma)
-        safe = labels.clamp(min=0)
-        sp = torch.nn.functional.softplus(z)  # BCE for target 0; BCE for target 1 is softplus(z) - z
-        sp_own = sp.gather(1, safe[:, None]).squeeze(1)
-        z_own = z.gather(1, safe[:, None]).squeeze(1)
-        loss = sp @ neg_w + pos_w[safe] * (sp_own - z_own) - neg_w[safe] * sp_own
+        loss, col_sig, pos_w, neg_w = _eqlv2(logits.to(dtype), labels, pos_neg, mu, alpha, gamma)
         if weight is not None:
             loss = loss * weight.to(dtype)
         loss = torch.where(keep, loss, torch.zeros((), dtype=dtype, device=loss.device))
-    return reduce_loss(loss, reduction, count=keep.sum())
+    return loss, (col_sig, pos_w, neg_w)
 
 
 @torch.no_grad()
@@ -127,6 +174,20 @@ def eqlv2_gradient_statistics(logits: Tensor, labels: Tensor, *, pos_w: Tensor, 
     count = torch.bincount(safe, weights=keep.to(z.dtype), minlength=z.shape[1]).to(z.dtype)
     pos_grad = (count - own_sum) * pos_w
     neg_grad = (prob.sum(0) - own_sum) * neg_w
+    return pos_grad[1:], neg_grad[1:]
+
+
+def _statistics_from_column_sums(logits: Tensor, labels: Tensor, col_sig: Tensor, pos_w: Tensor, neg_w: Tensor
+                                 ) -> tuple[Tensor, Tensor]:
+    """:func:`eqlv2_gradient_statistics` from the forward's column sums of sigma (only ``N`` more values read)."""
+    keep = labels >= 0
+    safe = labels.clamp(min=0)
+    p_own = torch.sigmoid(logits.detach().gather(1, safe[:, None]).squeeze(1).to(col_sig.dtype))
+    p_own = p_own * keep.to(p_own.dtype)
+    own_sum = torch.zeros_like(col_sig).index_add_(0, safe, p_own)
+    count = torch.bincount(safe, weights=keep.to(col_sig.dtype), minlength=col_sig.shape[0]).to(col_sig.dtype)
+    pos_grad = (count - own_sum) * pos_w
+    neg_grad = (col_sig - own_sum) * neg_w
     return pos_grad[1:], neg_grad[1:]
 
 
@@ -177,12 +238,18 @@ class EQLv2Loss(RoIClassLoss):
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
         """:func:`eqlv2_loss` with the current ratio, then (training mode) accumulate this call's gradients."""
-        loss = eqlv2_loss(logits, labels, pos_neg=self.pos_neg, mu=self.mu, alpha=self.alpha, gamma=self.gamma,
-                          weight=weight, reduction=self.reduction, validate_args=self.validate_args)
+        validate = should_validate(self.validate_args, logits)
+        check_roi_inputs(logits, labels, num_classes=self.num_classes, columns=self.num_classes + 1,
+                         name="EQLv2Loss", validate=validate)
+        if weight is not None and weight.shape != labels.shape:
+            raise ValueError(f"weight must have shape {tuple(labels.shape)}, got {tuple(weight.shape)}")
+        per_roi, (col_sig, pos_w, neg_w) = _eqlv2_apply(logits, labels, self.pos_neg, self.mu, self.alpha,
+                                                        self.gamma, weight)
+        check_loss_finite(per_roi, name="EQLv2Loss", validate=validate)
+        loss = reduce_loss(per_roi, self.reduction, count=(labels != IGNORE).sum())
         if self.training:
             with torch.no_grad():
-                pos_w, neg_w = eqlv2_weights(self.pos_neg, mu=self.mu, alpha=self.alpha, gamma=self.gamma)
-                pos, neg = eqlv2_gradient_statistics(logits, labels, pos_w=pos_w, neg_w=neg_w)
+                pos, neg = _statistics_from_column_sums(logits, labels, col_sig, pos_w, neg_w)
                 if self.sync:
                     both = all_reduce_sum_(torch.cat([pos, neg]))
                     pos, neg = both[: self.num_classes], both[self.num_classes:]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from detbalance.losses._reduction import check_nonnegative, compute_dtype, reduce_loss, should_validate
-from detbalance.losses._roi_class import IGNORE, RoIClassLoss, check_roi_inputs
+from detbalance.losses._roi_class import IGNORE, RoIClassLoss, check_loss_finite, check_roi_inputs
 from detbalance.types import Reduction
 
 __all__ = ["FederatedLoss", "federated_classes", "federated_loss", "federated_class_weights"]
@@ -115,8 +115,8 @@ def federated_loss(
     if not isinstance(classes, Tensor) or classes.dtype != torch.bool or classes.dim() != 1:
         raise ValueError(f"classes must be a 1-D bool tensor [K + 1], got {classes!r}")
     k = classes.shape[0] - 1
-    check_roi_inputs(logits, labels, num_classes=k, columns=k + 1, name="federated_loss",
-                     validate=should_validate(validate_args, logits))
+    validate = should_validate(validate_args, logits)
+    check_roi_inputs(logits, labels, num_classes=k, columns=k + 1, name="federated_loss", validate=validate)
     if weight is not None and weight.shape != labels.shape:
         raise ValueError(f"weight must have shape {tuple(labels.shape)}, got {tuple(weight.shape)}")
     dtype = compute_dtype(logits)
@@ -131,6 +131,7 @@ def federated_loss(
         if weight is not None:
             loss = loss * weight.to(dtype)
         loss = torch.where(keep, loss, torch.zeros((), dtype=dtype, device=loss.device))
+    check_loss_finite(loss, name="federated_loss", validate=validate)
     return reduce_loss(loss, reduction, count=keep.sum())
 
 
@@ -185,8 +186,9 @@ class FederatedLoss(RoIClassLoss):
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
         """Draw the federated set of this batch, then :func:`federated_loss`."""
+        validate = should_validate(self.validate_args, logits)
         check_roi_inputs(logits, labels, num_classes=self.num_classes, columns=self.num_classes + 1,
-                         name="FederatedLoss", validate=should_validate(self.validate_args, logits))
+                         name="FederatedLoss", validate=validate)
         in_loss, sampled = federated_classes(labels, class_weights=self.class_weights,
                                              num_classes_kept=self.num_classes_kept,
                                              generator=self.generator(labels.device))
@@ -194,8 +196,9 @@ class FederatedLoss(RoIClassLoss):
             ones = torch.ones(self.num_classes, device=labels.device)
             self.last_stats = {"federated/in_loss": (in_loss[1:].float(), ones),
                                "federated/sampled": (sampled[1:].float(), ones)}
-        return federated_loss(logits, labels, classes=in_loss, weight=weight, reduction=self.reduction,
-                              validate_args=False)
+        loss = federated_loss(logits, labels, classes=in_loss, weight=weight, reduction="none", validate_args=False)
+        check_loss_finite(loss, name="FederatedLoss", validate=validate)
+        return reduce_loss(loss, self.reduction, count=(labels != IGNORE).sum())
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, num_classes_kept={self.num_classes_kept}, seed={self.seed}"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from detbalance.losses._reduction import (
@@ -36,7 +35,13 @@ from detbalance.losses._reduction import (
     reduce_loss,
     should_validate,
 )
-from detbalance.losses._roi_class import IGNORE, RoIClassLoss, all_reduce_sum_, check_roi_inputs
+from detbalance.losses._roi_class import (
+    IGNORE,
+    RoIClassLoss,
+    all_reduce_sum_,
+    check_loss_finite,
+    check_roi_inputs,
+)
 from detbalance.types import Reduction
 
 __all__ = ["SeesawLoss", "seesaw_factors", "seesaw_loss"]
@@ -48,18 +53,74 @@ def _check_hyper(p: float, q: float, eps: float) -> None:
     check_positive("eps", eps)
 
 
-def _log_factors(class_logits: Tensor, cls: Tensor, log_counts: Tensor, p: float, q: float, eps: float
+def _mitigation_table(cum_samples: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """``Tensor[K, K]``: ``log M_ij = p min(0, log N_j - log N_i)`` (counts clamped at 1), mmdetection's matrix."""
+    log_counts = cum_samples[1:].to(dtype).clamp(min=1.0).log()
+    return (log_counts[None, :] - log_counts[:, None]).clamp(max=0.0) * p
+
+
+def _log_factors(class_logits: Tensor, cls: Tensor, cum_samples: Tensor, p: float, q: float, eps: float
                  ) -> tuple[Tensor, Tensor]:
-    """``(log M, log C)``, each ``Tensor[M, K]`` for class logits ``[M, K]`` of RoIs of class index ``cls``."""
-    log_m = (log_counts[None, :] - log_counts[cls][:, None]).clamp(max=0.0) * p if p > 0 else None
-    if q > 0:
-        log_s = F.log_softmax(class_logits.detach(), dim=1)
-        own = log_s.gather(1, cls[:, None]).clamp(min=math.log(eps))
-        log_c = (log_s - own).clamp(min=0.0) * q
-    else:
-        log_c = None
+    """``(log M, log C)``, each ``Tensor[M, K]`` (or a 0-d zero when disabled), for class logits ``[M, K]`` of RoIs
+    of class index ``cls``; computed without autograd.
+
+    ``log C_ij = q max(0, log s_j - log max(s_i, eps)) = q max(0, z_j - max(z_i, lse(z) + log eps))``: one
+    ``logsumexp`` per row instead of a full ``log_softmax``.
+    """
     zeros = class_logits.new_zeros(())
-    return (log_m if log_m is not None else zeros), (log_c if log_c is not None else zeros)
+    with torch.no_grad():
+        z = class_logits.detach()
+        log_m = _mitigation_table(cum_samples, p, z.dtype)[cls] if p > 0 else zeros
+        if q > 0:
+            own = z.gather(1, cls[:, None])
+            floor = torch.logsumexp(z, dim=1, keepdim=True) + math.log(eps)
+            log_c = (z - torch.maximum(own, floor)).clamp_(min=0.0).mul_(q)
+        else:
+            log_c = zeros
+    return log_m, log_c
+
+
+class _SeesawFunction(torch.autograd.Function):
+    """Objectness CE of every RoI plus the class CE over ``z_c + log S`` of the foreground RoIs, per RoI.
+
+    The gradient is written into one ``N x (K + 2)`` buffer: ``p - onehot`` of the 2-way objectness softmax in
+    columns ``K + 1`` and ``0``, and ``softmax(z_c + log S) - onehot`` in the class columns of the foreground rows
+    (``S`` constant), which is what autograd gives through ``F.cross_entropy`` without its per-op buffers.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, z: Tensor, zc: Tensor, shift: Tensor, labels: Tensor, fg: Tensor,
+        cls: Tensor,
+    ) -> Tensor:
+        k = z.shape[1] - 2
+        obj, bg = z[:, k + 1], z[:, 0]
+        is_fg = labels > 0
+        loss = torch.logaddexp(obj, bg) - torch.where(is_fg, obj, bg)  # 2-way CE: object for labels > 0
+        log_p = None
+        if fg.numel():
+            zs = zc.add_(shift) if shift.dim() or float(shift) != 0.0 else zc
+            log_p = torch.log_softmax(zs, dim=1)
+            loss = loss.index_add(0, fg, -log_p.gather(1, cls[:, None]).squeeze(1))
+        p_obj = torch.sigmoid(obj - bg)
+        ctx.save_for_backward(p_obj, is_fg, fg, cls, *(() if log_p is None else (log_p,)))
+        ctx.k = k
+        return loss
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
+        p_obj, is_fg, fg, cls, *rest = ctx.saved_tensors
+        k = ctx.k
+        out = grad.new_zeros((grad.shape[0], k + 2))
+        d_obj = (p_obj - is_fg.to(p_obj.dtype)) * grad  # d/d z_object; d/d z_background is its negative
+        out[:, k + 1] = d_obj
+        out[:, 0] = -d_obj
+        if rest:
+            g = rest[0].exp()
+            g.scatter_add_(1, cls[:, None], g.new_full((cls.shape[0], 1), -1.0))
+            g.mul_(grad[fg][:, None])
+            out[fg, 1:k + 1] = g
+        return out, None, None, None, None, None
 
 
 def seesaw_factors(
@@ -79,8 +140,7 @@ def seesaw_factors(
     k = logits.shape[1] - 2
     fg = labels > 0
     cls = (labels - 1).clamp(min=0)
-    log_counts = cum_samples[1:].to(compute_dtype(logits)).clamp(min=1.0).log()
-    log_m, log_c = _log_factors(logits[:, 1:k + 1].to(compute_dtype(logits)), cls, log_counts, p, q, eps)
+    log_m, log_c = _log_factors(logits[:, 1:k + 1].to(compute_dtype(logits)), cls, cum_samples, p, q, eps)
     ones = logits.new_ones((logits.shape[0], k), dtype=compute_dtype(logits))
     m = torch.where(fg[:, None], (ones * log_m).exp(), ones)
     c = torch.where(fg[:, None], (ones * log_c).exp(), ones)
@@ -136,28 +196,26 @@ def seesaw_loss(
     k = cum_samples.shape[0] - 1
     if k < 1:
         raise ValueError(f"cum_samples must have K + 1 >= 2 entries, got {cum_samples.shape[0]}")
-    check_roi_inputs(logits, labels, num_classes=k, columns=k + 2, name="seesaw_loss",
-                     validate=should_validate(validate_args, logits))
+    validate = should_validate(validate_args, logits)
+    check_roi_inputs(logits, labels, num_classes=k, columns=k + 2, name="seesaw_loss", validate=validate)
     if weight is not None and weight.shape != labels.shape:
         raise ValueError(f"weight must have shape {tuple(labels.shape)}, got {tuple(weight.shape)}")
     dtype = compute_dtype(logits)
     keep = labels != IGNORE
     with torch.autocast(logits.device.type, enabled=False):
         z = logits.to(dtype)
-        # objectness: 2-way CE over (object, background); object for labels > 0
-        obj = torch.stack([z[:, k + 1], z[:, 0]], dim=1)
-        loss = F.cross_entropy(obj, (labels <= 0).to(torch.int64), reduction="none")
         fg = torch.nonzero(labels > 0).squeeze(1)
-        if fg.numel():
-            cls = labels[fg] - 1
-            zc = z[fg, 1:k + 1]
-            log_counts = cum_samples[1:].to(dtype).clamp(min=1.0).log()
-            log_m, log_c = _log_factors(zc, cls, log_counts, p, q, eps)
-            # the own-class entry of log M and log C is 0 by construction (ratio 1; own score / itself <= 1)
-            loss = loss.index_add(0, fg, F.cross_entropy(zc + (log_m + log_c), cls, reduction="none"))
+        cls = labels[fg] - 1
+        zc = z.detach()[fg, 1:k + 1]  # a copy: the Function adds the factors to it in place
+        log_m, log_c = _log_factors(zc, cls, cum_samples, p, q, eps)
+        # the own-class entry of log M and log C is 0 by construction (ratio 1; own score / itself <= 1);
+        # the factors are constants for autograd (detached scores, counts), as in the reference
+        shift = log_c if not log_m.dim() else (log_m if not log_c.dim() else log_m.add_(log_c))
+        loss = _SeesawFunction.apply(z, zc, shift, labels, fg, cls)
         if weight is not None:
             loss = loss * weight.to(dtype)
         loss = torch.where(keep, loss, torch.zeros((), dtype=dtype, device=loss.device))
+    check_loss_finite(loss, name="seesaw_loss", validate=validate)
     return reduce_loss(loss, reduction, count=keep.sum())
 
 
@@ -213,8 +271,9 @@ class SeesawLoss(RoIClassLoss):
 
     def forward(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
         """Update the counts (training mode), then :func:`seesaw_loss`."""
+        validate = should_validate(self.validate_args, logits)
         check_roi_inputs(logits, labels, num_classes=self.num_classes, columns=self.num_classes + 2,
-                         name="SeesawLoss", validate=should_validate(self.validate_args, logits))
+                         name="SeesawLoss", validate=validate)
         if self.training:
             with torch.no_grad():
                 valid = labels >= 0
@@ -233,8 +292,10 @@ class SeesawLoss(RoIClassLoss):
                 w = other.to(m.dtype)
                 n = w.sum(0)
                 self.last_stats = {"seesaw/mitigation": ((m * w).sum(0), n), "seesaw/compensation": ((c * w).sum(0), n)}
-        return seesaw_loss(logits, labels, cum_samples=self.cum_samples, p=self.p, q=self.q, eps=self.eps,
-                           weight=weight, reduction=self.reduction, validate_args=False)
+        loss = seesaw_loss(logits, labels, cum_samples=self.cum_samples, p=self.p, q=self.q, eps=self.eps,
+                           weight=weight, reduction="none", validate_args=False)
+        check_loss_finite(loss, name="SeesawLoss", validate=validate)
+        return reduce_loss(loss, self.reduction, count=(labels != IGNORE).sum())
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}, sync={self.sync}"
