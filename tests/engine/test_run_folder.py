@@ -86,7 +86,7 @@ def test_resume_recovers_a_torn_last_line_and_removes_stale_temp_files(tmp_path:
     lines = (cut / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 3
     (cut / "metrics.jsonl").write_text("".join(x + "\n" for x in lines[:-1]) + lines[-1][:20])
-    stale = cut / ".checkpoint.pt.abc123.tmp"
+    stale = cut / ".checkpoint.pt.detbalance-tmp-999999999"  # of a process that is gone
     stale.write_bytes(b"partial")
     with pytest.warns(RuntimeWarning) as caught:
         resumed = fit(cfg, output=cut, resume=True, progress=False)

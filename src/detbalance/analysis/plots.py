@@ -18,9 +18,10 @@ Figures reproduce the papers' diagnostics:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,11 +88,14 @@ def _figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (6.4,
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
-    """Write ``fig`` as a PNG (parents created) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
+    """Write ``fig`` as a PNG atomically (parents created) and return the path.
+
+    Raises:
+        WriteError: (an ``OSError``) naming the file and the cause.
+    """
+    from detbalance.engine.files import atomic_replace
+
+    return atomic_replace(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
 
 
 def _loss_names(stats: GradientStats) -> dict[str, str]:
@@ -400,16 +404,12 @@ def plot_class_ap(stats: DatasetStats, class_ap: Sequence[float | None]) -> Figu
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file (blank lines skipped); a bad line raises ``ValueError`` naming it."""
-    out = []
-    path = Path(path)
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i} is not valid JSON: {e}") from e
-    return out
+    """Read a JSON-lines file: :func:`detbalance.engine.files.read_jsonl`, the project's one reader (a torn
+    last line, what a crash mid-append leaves, is dropped with a warning; any other bad line raises
+    ``ValueError`` naming ``file:line``)."""
+    from detbalance.engine.files import read_jsonl as _read
+
+    return _read(path)
 
 
 def _step(rec: dict[str, Any], i: int) -> float:
@@ -651,33 +651,39 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         FileNotFoundError: ``run_dir`` does not exist.
         ValueError: the folder has nothing to plot.
     """
+    from detbalance.engine.files import OutputFolder
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir {str(run_dir)!r} is not a directory")
-    out_dir = run_dir / "plots"
-    written: list[Path] = []
+    todo: list[tuple[str, Callable[[], Figure]]] = []
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():
         metrics = read_jsonl(metrics_path)
         if any("loss" in k.lower() for m in metrics for k in _numeric_items(m)):
-            written.append(save_figure(plot_loss_curves(metrics), out_dir / "loss_curves.png"))
+            todo.append(("loss_curves.png", lambda: plot_loss_curves(metrics)))
     records, edges = _find_records(run_dir)
     if any(r.get("counts") for r in records):
-        written.append(save_figure(plot_sampled_counts(records), out_dir / "sampled_counts.png"))
+        todo.append(("sampled_counts.png", lambda: plot_sampled_counts(records)))
     for name in sorted({n for r in records for n in r.get("ghm_density", {})}):
         fname = "ghm_density_" + name.replace("/", "_") + ".png"
-        written.append(save_figure(plot_ghm_histogram(records, name=name), out_dir / fname))
+        todo.append((fname, functools.partial(plot_ghm_histogram, records, name=name)))
     for name in sorted({n for r in records for n in r.get("losses", {})}):
         fname = "selected_losses_" + name.replace("/", "_") + ".png"
-        written.append(
-            save_figure(plot_ohem_losses(records, name=name, loss_bin_edges=edges), out_dir / fname)
-        )
-    if not written:
+        todo.append((fname, functools.partial(plot_ohem_losses, records, name=name, loss_bin_edges=edges)))
+    if not todo:
         raise ValueError(
             f"run_dir {str(run_dir)!r} has nothing to plot: expected metrics.jsonl with loss values or recorder "
             f"records ({', '.join(_RECORD_FILES)})"
         )
-    return written
+    # only the project's own files are replaced: a PNG of yours in plots/ is refused before any is drawn
+    folder = OutputFolder(run_dir)
+    folder.check([f"plots/{fname}" for fname, _ in todo], what="plot")
+    return [folder.write_figure(f"plots/{fname}", make()) for fname, make in todo]
+
+
+#: The figure names :func:`plot_run` may write into ``run_dir/plots/``.
+RUN_PLOT_PATTERNS = ("loss_curves.png", "sampled_counts.png", "ghm_density_*.png", "selected_losses_*.png")
 
 
 # ------------------------------------------------------------------------------------------ PISA / ATSS

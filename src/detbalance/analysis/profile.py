@@ -312,12 +312,22 @@ def _load_checkpoint(checkpoint: Path) -> dict[str, Any]:
     from detbalance.engine.checkpoint import load_checkpoint
 
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} not found")
-    state = load_checkpoint(checkpoint)
-    if not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), str | dict):
-        raise ValueError(f"checkpoint {str(checkpoint)!r} has no 'model' state dict or no 'config'")
-    return state
+    return load_checkpoint(checkpoint, purpose="model")
+
+
+def _held_out(cfg: Any, evaluated: Any) -> Any:
+    """The content check of ``evaluated`` against the checkpoint's training data (``None``: cannot open it)."""
+    from detbalance.data import DatasetError, check_held_out, open_dataset
+
+    try:
+        train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed)
+    except (OSError, ValueError) as err:
+        if isinstance(err, DatasetError):
+            raise
+        return None
+    return check_held_out(train, evaluated)
 
 
 def _checkpoint_config(state: dict[str, Any], checkpoint: Path) -> Any:
@@ -457,7 +467,8 @@ def run_profile(
         ValueError: an empty dataset, a checkpoint that does not fit the model, bad arguments.
     """
     from detbalance.config import ExperimentConfig, load_config
-    from detbalance.data import open_dataset
+    from detbalance.data import check_categories, open_dataset
+    from detbalance.engine.files import OutputFolder
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -482,13 +493,21 @@ def run_profile(
             "not describe yet; profile a retinanet, faster_rcnn or ssd model"
         )
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file, not a folder")
+    folder = OutputFolder(output)
+    folder.check(["profile.json", "profile.md", *[f"{key}.png" for key in _CAPTIONS]], what="profile")
 
     with Progress(progress, total=None, description=f"dataset: open {data}") as bar:
         train = open_dataset(data, split="train", seed=cfg.data.seed)
         n = len(train)
         if n == 0:
             raise ValueError(f"dataset {data!r} has no images to profile")
+        if state is not None:  # a checkpoint meets a dataset: the same categories, or per-class AP is mislabelled
+            check_categories(
+                state["label_names"], state.get("category_ids"), train.label_names, train.category_ids(),
+                expected=f"the checkpoint {str(checkpoint)!r}", got=f"--data {data!r}",
+            )
         bar.stage("dataset: targets", total=n)
         targets = []
         for i in range(n):
@@ -555,11 +574,23 @@ def run_profile(
                 f"Gradient statistics are computed for RetinaNet's sigmoid classifier; {arch} is skipped."
             )
         class_ap: list[float | None] | None = None
+        held_out = None
         if state is not None:
             from detbalance.analysis.assignment import sample_indices
 
             test = open_dataset(data, split="test", seed=cfg.data.seed)
             if len(test):
+                held_out = _held_out(cfg, test)
+                if held_out is not None and not held_out.held_out:
+                    notes.append(
+                        f"Per-class AP is a TRAINING-SET AP: the evaluated images of {data!r} "
+                        f"{held_out.describe()} (the checkpoint's training data {cfg.data.train!r})."
+                    )
+                elif held_out is None:
+                    notes.append(
+                        f"Per-class AP: not checked against the checkpoint's training data {cfg.data.train!r} "
+                        "(it cannot be opened here), so it may include training images."
+                    )
                 class_ap = _class_ap(
                     model, test, sample_indices(len(test), num_images, seed + 2), bar, batch_size=16
                 )
@@ -619,12 +650,13 @@ def run_profile(
         "libra": libra,
         "class_ap": class_ap,
         "longtail_class_values": longtail,
+        "held_out": None if held_out is None else held_out.to_dict(),
         "notes": notes,
         "readings": lines,
         "recommendations": recs,
         "figures": [p.name for _, p in figures],
     }
-    (output / "profile.json").write_text(json.dumps(_to_json(result), indent=1, allow_nan=False))
+    folder.write_text("profile.json", json.dumps(_to_json(result), indent=1, allow_nan=False))
     cls_loss = cfg.remedy.cls_loss
     loss_name = (
         getattr(cls_loss, "name", type(cls_loss).__name__)
@@ -632,9 +664,7 @@ def run_profile(
         else ("focal (torchvision default)" if arch == "retinanet" else "softmax CE (torchvision default)")
     )
     md = _markdown(data, checkpoint, f"{arch}, classification loss {loss_name}", lines, recs, notes, figures)
-    path = output / "profile.md"
-    path.write_text(md, encoding="utf-8")
-    return path
+    return folder.write_text("profile.md", md)
 
 
 _CAPTIONS = {
@@ -672,7 +702,10 @@ def _figures(
         ]
     if class_ap is not None and any(v is not None for v in class_ap):
         todo.append(("class_ap", lambda: plots.plot_class_ap(d, class_ap)))
-    return [(key, plots.save_figure(make(), output / f"{key}.png")) for key, make in todo]
+    from detbalance.engine.files import OutputFolder
+
+    folder = OutputFolder(output)
+    return [(key, folder.write_figure(f"{key}.png", make())) for key, make in todo]
 
 
 def _markdown(

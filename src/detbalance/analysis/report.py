@@ -83,6 +83,29 @@ def _pyplot():
     return plt
 
 
+#: The figures :func:`write_report` writes per suite: ``<suite>_<suffix>.png``.
+REPORT_FIGURES = ("ap", "curves", "per_class", "grad_density")
+
+
+def report_files(suites: list[str]) -> list[str]:
+    """The names ``compare`` may write for ``suites`` besides ``results.json`` (checked before it starts): the
+    combined report, and per suite its report, results and figures."""
+    per_suite = [
+        name
+        for s in suites
+        for name in (f"report-{s}.md", f"report-{s}.html", f"results-{s}.json",
+                     *[f"{s}_{suffix}.png" for suffix in REPORT_FIGURES])
+    ]
+    return ["report.md", "report.html", *per_suite]
+
+
+def _save(fig: Any, path: Path) -> None:
+    """PNG through the folder's manifest: written atomically, never over a file the project did not write."""
+    from detbalance.engine.files import OutputFolder
+
+    OutputFolder(path.parent).write_with(path.name, lambda f: fig.savefig(f, dpi=120, format="png"))
+
+
 def _plot_ap(suite: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     methods = suite["methods"]
@@ -99,7 +122,7 @@ def _plot_ap(suite: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{suite['title']}: AP per method ({n_seeds} seed{'s' if n_seeds != 1 else ''})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -126,7 +149,7 @@ def _plot_curves(suite: dict[str, Any], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{suite['title']}: learning curves (one line per seed)")
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -154,7 +177,7 @@ def _plot_per_class(suite: dict[str, Any], path: Path) -> Path | None:
     ax.set_title(f"{suite['title']}: AP per class")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=min(3, len(methods)))
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -183,7 +206,7 @@ def _plot_density(suite: dict[str, Any], path: Path) -> Path | None:
     ax.set_title(f"{suite['title']}:\ngradient-norm density of the trained models")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -370,21 +393,28 @@ def write_report(results: dict[str, Any], out_dir: Path, *, name: str = "report"
 
     Args:
         results: the content of ``results.json`` (keys ``setup`` and ``suites``).
-        out_dir: folder to write into (created if missing).
+        out_dir: folder to write into (created if missing). Only the project's own files there are replaced
+            (its manifest, see :class:`~detbalance.engine.files.OutputFolder`).
         name: the reports' file name without its suffix (``compare`` writes ``report-<suite>`` per suite).
 
     Returns:
         The path of ``<name>.md``.
+
+    Raises:
+        ForeignFilesError: a file of the report's names there is not the project's (listed; nothing written).
     """
+    from detbalance.engine.files import OutputFolder
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(out_dir)
+    folder.check([f"{name}.md", f"{name}.html",
+                  *[f"{s}_{suffix}.png" for s in results["suites"] for suffix in REPORT_FIGURES]], what="the report")
     blocks: list[tuple] = [("h1", "detbalance compare: imbalance remedies side by side"), ("p", _INTRO)]
     blocks += _setup_blocks(results["setup"])
     for suite_name, suite in results["suites"].items():
         blocks.extend(_suite_blocks(suite_name, suite, out_dir))
-    md_path = out_dir / f"{name}.md"
-    md_path.write_text(_render_md(blocks))
-    (out_dir / f"{name}.html").write_text(_render_html(blocks, "detbalance compare"))
+    md_path = folder.write_text(f"{name}.md", _render_md(blocks))
+    folder.write_text(f"{name}.html", _render_html(blocks, "detbalance compare"))
     return md_path
 
 
@@ -426,7 +456,9 @@ def write_combined_report(parts: list[dict[str, Any]], out_dir: Path) -> Path:
         blocks += _setup_blocks(setup, heading)
         for suite_name, suite in suites:
             blocks.extend(_suite_blocks(suite_name, suite, out_dir, plots=False))
-    md_path = out_dir / "report.md"
-    md_path.write_text(_render_md(blocks))
-    (out_dir / "report.html").write_text(_render_html(blocks, "detbalance compare"))
+    from detbalance.engine.files import OutputFolder
+
+    folder = OutputFolder(out_dir)
+    md_path = folder.write_text("report.md", _render_md(blocks))
+    folder.write_text("report.html", _render_html(blocks, "detbalance compare"))
     return md_path

@@ -50,13 +50,21 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
         needs_image_counts,
         resolve_image_size,
     )
-    from detbalance.data import open_dataset
+    from detbalance.data import check_held_out, open_dataset
 
     d = cfg.data
     train = open_dataset(d.train, split="train", seed=d.seed, images=d.train_images)
     val = open_dataset(d.val or d.train, split="test", seed=d.seed, images=d.val_images if d.val else d.train_images)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"--data {cfg.data.train!r} / --val {cfg.data.val!r}: a split has no images")
+    # a verdict on training images would be wrong: the validation images must not be training images, by content
+    held = check_held_out(train, val)
+    if not held.held_out:
+        raise ValueError(
+            f"validation data {cfg.data.val or cfg.data.train!r} is not held out from training data "
+            f"{cfg.data.train!r}: {held.overlap} of its {held.of} images are training images (compared by content; "
+            f"e.g. {held.example}); compare scores every arm on the validation images, so they must be disjoint"
+        )
     targets = [train.target(i) for i in range(len(train))]
     ds = dataset_stats(targets, num_classes=train.num_classes, class_names=train.label_names)
     val_ds = dataset_stats([val.target(i) for i in range(len(val))], num_classes=val.num_classes,
@@ -75,6 +83,7 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
         "train": cfg.data.train + (f" (data seed {cfg.data.seed})" if cfg.data.train.startswith("builtin") else ""),
         "validation": f"{cfg.data.val or cfg.data.train} (test split)",
         "images": f"{len(train)} train / {len(val)} validation, model input {size} px",
+        "validation held out": f"yes: none of the {held.of} validation images is a training image (checked by content)",
         "empty train images": f"{ds.num_empty_images} of {ds.num_images}",
         "objects per train image": f"{ds.objects_per_image_mean:.2f}",
         "train instances per class": ", ".join(f"{c}: {k}" for c, k in class_freq.items())
@@ -269,7 +278,21 @@ def run_compare(
         raise ValueError("--preset picks a built-in benchmark; it cannot go with --data")
     names = select_suites(suite, user_data=data is not None)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file, not a folder")
+    # only the project's own files are ever replaced: refuse before training anything
+    from detbalance.analysis.report import report_files
+    from detbalance.engine.files import OutputFolder
+
+    OutputFolder(output).check(
+        [*report_files(names), "results.json", *(["README.md"] if study else [])], what="compare's report"
+    )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from detbalance.engine.files import write_error
+
+        raise write_error(output, err) from None
     seed_list = list(range(seeds))
     command = command or "detbalance " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results: dict[str, Any] = {"setup": _setup(command, seed_list, batch_size), "suites": {}}

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from detbalance.config import ExperimentConfig, dump_toml, load_toml
+from detbalance.engine.files import OutputFolder, read_jsonl
 
 __all__ = ["claimed", "device_name", "find_twin", "load_average", "run_dir", "run_key", "run_one", "write_json_atomic"]
 
@@ -150,10 +152,9 @@ def claimed(folder: Path) -> Iterator[bool]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves a torn file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically (temp file, rename) through the folder's manifest: a crash never leaves a torn
+    file, and a file of the same name that the project did not write is never replaced."""
+    OutputFolder(Path(path).parent).write_text(Path(path).name, json.dumps(obj, indent=1, allow_nan=True))
 
 
 LOAD_SAMPLE_S = 15.0
@@ -179,16 +180,10 @@ def _curve(metrics_file: Path) -> list[dict[str, Any]]:
     """Learning-curve points from a run's ``metrics.jsonl``: the training loss (EMA-smoothed) and any AP."""
     points: list[dict[str, Any]] = []
     smooth = None
-    lines = metrics_file.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # a torn last line (a crash mid-write): the run resumed past it
-                break
-            raise ValueError(f"{metrics_file}:{number}: not valid JSON ({err})") from None
+    with warnings.catch_warnings():  # a torn last line (a crash mid-write): the run resumed past it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        records = read_jsonl(metrics_file)
+    for rec in records:
         if rec.get("type") == "train" and rec.get("loss") is not None and math.isfinite(rec["loss"]):
             smooth = rec["loss"] if smooth is None else 0.7 * smooth + 0.3 * rec["loss"]
             points.append({"iter": int(rec["step"]), "loss": smooth})
@@ -237,16 +232,22 @@ def find_twin(output: Path, folder: Path, cfg: ExperimentConfig) -> Path | None:
 
 def _copy_twin(twin: Path, folder: Path, rare: list[str]) -> dict[str, Any]:
     """Copy a finished twin run into ``folder``; the rare-class AP is recomputed for this suite's rare classes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("config.toml", "metrics.jsonl", "checkpoint.pt"):
-        if (twin / name).is_file():
-            shutil.copy2(twin / name, folder / name)
+    out_folder = OutputFolder(folder)
+    names = [name for name in ("config.toml", "metrics.jsonl", "checkpoint.pt") if (twin / name).is_file()]
+    out_folder.check([*names, "result.json"], what="copying the twin run")
+    for name in names:
+        out_folder.write_with(name, lambda f, src=twin / name: _copy_into(src, f))
     out = json.loads((twin / "result.json").read_text(encoding="utf-8"))
     metrics = dict(out["metrics"])
     metrics["rare_AP"] = _rare_ap(metrics.get("per_class", {}), rare)
     out.update(metrics=metrics, folder=str(folder), twin_of=str(twin))
     write_json_atomic(folder / "result.json", out)
     return out
+
+
+def _copy_into(src: Path, f: Any) -> None:
+    with open(src, "rb") as g:
+        shutil.copyfileobj(g, f)
 
 
 def _rare_ap(per_class: dict[str, float], rare: list[str]) -> float:
@@ -298,8 +299,16 @@ def run_one(
     # Interrupted before its first checkpoint: this run's own config and metrics, nothing to resume from.
     # It starts again from step 0 (the same seed gives the same run); its files are the only ones rewritten.
     restart = started and not resume
+    out_folder = OutputFolder(folder)
+    devices_file = folder / "devices.txt"
+    if started and not out_folder.manifest_path.exists() and devices_file.is_file():
+        # a run folder written before manifests: its devices.txt is ours when every line names a device
+        from detbalance.engine.run import adopt_legacy_run
+
+        lines = devices_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        adopt_legacy_run(folder, also=["devices.txt"] if all(ln.startswith(("CPU", "CUDA")) for ln in lines if ln) else [])
     if restart:
-        (folder / "devices.txt").unlink(missing_ok=True)
+        out_folder.remove("devices.txt")
     # A run may be resumed on another machine: each part of it names its device in devices.txt, written at its
     # first step (fit() creates the folder and refuses a fresh run into a folder that holds files)
     device = device_name(cfg.engine.device)
@@ -311,8 +320,8 @@ def run_one(
     def step(m: Any) -> None:
         nonlocal named, last_sample
         if not named:
-            with open(folder / "devices.txt", "a", encoding="utf-8") as f:
-                f.write(device + "\n")
+            before = (folder / "devices.txt").read_text(encoding="utf-8") if (folder / "devices.txt").is_file() else ""
+            out_folder.write_text("devices.txt", before + device + "\n")
             named = True
         if time.perf_counter() - last_sample >= LOAD_SAMPLE_S:
             loads.append(load_average())
@@ -341,6 +350,7 @@ def run_one(
         # run waited for cores that other jobs held
         "cpu_s": time.process_time() - cpu0,
         "resumed": resume,
+        "held_out": None if res.held_out is None else res.held_out.to_dict(),
         "curve": _curve(res.metrics_file),
         "hooks": _hooks(res.metrics_file),
         "grad_density": density,

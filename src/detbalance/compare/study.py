@@ -349,6 +349,6 @@ def write_study_readme(results: dict[str, Any], output: Path) -> Path:
         "The full report with every table, curve and plot: [report.md](report.md).",
         "",
     ]
-    path = Path(output) / "README.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    from detbalance.engine.files import OutputFolder
+
+    return OutputFolder(output).write_text("README.md", "\n".join(lines))

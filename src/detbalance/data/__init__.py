@@ -29,6 +29,7 @@ from detbalance.data.coco import (
 )
 from detbalance.data.grouping import aspect_ratio_groups, group_batches
 from detbalance.data.transforms import DetectionTransform, eval_transform, train_basic, train_ssd
+from detbalance.data.verify import HeldOutCheck, check_held_out, verify_images
 
 __all__ = [
     "PRESETS",
@@ -38,9 +39,11 @@ __all__ = [
     "DatasetError",
     "DetectionDataset",
     "DetectionTransform",
+    "HeldOutCheck",
     "Transform",
     "aspect_ratio_groups",
     "check_categories",
+    "check_held_out",
     "class_probabilities",
     "collate_detection",
     "eval_transform",
@@ -52,5 +55,6 @@ __all__ = [
     "resolve_annotation_file",
     "train_basic",
     "train_ssd",
+    "verify_images",
     "write_coco",
 ]

@@ -19,6 +19,7 @@ regions exactly as on the original file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -515,7 +516,9 @@ def write_coco(dataset: DetectionDataset, out_dir: str | Path) -> Path:
 
     Args:
         dataset: a detbalance dataset without ``transforms`` (what is written is the untransformed data).
-        out_dir: output folder (created; existing files of the same names are overwritten).
+        out_dir: output folder (created). Files of the same names that an earlier ``write_coco`` wrote there are
+            replaced; a file the project did not write is never replaced (``ForeignFilesError``, listing them,
+            before anything is written).
 
     Returns:
         The path of the written ``annotations.json``.
@@ -525,22 +528,27 @@ def write_coco(dataset: DetectionDataset, out_dir: str | Path) -> Path:
             "write_coco writes the untransformed data; pass a dataset with transforms=None, "
             f"got transforms={dataset.transforms!r}"
         )
+    from detbalance.engine.files import OutputFolder
+
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} is a file, not a folder")
+    folder = OutputFolder(out)
     coco = dataset.to_coco_dict()
-    for i, record in enumerate(coco["images"]):
-        image = dataset.load_image(i).permute(1, 2, 0).numpy()
-        gray = bool((image[..., 0] == image[..., 1]).all()) and bool((image[..., 0] == image[..., 2]).all())
-        name = f"{i:06d}.png"
-        Image.fromarray(np.ascontiguousarray(image[..., 0] if gray else image)).save(
-            out / "images" / name, compress_level=1
-        )
-        record["file_name"] = name
-    ann_path = out / "annotations.json"
-    tmp = ann_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(coco), encoding="utf-8")
-    tmp.replace(ann_path)
-    return ann_path
+    names = [f"images/{i:06d}.png" for i in range(len(coco["images"]))]
+    # only the project's own files are replaced: a file of yours there is refused before anything is written
+    folder.check(["annotations.json", *names], what="write_coco")
+    with folder.transaction():
+        for i, record in enumerate(coco["images"]):
+            image = dataset.load_image(i).permute(1, 2, 0).numpy()
+            gray = bool((image[..., 0] == image[..., 1]).all()) and bool((image[..., 0] == image[..., 2]).all())
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(image[..., 0] if gray else image)).save(
+                buf, format="PNG", compress_level=1
+            )
+            folder.write_bytes(names[i], buf.getvalue(), durable=False)
+            record["file_name"] = Path(names[i]).name
+        return folder.write_text("annotations.json", json.dumps(coco))
 
 
 def resolve_annotation_file(spec: str | Path, *, split: str) -> Path | None:

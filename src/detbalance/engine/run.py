@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import math
+import os
 import random
 import sys
 import time
@@ -64,7 +66,14 @@ from detbalance.builders import (
     resolve_image_size,
 )
 from detbalance.config import ExperimentConfig, config_to_dict, dump_toml, load_toml
-from detbalance.data import DetectionDataset, check_categories, collate_detection
+from detbalance.data import (
+    DetectionDataset,
+    HeldOutCheck,
+    check_categories,
+    check_held_out,
+    collate_detection,
+)
+from detbalance.data.verify import verify_images
 from detbalance.detectors import BalanceRecorder
 from detbalance.engine.checkpoint import (
     CheckpointError,
@@ -78,11 +87,13 @@ from detbalance.engine.checkpoint import (
 from detbalance.engine.distributed import DistInfo, all_gather_objects, init_distributed, unwrap
 from detbalance.engine.evaluate import evaluate
 from detbalance.engine.files import (
+    OutputFolder,
     append_jsonl,
-    atomic_write_text,
+    is_project_file,
+    json_safe,
     read_jsonl,
     remove_stale_temp,
-    rewrite_jsonl,
+    write_error,
 )
 from detbalance.engine.hooks import TrainingHook
 from detbalance.engine.train import NonFiniteLossError, StepMetrics, train_step
@@ -106,7 +117,9 @@ class FitResult:
     ``metrics``: the final evaluation on held-out data (see :func:`detbalance.engine.evaluate`), ``{}``
     when there is none (``note`` says why); ``train_metrics``: the final training-set evaluation
     (``engine.eval_train``), else ``None``; ``history``: every record written to ``metrics.jsonl`` by this
-    call; ``images_per_s``: training images per second over all processes (evaluation, hooks and
+    call; ``held_out``: the content check of the evaluated images against the training images (``None``
+    without held-out data; an overlap makes ``metrics`` a training-set AP, said in ``note``);
+    ``images_per_s``: training images per second over all processes (evaluation, hooks and
     checkpointing excluded; ``nan`` when this call trained no step); ``already_finished``: ``resume`` found
     a finished run and did nothing; ``model``: what :func:`detbalance.builders.model_description` says about
     the model (name, family, parameter count, weights, input size; ``None`` when nothing was built).
@@ -125,6 +138,7 @@ class FitResult:
     note: str | None = None
     already_finished: bool = False
     model: dict[str, Any] | None = None
+    held_out: HeldOutCheck | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -324,27 +338,93 @@ def _loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int, device: t
 
 
 def _check_output(output: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds a run (unless ``resume``) or other files (unless
-    ``overwrite``)."""
+    """Refuse to train into a folder that holds a run (unless ``resume`` or ``overwrite``) or other files
+    (unless ``overwrite``), and never over a file the project did not write (not even with ``overwrite``)."""
     ckpt = output / "checkpoint.pt"
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {str(output)!r} is a file, not a folder")
     if resume:
         if not ckpt.is_file():
             raise CheckpointError(f"checkpoint {str(ckpt)!r} not found; nothing to resume")
         return
-    if overwrite or not output.is_dir():
+    if not output.is_dir():
         return
-    if ckpt.exists():
+    if ckpt.exists() and not overwrite:
         raise CheckpointError(
             f"{str(output)!r} already holds a checkpoint; pass resume=True (--resume), overwrite=True "
             "(--overwrite) or choose another output"
         )
-    present = sorted(p.name for p in output.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
-    if present:
+    present = sorted(p.name for p in output.iterdir() if not is_project_file(p.name))
+    if present and not overwrite:
         shown = ", ".join(present[:10]) + (f" and {len(present) - 10} more" if len(present) > 10 else "")
         raise ValueError(
             f"output folder {str(output)!r} holds files but no run: {shown}; choose an empty or new folder, or "
-            f"pass overwrite=True (--overwrite) to write {', '.join(RUN_FILES)} into it"
+            f"pass overwrite=True (--overwrite) to write {', '.join(RUN_FILES)} into it (a file of yours with one "
+            "of those names is never replaced)"
         )
+
+
+def adopt_legacy_run(output: Path, *, also: list[str] | None = None) -> None:
+    """A run folder written before manifests existed: record the run files whose content proves they are the
+    project's (a loadable checkpoint, a config that parses, logs of our records; ``also``: files the caller
+    has checked). Only in a folder without a manifest (a one-time migration)."""
+    folder = OutputFolder(output)
+    if not output.is_dir() or folder.manifest_path.exists():
+        return
+    names, append = list(also or []), []
+    if (output / "checkpoint.pt").is_file():
+        try:
+            load_checkpoint(output / "checkpoint.pt")
+            names.append("checkpoint.pt")
+        except CheckpointError:
+            pass
+    if (output / "config.toml").is_file():
+        try:
+            load_toml((output / "config.toml").read_text(encoding="utf-8"), source=str(output / "config.toml"))
+            names.append("config.toml")
+        except (ValueError, OSError, UnicodeDecodeError):
+            pass
+    for name in ("metrics.jsonl", "balance.jsonl"):
+        if (output / name).is_file():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    recs = read_jsonl(output / name)
+            except (ValueError, OSError):
+                continue
+            if all("type" in r or "step" in r or "loss_bin_edges" in r for r in recs):
+                names.append(name)
+                append.append(name)
+    if names:
+        folder.adopt(names, append=append)
+
+
+class _RunLock:
+    """An exclusive ``flock`` on the run folder for the whole of :func:`fit` (rank 0): a second process
+    training into the same folder is refused instead of interleaving its files with the first's."""
+
+    def __init__(self, output: Path) -> None:
+        self.output, self.fd = output, None
+
+    def __enter__(self) -> _RunLock:
+        import fcntl
+
+        self.fd = os.open(self.output, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise RuntimeError(
+                f"output folder {str(self.output)!r} is in use by another detbalance process (a training run is "
+                "writing into it); wait for it to finish or choose another --output"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _check_resume_state(state: dict[str, Any], cfg: ExperimentConfig, ckpt: Path, info: DistInfo) -> None:
@@ -369,11 +449,13 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
+def _truncate_jsonl(folder: OutputFolder, name: str, step: int) -> None:
     """Keep the records of steps ``<= step`` (drops what a crashed run wrote after its last checkpoint, and
     a torn last line, with a warning naming it)."""
+    path = folder.root / name
     if path.is_file():
-        rewrite_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
+        records = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        folder.write_text(name, "".join(json.dumps(json_safe(r)) + "\n" for r in records), append=True)
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -510,17 +592,47 @@ def _fit(
 
     # ------------------------------------------------------------------ the run folder
     _check_output(output, resume=resume, overwrite=overwrite)
-    state = load_checkpoint(ckpt_path, map_location="cpu") if resume else None
+    state = load_checkpoint(ckpt_path, map_location="cpu", purpose="resume") if resume else None
     if state is not None:
         _check_resume_state(state, cfg, ckpt_path, info)
         if state["step"] >= total:
             return _finished_run(state, output, ckpt_path, config_file, metrics_file, recorder_file)
     if info.distributed:
         dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    folder = OutputFolder(output)
+    lock = _RunLock(output)
     if main:
-        output.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temp(output):
-            warnings.warn(f"removed {stale}, left by an interrupted write", RuntimeWarning, stacklevel=3)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(output, err) from None
+        lock.__enter__()
+    try:
+        if main:
+            adopt_legacy_run(output)
+            folder.check([p.name for p in (config_file, metrics_file, ckpt_path)]
+                         + ([recorder_file.name] if recorder_file is not None else []), what="this run")
+            for stale in remove_stale_temp(output):
+                warnings.warn(f"removed {stale}, left by an interrupted write", RuntimeWarning, stacklevel=3)
+        return _fit_in(cfg, output, folder, state, overwrite, on_step, progress, device, info)
+    finally:
+        lock.__exit__()
+
+
+def _fit_in(
+    cfg: ExperimentConfig,
+    output: Path,
+    folder: OutputFolder,
+    state: dict[str, Any] | None,
+    overwrite: bool,
+    on_step: Callable[[StepMetrics], None] | None,
+    progress: bool,
+    device: torch.device,
+    info: DistInfo,
+) -> FitResult:
+    e, main, total = cfg.engine, info.is_main, cfg.engine.iterations
+    ckpt_path, config_file = output / "checkpoint.pt", output / "config.toml"
+    metrics_file, recorder_file = output / "metrics.jsonl", (output / "balance.jsonl" if e.record else None)
 
     # ------------------------------------------------------------------ build
     if device.type == "cpu":
@@ -533,6 +645,12 @@ def _fit(
         torch.backends.cudnn.benchmark = False
     seed_everything(e.seed)
     train_set, val_set = build_datasets(cfg, seed=cfg.data.seed)
+    # every image decoded (or fingerprinted) once, before the first step; evaluated images compared with the
+    # training images by content
+    train_prints = verify_images(train_set)
+    held_out = None
+    if val_set is not None:
+        held_out = check_held_out(train_set, val_set, train_fingerprints=train_prints)
     if state is not None:  # the files under data.train may have changed since the checkpoint
         check_categories(state["label_names"], state.get("category_ids"), train_set.label_names,
                          train_set.category_ids(), expected=f"checkpoint {str(ckpt_path)!r}",
@@ -541,6 +659,8 @@ def _fit(
     for hook in hooks:
         hook.attach(train_set)
     train_eval_set = build_train_eval_set(cfg, seed=cfg.data.seed) if e.eval_train else None
+    if train_eval_set is not None:
+        verify_images(train_eval_set)
     image_size = resolve_image_size(cfg, train_set)
     counts = class_counts(train_set) if cfg.remedy.class_weights is not None else None
     recorder = BalanceRecorder() if e.record else None
@@ -575,6 +695,12 @@ def _fit(
             "AP, labelled as such)"
         )
         warnings.warn(note, UserWarning, stacklevel=3)
+    elif held_out is not None and not held_out.held_out:
+        note = (
+            f"data.val {cfg.data.val!r} is not held out: {held_out.describe()}; its AP is a TRAINING-SET AP "
+            "(metrics.jsonl records the overlap under held_out)"
+        )
+        warnings.warn(note, UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ restore, or start the files
     step, epoch, batch = 0, 0, 0
@@ -602,19 +728,20 @@ def _fit(
             )
         step, epoch, batch = state["step"], state["epoch"], state["batch"]
         if main:
-            _truncate_jsonl(metrics_file, step)
+            _truncate_jsonl(folder, metrics_file.name, step)
             if recorder_file is not None:
-                _truncate_jsonl(recorder_file, step)
+                _truncate_jsonl(folder, recorder_file.name, step)
     else:
         if info.distributed:
             torch.manual_seed(e.seed + 1 + info.rank)  # per-rank model randomness; the model is already built
         if main:
-            atomic_write_text(config_file, dump_toml(cfg))
-            atomic_write_text(metrics_file, "")
+            folder.write_text(config_file.name, dump_toml(cfg))
+            folder.write_text(metrics_file.name, "", append=True)
             if recorder_file is not None and recorder is not None:
-                rewrite_jsonl(recorder_file, [{"loss_bin_edges": recorder.loss_bin_edges}])
+                folder.write_text(recorder_file.name, json.dumps({"loss_bin_edges": recorder.loss_bin_edges}) + "\n",
+                                  append=True)
             if overwrite and ckpt_path.exists():
-                ckpt_path.unlink()
+                folder.remove(ckpt_path.name)
 
     train_model: nn.Module = model
     if info.distributed:
@@ -687,7 +814,8 @@ def _fit(
                 if val_set is not None:
                     metrics = _evaluate(model, val_set, batch_size=eval_bs, info=info, device=device,
                                         num_workers=cfg.data.num_workers)
-                    _log(history, metrics_file, [{"type": "eval", "split": "val", "step": step, "metrics": metrics}], main)
+                    _log(history, metrics_file, [{"type": "eval", "split": "val", "step": step, "metrics": metrics,
+                                                  "held_out": None if held_out is None else held_out.to_dict()}], main)
                 if train_eval_set is not None and e.eval_train:
                     train_metrics = _evaluate(model, train_eval_set, batch_size=eval_bs, info=info, device=device,
                                               num_workers=cfg.data.num_workers)
@@ -697,6 +825,11 @@ def _fit(
                 _flush_recorder(recorder, recorder_file, main)
                 _save(ckpt_path, cfg, model, optimizer, scheduler, scaler, hooks, recorder, info,
                       step=step, epoch=epoch, batch=batch, train_set=train_set, image_size=image_size)
+                if main:
+                    folder.record(ckpt_path.name)
+                    folder.record(metrics_file.name, append=True)
+                    if recorder_file is not None:
+                        folder.record(recorder_file.name, append=True)
                 last_ckpt = ckpt_path
             if on_step is not None:
                 on_step(StepMetrics(step=step, epoch=epoch, batches=batch, loss=math.fsum(losses.values()),
@@ -723,6 +856,7 @@ def _fit(
         train_metrics=train_metrics,
         note=note,
         model=description,
+        held_out=held_out,
     )
 
 
@@ -829,7 +963,7 @@ def load_trained_model(
         ``(model, cfg, info)`` where ``info`` holds ``num_classes``, ``label_names``, ``category_ids``
         (``None`` in checkpoints that predate it), ``image_size``, ``step`` and ``version`` of the checkpoint.
     """
-    state = load_checkpoint(checkpoint, map_location="cpu")
+    state = load_checkpoint(checkpoint, map_location="cpu", purpose="model")
     cfg = load_toml(state["config"], source=f"{checkpoint}:config")
     k = int(state["num_classes"])
     counts = torch.ones(k, dtype=torch.int64) if cfg.remedy.class_weights is not None else None

@@ -45,6 +45,22 @@ def reduce_loss(loss: Tensor, reduction: str, *, count: Tensor | float | None = 
     return total / max(float(count), 1.0)
 
 
+def check_none_on_device(bad: Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` if any element of the bool tensor ``bad`` is true.
+
+    On the CPU the check is immediate. On CUDA it is ``torch._assert_async``: no host sync; a failure surfaces
+    at the next synchronising call as a device-side assertion (run with ``CUDA_LAUNCH_BLOCKING=1`` to see
+    where).
+    """
+    if bad.numel() == 0:
+        return
+    if bad.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(message)
+        return
+    torch._assert_async(~bad.any(), message)
+
+
 def check_nonnegative(name: str, value: float) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number ``>= 0``."""
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:

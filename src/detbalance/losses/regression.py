@@ -15,6 +15,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from detbalance.losses._reduction import (
     check_floating,
+    check_none_on_device,
     check_nonnegative,
     check_positive,
     check_reduction,
@@ -230,25 +231,44 @@ class GIoULoss(DetectionLoss):
 
     ``forward(pred_boxes, target_boxes)`` takes ``Tensor[N, 4]`` ``(x1, y1, x2, y2)`` boxes and returns
     ``Tensor[N]`` (with ``reduction='none'``); it calls ``torchvision.ops.generalized_box_iou_loss`` in float32.
+
+    Inverted boxes: a *predicted* box with ``x2 < x1`` (or ``y2 < y1``) is clamped to an empty box
+    (``x2 = x1``, ``y2 = y1``): it overlaps nothing, so its loss is at least 1 and its gradient moves ``x1``/
+    ``y1`` towards the target (torchvision's function would read it as a box of area ``(x1 - x2)(y1 - y2)``).
+    A *target* box with ``x2 < x1`` or ``y2 < y1`` is an error (``ValueError`` on the CPU; with
+    ``validate_args`` on CUDA an asynchronous device assertion, no host sync).
+
+    Args:
+        eps: Added to denominators (torchvision's default).
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+        validate_args: Check the target boxes (default on).
     """
 
     kind = "box"
     decoded_boxes = True
     self_normalizing = False
 
-    def __init__(self, *, eps: float = 1e-7, reduction: Reduction = "none") -> None:
+    def __init__(self, *, eps: float = 1e-7, reduction: Reduction = "none", validate_args: bool = True) -> None:
         super().__init__()
         check_positive("eps", eps)
         check_reduction(reduction)
-        self.eps, self.reduction = eps, reduction
+        self.eps, self.reduction, self.validate_args = eps, reduction, bool(validate_args)
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         dtype = _check_pair(pred, target, self.reduction)
         if pred.shape[-1] != 4:
             raise ValueError(f"pred must be boxes Tensor[N, 4], got shape {tuple(pred.shape)}")
+        if self.validate_args:
+            check_none_on_device(
+                (target[..., 2:] < target[..., :2]).any(-1),
+                "GIoULoss: a target box has x2 < x1 or y2 < y1 (target boxes must be (x1, y1, x2, y2))",
+            )
         with torch.autocast(pred.device.type, enabled=False):
-            loss = generalized_box_iou_loss(pred.to(dtype), target.to(dtype), reduction="none", eps=self.eps)
+            p = pred.to(dtype)
+            lo = p[..., :2]
+            p = torch.cat([lo, torch.maximum(p[..., 2:], lo)], dim=-1)  # inverted -> empty box at (x1, y1)
+            loss = generalized_box_iou_loss(p, target.to(dtype), reduction="none", eps=self.eps)
         return reduce_loss(loss, self.reduction)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, reduction={self.reduction!r}"
+        return f"eps={self.eps}, reduction={self.reduction!r}, validate_args={self.validate_args}"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from detbalance.losses._reduction import check_none_on_device
 from detbalance.losses.contract import AnchorBatch, DetectionLoss
 from detbalance.types import BACKGROUND
 
@@ -67,7 +68,9 @@ def class_frequency_weights(counts: Tensor, *, method: str = "inverse", beta: fl
     return w * (w.numel() / w.sum())
 
 
-def sample_class_weights(labels: Tensor, class_weight: Tensor, *, background_weight: float = 1.0) -> Tensor:
+def sample_class_weights(
+    labels: Tensor, class_weight: Tensor, *, background_weight: float = 1.0, validate_args: bool = True
+) -> Tensor:
     """Per-sample weights from labels (``-1`` ignore, ``0`` background, ``1..K``) and per-class weights.
 
     Args:
@@ -75,14 +78,17 @@ def sample_class_weights(labels: Tensor, class_weight: Tensor, *, background_wei
         class_weight: ``Tensor[K]`` weight of classes ``1..K`` (index ``k - 1``), e.g. from
             :func:`class_frequency_weights`.
         background_weight: weight of label-0 samples.
+        validate_args: Check that every label is in ``-1..K`` (on the CPU a ``ValueError``; on CUDA an
+            asynchronous device assertion, no host sync). Off: a label above ``K`` gets class ``K``'s weight
+            (the detectors, whose targets are checked already, turn it off).
 
     Returns:
         ``Tensor[...]`` float32 (float64 for float64 ``class_weight``): ``class_weight[label - 1]`` for
-        ``label >= 1``, ``background_weight`` for 0 and 0 for ignored samples. Labels above ``K`` are not
-        checked here (no host sync); the detectors' target check rejects them.
+        ``label >= 1``, ``background_weight`` for 0 and 0 for ignored samples.
 
     Raises:
-        ValueError: for a ``class_weight`` that is not 1-D or a negative ``background_weight``.
+        ValueError: for a ``class_weight`` that is not 1-D, a negative ``background_weight``, or (with
+            ``validate_args``) a label outside ``-1..K``.
 
     Example:
         >>> import torch
@@ -96,6 +102,13 @@ def sample_class_weights(labels: Tensor, class_weight: Tensor, *, background_wei
         raise ValueError(f"background_weight must be a number >= 0, got {background_weight!r}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if validate_args:
+        k = class_weight.numel()
+        check_none_on_device(
+            (labels < -1) | (labels > k),
+            f"sample_class_weights: labels must be in -1..{k} (-1 ignore, 0 background, 1..K with K = {k} "
+            "from class_weight); got a label outside that range",
+        )
     dtype = torch.float64 if class_weight.dtype == torch.float64 else torch.float32
     cw = class_weight.to(device=labels.device, dtype=dtype)
     # table index: 0 ignored, 1 background, 1 + k class k
@@ -153,7 +166,9 @@ class ClassWeightedLoss(DetectionLoss):
             raise ValueError(f"class_weight has {k} classes but logits have {cols} columns (expected {k} or {k + 1})")
         best, col = targets.detach().max(-1)
         labels = torch.where(best > 0, col + (1 if cols == k else 0), torch.full_like(col, BACKGROUND))
-        return sample_class_weights(labels, self.class_weight, background_weight=self.background_weight)
+        # in range by construction (a column index); nothing to check
+        return sample_class_weights(labels, self.class_weight, background_weight=self.background_weight,
+                                    validate_args=False)
 
     def forward(self, logits: Tensor, targets: Tensor, weight: Tensor | None = None, **kwargs: Any) -> Tensor:
         w = self.row_weights(logits, targets).to(logits.device)

@@ -173,6 +173,37 @@ def _require_losses(losses: RoILosses | None, rois: RoIBatch, who: str) -> RoILo
     return losses
 
 
+def _grouped(rois: RoIBatch) -> tuple[RoIBatch, Tensor | None, list[int]]:
+    """``rois`` grouped by image (a stable sort by ``batch_idx`` when it is not), the order that sorted it
+    (``None`` when already grouped), and the RoIs per image (one host sync).
+
+    Raises:
+        ValueError: a ``batch_idx`` outside ``0..num_images - 1``.
+    """
+    b = rois.batch_idx
+    if b.numel() == 0:
+        return rois, None, rois.counts()
+    out_of_range, unsorted = torch.stack([((b < 0) | (b >= rois.num_images)).any(), (b[1:] < b[:-1]).any()]).tolist()
+    if out_of_range:
+        raise ValueError(
+            f"rois.batch_idx must be in 0..{rois.num_images - 1} (num_images = {rois.num_images}), got values "
+            f"from {int(b.min())} to {int(b.max())}"
+        )
+    order = None
+    if unsorted:
+        order = torch.argsort(b, stable=True)
+        rois = rois._replace(labels=rois.labels[order], boxes=rois.boxes[order], batch_idx=b[order],
+                             max_iou=rois.max_iou[order], mined=rois.mined[order])
+    return rois, order, rois.counts()
+
+
+def _ungroup(sampled: SampledIndices, order: Tensor | None) -> SampledIndices:
+    """Map indices into the grouped RoIs back to the caller's order (sorted)."""
+    if order is None:
+        return sampled
+    return SampledIndices(order[sampled.positive].sort().values, order[sampled.negative].sort().values)
+
+
 def _offsets(counts: list[int]) -> list[int]:
     out = [0]
     for c in counts[:-1]:
@@ -201,8 +232,12 @@ class FixedRatioSampler(FixedRatioParams):
     def __call__(
         self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
     ) -> SampledIndices:
-        """Sample ``rois`` (``losses`` is not used). Returns sorted indices into the ``R`` RoIs."""
-        counts = rois.counts()
+        """Sample ``rois`` (``losses`` is not used). Returns sorted indices into the ``R`` RoIs.
+
+        RoIs not grouped by image (``batch_idx`` not non-decreasing) are grouped first (a stable sort), so each
+        image gets its own budget whatever the order.
+        """
+        rois, order, counts = _grouped(rois)
         sampled = sample_fixed_ratio_batched(
             list(rois.labels.split(counts)), self.num_samples, self.positive_fraction, generator=generator
         )
@@ -210,7 +245,7 @@ class FixedRatioSampler(FixedRatioParams):
         empty = rois.labels.new_zeros(0)
         pos = torch.cat([empty] + [s.positive + o for s, o in zip(sampled, offsets)])
         neg = torch.cat([empty] + [s.negative + o for s, o in zip(sampled, offsets)])
-        return SampledIndices(pos, neg)
+        return _ungroup(SampledIndices(pos, neg), order)
 
 
 @dataclass(frozen=True)
@@ -226,10 +261,13 @@ class BootstrappedSampler(FixedRatioSampler):
     def __call__(
         self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
     ) -> SampledIndices:
-        """Sample ``rois``; mined background RoIs (in random order) take the background budget first."""
+        """Sample ``rois``; mined background RoIs (in random order) take the background budget first.
+
+        RoIs not grouped by image are grouped first, as :class:`FixedRatioSampler` does.
+        """
+        rois, order, counts = _grouped(rois)
         labels = rois.labels
         mined_bg = rois.mined & (labels == 0)
-        counts = rois.counts()
         candidates = torch.where(mined_bg, torch.full_like(labels, -1), labels)
         sampled = sample_fixed_ratio_batched(
             list(candidates.split(counts)), self.num_samples, self.positive_fraction, generator=generator
@@ -247,7 +285,7 @@ class BootstrappedSampler(FixedRatioSampler):
                 neg = torch.cat([take, neg[rest[: max(0, budget - take.numel())]]]).sort().values
             positive.append(s.positive + offset)
             negative.append(neg + offset)
-        return SampledIndices(torch.cat(positive), torch.cat(negative))
+        return _ungroup(SampledIndices(torch.cat(positive), torch.cat(negative)), order)
 
 
 @dataclass(frozen=True)
