@@ -301,8 +301,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    _check_plot_names(output)  # the plots drawn after training never replace a file of yours: refuse now
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no held-out data")  # printed below as a note
+        warnings.filterwarnings("ignore", message=r"data\.val .* is not held out")  # printed below as a note
         result = fit(cfg, output=output, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     if result.already_finished:
@@ -313,8 +315,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ImportError:
         plot_run = None
     if plot_run is not None and result.metrics_file.is_file():
-        plot_run(output)
+        from detbalance.engine.files import ForeignFilesError
+
+        try:
+            plot_run(output)
+        except ForeignFilesError as err:  # the run is saved; a figure of yours is never replaced
+            print(f"note: the plots were not drawn: {_one_line(err)}; the run itself is complete")
     if result.metrics:
+        if result.held_out is not None and not result.held_out.held_out:
+            print(f"TRAINING-SET AP (data.val {cfg.data.val!r} {result.held_out.describe()}):")
         _print_metrics(result.metrics)
     if result.train_metrics is not None:
         print("TRAINING-SET AP (the training images, not held out):")
@@ -324,6 +333,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"run folder: {output}  ({result.images_per_s:.1f} train images/s; wall {wall:.0f} s, CPU {cpu:.0f} s "
           f"at {torch.get_num_threads()} threads)")
     return 0
+
+
+def _check_plot_names(output: Path) -> None:
+    import fnmatch
+
+    from detbalance.analysis.plots import RUN_PLOT_PATTERNS
+    from detbalance.engine.files import OutputFolder
+
+    plots = Path(output) / "plots"
+    # with a manifest the plots' owner is known now; a folder from before manifests is told after training
+    if plots.is_dir() and OutputFolder(output).manifest_path.exists():
+        names = [f"plots/{p.name}" for p in plots.iterdir() if any(fnmatch.fnmatch(p.name, pat) for pat in RUN_PLOT_PATTERNS)]
+        OutputFolder(output).check(names, what="the run's plots")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -336,12 +358,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         eval_transform,
         held_out_spec,
         open_dataset,
-        resolve_annotation_file,
     )
     from detbalance.engine.evaluate import evaluate
-    from detbalance.engine.files import write_json
     from detbalance.engine.run import load_trained_model
 
+    if args.output is not None:  # never over a file of yours: refuse before evaluating
+        from detbalance.engine.files import OutputFolder
+
+        OutputFolder(args.output.parent).check([args.output.name], what="eval --output")
     model, cfg, info = load_trained_model(args.checkpoint)
     spec = args.data if args.data is not None else (cfg.data.val or held_out_spec(cfg.data.train))
     if spec is None:
@@ -354,20 +378,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         info["label_names"], info["category_ids"], dataset.label_names, dataset.category_ids(),
         expected=f"the checkpoint {str(args.checkpoint)!r}", got=f"--data {str(spec)!r}",
     )
-    train_file = resolve_annotation_file(cfg.data.train, split="train")
-    held_out = train_file is None or resolve_annotation_file(spec, split="test") != train_file
+    held = _held_out_of_run(cfg, dataset)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_detection)
     device = torch.device("cpu")
     if cfg.engine.device != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda")
         model.to(device)
     metrics = evaluate(model, loader, device=device)
-    if not held_out:
-        print(f"TRAINING-SET AP: --data {str(spec)!r} holds the images the run trained on (not held out)")
+    if held["overlap"] is None:
+        print(f"note: not checked against the training data {cfg.data.train!r} ({held['reason']}); this AP may "
+              "include training images")
+    elif held["overlap"]:
+        print(f"TRAINING-SET AP: --data {str(spec)!r} overlaps training: {held['overlap']} of {held['of']} images "
+              f"(checked by content; e.g. {held.get('example')})")
     _print_metrics(metrics)
     if args.output is not None:
-        write_json(args.output, {"data": str(spec), "held_out": held_out, **metrics})
+        from detbalance.engine.files import OutputFolder
+
+        OutputFolder(args.output.parent).write_json(args.output.name, {"data": str(spec), "held_out": held, **metrics})
     return 0
+
+
+def _held_out_of_run(cfg: Any, evaluated: Any) -> dict[str, Any]:
+    """The content check of ``evaluated`` against the run's training data, as ``result.json`` records it
+    (``overlap: None`` with a ``reason`` when the training data cannot be opened here)."""
+    from detbalance.data import DatasetError, check_held_out, open_dataset
+
+    try:
+        train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed)
+    except (OSError, ValueError) as err:
+        if isinstance(err, DatasetError):
+            raise
+        return {"checked_by": None, "overlap": None, "of": len(evaluated), "reason": _one_line(err)}
+    return check_held_out(train, evaluated).to_dict()
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
@@ -449,9 +492,17 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+def _project_file(name: str) -> bool:
+    """The manifest, its lock, a temp file of the project: not a file of the user's or a result."""
+    return name in (".detbalance-manifest.json", ".detbalance-manifest.lock") or ".detbalance-tmp-" in name
+
+
 def _remove_if_empty(folder: Path) -> None:
-    """Remove ``folder`` if it holds no file (only empty folders); a folder with anything in it stays."""
-    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+    """Remove ``folder`` if it holds no file (only empty folders and the project's bookkeeping files, written by
+    this command since it created the folder); a folder with anything else in it stays."""
+    if folder.is_dir() and not any(
+        (p.is_file() or p.is_symlink()) and not _project_file(p.name) for p in folder.rglob("*")
+    ):
         shutil.rmtree(folder)
 
 

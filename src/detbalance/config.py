@@ -1316,7 +1316,13 @@ def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = ()
         cfg = ExperimentConfig()
     else:
         p = Path(path)
+        if p.is_dir():
+            raise IsADirectoryError(f"config {str(p)!r} is a folder, not a TOML file")
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} not found")
-        cfg = load_toml(p.read_text(encoding="utf-8"), source=str(p))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config {str(p)!r} is not a TOML file (not UTF-8 text at byte {err.start})") from None
+        cfg = load_toml(text, source=str(p))
     return apply_overrides(cfg, overrides)

@@ -282,6 +282,8 @@ class _Parser:
                 cat_names[c["id"]] = str(c["name"])
         if categories and not cat_names:
             self.problems.append("no valid categories")
+        elif not categories and "categories" in self.data and isinstance(self.data["categories"], list):
+            self.problems.append("'categories' is empty: a detection dataset needs at least one category")
         sorted_ids = sorted(cat_names)
         ds.cat_id_to_label = {cid: k + 1 for k, cid in enumerate(sorted_ids)}
         ds.label_to_cat_id = {k + 1: cid for k, cid in enumerate(sorted_ids)}

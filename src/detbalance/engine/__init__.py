@@ -4,9 +4,15 @@
 the rest take explicit arguments and can be used from your own script.
 """
 
-from detbalance.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from detbalance.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    validate_checkpoint,
+)
 from detbalance.engine.distributed import DistInfo, dist_info, init_distributed, unwrap
 from detbalance.engine.evaluate import COCO_METRICS, coco_metrics, evaluate, predict
+from detbalance.engine.files import ForeignFilesError, OutputFolder, WriteError
 from detbalance.engine.hooks import TrainingHook
 from detbalance.engine.run import (
     FitResult,
@@ -32,11 +38,14 @@ __all__ = [
     "CheckpointError",
     "DistInfo",
     "FitResult",
+    "ForeignFilesError",
     "NonFiniteLossError",
+    "OutputFolder",
     "StepMetrics",
     "StepOutput",
     "ThreadChoice",
     "TrainingHook",
+    "WriteError",
     "amp_dtype_for",
     "choose_threads",
     "coco_metrics",
@@ -54,4 +63,5 @@ __all__ = [
     "train_one_epoch",
     "train_step",
     "unwrap",
+    "validate_checkpoint",
 ]

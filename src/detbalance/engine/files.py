@@ -75,6 +75,9 @@ _CAUSES = {
 class WriteError(OSError):
     """A file could not be written. The message names the file and the cause; the previous file is kept."""
 
+    def __str__(self) -> str:
+        return str(self.strerror or super().__str__())
+
 
 class ForeignFilesError(FileExistsError):
     """An output folder holds files the project did not write (or that changed since) where it would write.

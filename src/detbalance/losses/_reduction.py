@@ -45,16 +45,16 @@ def reduce_loss(loss: Tensor, reduction: str, *, count: Tensor | float | None = 
     return total / max(float(count), 1.0)
 
 
-def check_none_on_device(bad: Tensor, message: str) -> None:
+def check_none_on_device(bad: Tensor, message: str, *, validate_args: bool | None = None) -> None:
     """Raise ``ValueError(message)`` if any element of the bool tensor ``bad`` is true.
 
-    On the CPU the check is immediate. On CUDA it is ``torch._assert_async``: no host sync; a failure surfaces
-    at the next synchronising call as a device-side assertion (run with ``CUDA_LAUNCH_BLOCKING=1`` to see
-    where).
+    ``validate_args``: ``False`` checks nothing; ``True`` checks now (one host sync on CUDA); ``None`` checks
+    now on the CPU and, on CUDA, with ``torch._assert_async``: no host sync, a failure surfaces at the next
+    synchronising call as a device-side assertion (``CUDA_LAUNCH_BLOCKING=1`` shows where).
     """
-    if bad.numel() == 0:
+    if validate_args is False or bad.numel() == 0:
         return
-    if bad.device.type == "cpu":
+    if bad.device.type == "cpu" or validate_args:
         if bool(bad.any()):
             raise ValueError(message)
         return

@@ -235,33 +235,35 @@ class GIoULoss(DetectionLoss):
     Inverted boxes: a *predicted* box with ``x2 < x1`` (or ``y2 < y1``) is clamped to an empty box
     (``x2 = x1``, ``y2 = y1``): it overlaps nothing, so its loss is at least 1 and its gradient moves ``x1``/
     ``y1`` towards the target (torchvision's function would read it as a box of area ``(x1 - x2)(y1 - y2)``).
-    A *target* box with ``x2 < x1`` or ``y2 < y1`` is an error (``ValueError`` on the CPU; with
-    ``validate_args`` on CUDA an asynchronous device assertion, no host sync).
+    A *target* box with ``x2 < x1`` or ``y2 < y1`` is an error (``ValueError`` on the CPU; on CUDA an
+    asynchronous device assertion, no host sync, unless ``validate_args=True``).
 
     Args:
         eps: Added to denominators (torchvision's default).
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
-        validate_args: Check the target boxes (default on).
+        validate_args: Check the target boxes: ``None`` (default) on the CPU at once and on CUDA without a host
+            sync (an asynchronous assertion); ``True`` at once everywhere; ``False`` never.
     """
 
     kind = "box"
     decoded_boxes = True
     self_normalizing = False
 
-    def __init__(self, *, eps: float = 1e-7, reduction: Reduction = "none", validate_args: bool = True) -> None:
+    def __init__(self, *, eps: float = 1e-7, reduction: Reduction = "none", validate_args: bool | None = None) -> None:
         super().__init__()
         check_positive("eps", eps)
         check_reduction(reduction)
-        self.eps, self.reduction, self.validate_args = eps, reduction, bool(validate_args)
+        self.eps, self.reduction, self.validate_args = eps, reduction, validate_args
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         dtype = _check_pair(pred, target, self.reduction)
         if pred.shape[-1] != 4:
             raise ValueError(f"pred must be boxes Tensor[N, 4], got shape {tuple(pred.shape)}")
-        if self.validate_args:
+        if self.validate_args is not False:
             check_none_on_device(
                 (target[..., 2:] < target[..., :2]).any(-1),
                 "GIoULoss: a target box has x2 < x1 or y2 < y1 (target boxes must be (x1, y1, x2, y2))",
+                validate_args=self.validate_args,
             )
         with torch.autocast(pred.device.type, enabled=False):
             p = pred.to(dtype)

@@ -69,7 +69,7 @@ def class_frequency_weights(counts: Tensor, *, method: str = "inverse", beta: fl
 
 
 def sample_class_weights(
-    labels: Tensor, class_weight: Tensor, *, background_weight: float = 1.0, validate_args: bool = True
+    labels: Tensor, class_weight: Tensor, *, background_weight: float = 1.0, validate_args: bool | None = None
 ) -> Tensor:
     """Per-sample weights from labels (``-1`` ignore, ``0`` background, ``1..K``) and per-class weights.
 
@@ -78,9 +78,9 @@ def sample_class_weights(
         class_weight: ``Tensor[K]`` weight of classes ``1..K`` (index ``k - 1``), e.g. from
             :func:`class_frequency_weights`.
         background_weight: weight of label-0 samples.
-        validate_args: Check that every label is in ``-1..K`` (on the CPU a ``ValueError``; on CUDA an
-            asynchronous device assertion, no host sync). Off: a label above ``K`` gets class ``K``'s weight
-            (the detectors, whose targets are checked already, turn it off).
+        validate_args: Check that every label is in ``-1..K``: ``None`` (default) raises ``ValueError`` on the
+            CPU and asserts asynchronously on CUDA (no host sync); ``True`` checks at once everywhere; ``False``
+            never (a label above ``K`` then gets class ``K``'s weight).
 
     Returns:
         ``Tensor[...]`` float32 (float64 for float64 ``class_weight``): ``class_weight[label - 1]`` for
@@ -102,12 +102,13 @@ def sample_class_weights(
         raise ValueError(f"background_weight must be a number >= 0, got {background_weight!r}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if validate_args:
+    if validate_args is not False:
         k = class_weight.numel()
         check_none_on_device(
             (labels < -1) | (labels > k),
             f"sample_class_weights: labels must be in -1..{k} (-1 ignore, 0 background, 1..K with K = {k} "
             "from class_weight); got a label outside that range",
+            validate_args=validate_args,
         )
     dtype = torch.float64 if class_weight.dtype == torch.float64 else torch.float32
     cw = class_weight.to(device=labels.device, dtype=dtype)
