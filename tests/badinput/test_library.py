@@ -20,6 +20,7 @@ from detbalance.sampling import (
     OHEMSampler,
     RoIBatch,
     RoILosses,
+    ScoreHLRSampler,
     StratifiedOHEMSampler,
     mine_hard_negatives,
     repeat_factors,
@@ -189,14 +190,18 @@ SAMPLERS: dict[str, Callable[[], Any]] = {
     "BootstrappedSampler": lambda: BootstrappedSampler(num_samples=2, positive_fraction=0.5),
     "OHEMSampler": lambda: OHEMSampler(num_samples=2, nms_iou=None),
     "StratifiedOHEMSampler": lambda: StratifiedOHEMSampler(num_samples=2, strata=1, nms_iou=None),
+    "ScoreHLRSampler": lambda: ScoreHLRSampler(num_samples=2, positive_fraction=0.5),
 }
 INTERLEAVED = ([0, 1, 0, 1, 0, 1, 0, 1], [1, 1, 1, 0, 0, 1, 0, 0])
 
 
 def _call(name: str, rois: RoIBatch, seed: int = 0) -> Any:
-    losses = RoILosses(cls=torch.arange(len(rois.labels), dtype=torch.float32), loc=torch.zeros(len(rois.labels)))
+    n = len(rois.labels)
+    losses = RoILosses(cls=torch.arange(n, dtype=torch.float32), loc=torch.zeros(n),
+                       scores=torch.linspace(0.1, 0.9, n), pred_boxes=rois.boxes)
     sampler = SAMPLERS[name]()
-    return sampler(rois, losses=losses if sampler.needs_losses else None, generator=torch.Generator().manual_seed(seed))
+    out = sampler(rois, losses=losses if sampler.needs_losses else None, generator=torch.Generator().manual_seed(seed))
+    return getattr(out, "indices", out)  # a WeightedSample (Score-HLR) carries its indices
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -248,17 +253,23 @@ def test_bad_positive_fractions_are_refused(name: str, value: Any) -> None:
         type(SAMPLERS[name]())(positive_fraction=value)
 
 
-@pytest.mark.parametrize("name", ["OHEMSampler", "StratifiedOHEMSampler"])
+@pytest.mark.parametrize("name", ["OHEMSampler", "StratifiedOHEMSampler", "ScoreHLRSampler"])
 def test_mining_samplers_need_losses(name: str) -> None:
     with pytest.raises(ValueError, match="losses must be given"):
         SAMPLERS[name]()(_rois([0, 1], [1, 0]), losses=None)
 
 
-@pytest.mark.parametrize("name", ["OHEMSampler", "StratifiedOHEMSampler"])
+@pytest.mark.parametrize("name", ["OHEMSampler", "StratifiedOHEMSampler", "ScoreHLRSampler"])
 def test_mining_samplers_refuse_losses_of_another_length(name: str) -> None:
     losses = RoILosses(cls=torch.zeros(3), loc=torch.zeros(3))
     with pytest.raises(ValueError, match="shape"):
         SAMPLERS[name]()(_rois([0, 1], [1, 0]), losses=losses)
+
+
+def test_score_hlr_needs_the_scores_of_the_read_only_pass() -> None:
+    losses = RoILosses(cls=torch.zeros(2), loc=torch.zeros(2))
+    with pytest.raises(ValueError, match="scores and pred_boxes"):
+        SAMPLERS["ScoreHLRSampler"]()(_rois([0, 1], [1, 0]), losses=losses)
 
 
 @pytest.mark.parametrize(("key", "value"), [("strata", 0), ("cls_weight", (1.0,)), ("decay", (-1.0, 0.5)),
