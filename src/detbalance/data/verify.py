@@ -141,7 +141,8 @@ def verify_images(dataset: DetectionDataset, *, workers: int | None = None) -> l
                 _memory[keys[i]] = (out[i], None)
         except Exception as err:  # noqa: BLE001 - every failure of a file is reported with its name
             text = " ".join(str(err).split()) or type(err).__name__
-            problems[i] = f"{_where(dataset, i)}: {text}"
+            # the dataset's own message names the image id and the file already; else say which
+            problems[i] = text if "image id=" in text else f"{_where(dataset, i)}: {text}"
 
     if todo:
         n_workers = max(1, min(workers or min(os.cpu_count() or 1, 16), len(todo)))
