@@ -405,7 +405,7 @@ def _held_out_of_run(cfg: Any, evaluated: Any) -> dict[str, Any]:
     from detbalance.data import DatasetError, check_held_out, open_dataset
 
     try:
-        train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed)
+        train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed, images=cfg.data.train_images)
     except (OSError, ValueError) as err:
         if isinstance(err, DatasetError):
             raise

@@ -322,7 +322,7 @@ def _held_out(cfg: Any, evaluated: Any) -> Any:
     from detbalance.data import DatasetError, check_held_out, open_dataset
 
     try:
-        train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed)
+        train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed, images=cfg.data.train_images)
     except (OSError, ValueError) as err:
         if isinstance(err, DatasetError):
             raise
