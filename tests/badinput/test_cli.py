@@ -357,7 +357,11 @@ def test_train_records_the_held_out_check(ctx: Ctx) -> None:
 
 
 def test_the_readme_study_command_does_not_refuse_docs_study() -> None:
-    """README's study command writes into docs/study: its committed files are the project's (its manifest)."""
+    """README's study command writes into docs/study: its committed files are the project's (its manifest).
+
+    A file under docs/ rewritten by a compare run updates the manifest itself; one re-rendered or edited by
+    other means needs its entry renewed: ``OutputFolder("docs/study").adopt([...])`` after removing the old
+    entry (as the migration did), or commit it through ``compare``."""
     from detbalance._preflight import SUITE_NAMES
     from detbalance.analysis.report import report_files
     from detbalance.engine.files import OutputFolder
