@@ -376,3 +376,29 @@ def test_held_out_is_checked_by_content(tiny_export: Path, tmp_path: Path, train
     assert (check.checked_by, check.overlap, check.of) == ("content", overlap, len(ev))
     assert check.held_out == (overlap == 0)
     assert (check.example is None) == (overlap == 0)
+
+
+@pytest.mark.parametrize("killed", ["before-rename", "after-rename"])
+def test_a_write_killed_at_any_point_leaves_a_file_the_manifest_accepts(tmp_path: Path, monkeypatch, killed: str):
+    """The kill -9 race: the new hash enters the manifest before the rename, the old one leaves after it."""
+    import detbalance.engine.files as files
+
+    folder = OutputFolder(tmp_path)
+    folder.write_text("checkpoint.pt", "v1")
+    real = os.replace
+
+    def dying_replace(src, dst):
+        if Path(dst).name != "checkpoint.pt":
+            return real(src, dst)  # the manifest's own update goes through
+        if killed == "after-rename":
+            real(src, dst)
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(files.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        folder.write_text("checkpoint.pt", "v2")
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoint.pt").read_text() == ("v2" if killed == "after-rename" else "v1")
+    folder.check(["checkpoint.pt"])  # still the project's: a resume is not refused
+    folder.write_text("checkpoint.pt", "v3")
+    assert (tmp_path / "checkpoint.pt").read_text() == "v3"

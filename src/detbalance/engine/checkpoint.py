@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detbalance.engine.files import atomic_replace
+from detbalance.engine.files import OutputFolder, atomic_replace
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -127,10 +127,17 @@ class _Writer:
         self.f.flush()
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+def save_checkpoint(path: str | Path, state: dict[str, Any], *, folder: OutputFolder | None = None) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
 
     A crash leaves either the previous checkpoint or the new one, never a torn file.
+
+    Args:
+        path: The checkpoint file.
+        state: Plain dict of tensors, numbers, strings, lists and dicts.
+        folder: The :class:`~detbalance.engine.files.OutputFolder` of ``path``'s folder, to write through its
+            manifest (refusing a file the project did not write, recording the new one's hash before the
+            rename); ``None`` writes the file alone.
 
     Raises:
         WriteError: (an ``OSError``) the file could not be written, e.g. ``could not write
@@ -150,6 +157,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
                 raise OSError(_probe_errno(path.parent), "write failed") from None
             raise
 
+    if folder is not None:
+        return folder.write_with(str(path.relative_to(folder.root)), write)
     return atomic_replace(path, write)
 
 

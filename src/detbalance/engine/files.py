@@ -137,11 +137,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_replace(path: str | Path, write: Callable[[IO[bytes]], None], *, durable: bool = True) -> Path:
+def atomic_replace(
+    path: str | Path,
+    write: Callable[[IO[bytes]], None],
+    *,
+    durable: bool = True,
+    before_replace: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``path`` atomically through ``write(file)`` (temp file, fsync, rename, fsync of the folder).
 
     ``durable=False`` skips the two fsyncs (still atomic: a crash leaves the old file or the new one, but a
     power loss may lose the newest writes): for bulk writes such as ``make-data``'s images.
+    ``before_replace(temp_path)`` runs after the temp file is complete and before the rename (the manifest
+    learns the new file's hash there, so a ``kill -9`` at any point leaves a file the manifest accepts).
 
     Raises:
         WriteError: on any ``OSError`` (the file and the cause named; the previous ``path`` is kept).
@@ -157,6 +165,8 @@ def atomic_replace(path: str | Path, write: Callable[[IO[bytes]], None], *, dura
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):
@@ -398,9 +408,17 @@ class OutputFolder:
         if entry is None or not path.is_file():
             return False
         size = path.stat().st_size
-        if entry.get("append"):
-            return size >= int(entry["size"]) and file_sha256(path, size=int(entry["size"])) == entry["sha256"]
-        return size == int(entry["size"]) and file_sha256(path) == entry["sha256"]
+        # a write in flight (or killed) between the manifest update and the rename: the previous file is ours too
+        for sha, n in ((entry["sha256"], entry["size"]), (entry.get("previous"), entry.get("previous_size"))):
+            if sha is None:
+                continue
+            n = int(n)
+            if entry.get("append"):
+                if size >= n and file_sha256(path, size=n) == sha:
+                    return True
+            elif size == n and file_sha256(path) == sha:
+                return True
+        return False
 
     def foreign(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` (relative paths) that exist and are not the project's (see the class)."""
@@ -433,25 +451,32 @@ class OutputFolder:
         self.check(names, what=what)
 
     # --- writing ---------------------------------------------------------------------------------
-    def _write(self, name: str, writer: Callable[[Path], None], *, append: bool = False,
-               sha256: str | None = None) -> Path:
+    def _write(self, name: str, write: Callable[[IO[bytes]], None], *, append: bool = False,
+               durable: bool = True) -> Path:
+        """Check, write atomically, record: the new hash enters the manifest (beside the previous one) before the
+        rename, and the previous one leaves after it, so the file on disk always matches the manifest."""
         path = self.root / name
         with self._locked():
             files = self._files()
-            if not self._is_ours(name, files.get(name)):
+            old = files.get(name)
+            if not self._is_ours(name, old):
                 raise ForeignFilesError(self.root, [name], what="this write")
-            writer(path)
-            try:
-                files[name] = {"sha256": sha256 or file_sha256(path), "size": path.stat().st_size, "append": append}
-            except OSError as err:
-                raise write_error(path, err) from None
+
+            def before_replace(tmp: Path) -> None:
+                entry = {"sha256": file_sha256(tmp), "size": tmp.stat().st_size, "append": append}
+                if old is not None and path.exists():
+                    entry.update(previous=old["sha256"], previous_size=old["size"])
+                files[name] = entry
+                self._commit(files)
+
+            atomic_replace(path, write, durable=durable, before_replace=before_replace)
+            files[name] = {k: v for k, v in files[name].items() if not k.startswith("previous")}
             self._commit(files)
         return path
 
     def write_bytes(self, name: str, data: bytes, *, append: bool = False, durable: bool = True) -> Path:
         """Write ``data`` to ``root/name`` atomically and record it (a user's file there is refused)."""
-        return self._write(name, lambda p: atomic_write_bytes(p, data, durable=durable), append=append,
-                           sha256=hashlib.sha256(data).hexdigest())
+        return self._write(name, lambda f: f.write(data), append=append, durable=durable)
 
     def write_text(self, name: str, text: str, *, append: bool = False) -> Path:
         """:meth:`write_bytes` of ``text`` in UTF-8."""
@@ -462,8 +487,9 @@ class OutputFolder:
         return self.write_text(name, _json_text(obj, indent))
 
     def write_with(self, name: str, write: Callable[[IO[bytes]], None]) -> Path:
-        """Write ``root/name`` atomically through ``write(file)`` (e.g. ``fig.savefig``) and record it."""
-        return self._write(name, lambda p: atomic_replace(p, write))
+        """Write ``root/name`` atomically through ``write(file)`` (e.g. ``fig.savefig``, ``torch.save``) and
+        record it."""
+        return self._write(name, write)
 
     def write_figure(self, name: str, fig: Any, *, dpi: int = 110) -> Path:
         """Save the matplotlib ``fig`` as PNG to ``root/name`` atomically and record it."""

@@ -824,9 +824,8 @@ def _fit_in(
             if (e.checkpoint_interval is not None and step % e.checkpoint_interval == 0) or step == total:
                 _flush_recorder(recorder, recorder_file, main)
                 _save(ckpt_path, cfg, model, optimizer, scheduler, scaler, hooks, recorder, info,
-                      step=step, epoch=epoch, batch=batch, train_set=train_set, image_size=image_size)
+                      step=step, epoch=epoch, batch=batch, train_set=train_set, image_size=image_size, folder=folder)
                 if main:
-                    folder.record(ckpt_path.name)
                     folder.record(metrics_file.name, append=True)
                     if recorder_file is not None:
                         folder.record(recorder_file.name, append=True)
@@ -890,6 +889,7 @@ def _save(
     batch: int,
     train_set: DetectionDataset,
     image_size: int,
+    folder: OutputFolder | None = None,
 ) -> None:
     """Write the checkpoint (rank 0; every rank contributes its RNG and sampler-generator states)."""
     rng = all_gather_objects(get_rng_state())
@@ -918,6 +918,7 @@ def _save(
             "category_ids": train_set.category_ids(),
             "image_size": image_size,
         },
+        folder=folder,
     )
 
 
