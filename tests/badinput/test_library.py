@@ -17,6 +17,7 @@ from detbalance import losses as L
 from detbalance.sampling import (
     BootstrappedSampler,
     FixedRatioSampler,
+    IoUBalancedSampler,
     OHEMSampler,
     RoIBatch,
     RoILosses,
@@ -181,7 +182,7 @@ def _rois(batch_idx: list[int], labels: list[int], num_images: int = 2) -> RoIBa
     return RoIBatch(
         labels=torch.tensor(labels), boxes=_boxes(n), batch_idx=torch.tensor(batch_idx),
         max_iou=torch.where(torch.tensor(labels) > 0, 0.7, 0.1), mined=torch.zeros(n, dtype=torch.bool),
-        progress=0.5, num_images=num_images,
+        progress=0.5, num_images=num_images, gt_index=torch.where(torch.tensor(labels) > 0, 0, -1),
     )
 
 
@@ -191,6 +192,7 @@ SAMPLERS: dict[str, Callable[[], Any]] = {
     "OHEMSampler": lambda: OHEMSampler(num_samples=2, nms_iou=None),
     "StratifiedOHEMSampler": lambda: StratifiedOHEMSampler(num_samples=2, strata=1, nms_iou=None),
     "ScoreHLRSampler": lambda: ScoreHLRSampler(num_samples=2, positive_fraction=0.5),
+    "IoUBalancedSampler": lambda: IoUBalancedSampler(num_samples=2, positive_fraction=0.5),
 }
 INTERLEAVED = ([0, 1, 0, 1, 0, 1, 0, 1], [1, 1, 1, 0, 0, 1, 0, 0])
 

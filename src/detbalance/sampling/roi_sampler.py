@@ -192,8 +192,10 @@ def _grouped(rois: RoIBatch) -> tuple[RoIBatch, Tensor | None, list[int]]:
     order = None
     if unsorted:
         order = torch.argsort(b, stable=True)
-        rois = rois._replace(labels=rois.labels[order], boxes=rois.boxes[order], batch_idx=b[order],
-                             max_iou=rois.max_iou[order], mined=rois.mined[order])
+        n = b.shape[0]  # every per-RoI tensor follows the sort (labels, boxes, max_iou, mined, gt_index, ...)
+        rois = rois._replace(**{
+            k: v[order] for k, v in rois._asdict().items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == n
+        })
     return rois, order, rois.counts()
 
 
