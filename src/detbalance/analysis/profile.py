@@ -496,7 +496,8 @@ def run_profile(
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {str(output)!r} is a file, not a folder")
     folder = OutputFolder(output)
-    folder.check(["profile.json", "profile.md", *[f"{key}.png" for key in _CAPTIONS]], what="profile")
+    folder.check(["profile.json", "profile.md", *[f"{key}.png" for key in _CAPTIONS],
+                  *[f"{key}.png" for key in ("atss", "isr_weights", "libra_bins", "longtail_factors")]], what="profile")
 
     with Progress(progress, total=None, description=f"dataset: open {data}") as bar:
         train = open_dataset(data, split="train", seed=cfg.data.seed)
@@ -598,15 +599,15 @@ def run_profile(
         bar.stage("figures", total=None)
         figures = _figures(dstats, astats, gstats, class_ap, output)
         if atss is not None:
-            figures.append(("atss", plots.save_figure(plots.plot_atss(atss), output / "atss.png")))
+            figures.append(("atss", folder.write_figure("atss.png", plots.plot_atss(atss))))
         if isr is not None:
-            figures.append(("isr_weights", plots.save_figure(plots.plot_isr_weights(isr), output / "isr_weights.png")))
+            figures.append(("isr_weights", folder.write_figure("isr_weights.png", plots.plot_isr_weights(isr))))
         if libra is not None:
-            figures.append(("libra_bins", plots.save_figure(plots.plot_libra_bins(libra), output / "libra_bins.png")))
+            figures.append(("libra_bins", folder.write_figure("libra_bins.png", plots.plot_libra_bins(libra))))
         longtail = _run_class_values(Path(checkpoint) if checkpoint is not None else None)
         if longtail:
-            figures.append(("longtail_factors", plots.save_figure(
-                plots.plot_class_values(longtail, dstats.class_names), output / "longtail_factors.png")))
+            figures.append(("longtail_factors", folder.write_figure("longtail_factors.png",
+                plots.plot_class_values(longtail, dstats.class_names))))
 
     lines = readings(dstats, astats, gstats, class_ap)
     if atss is not None and atss.positives_per_object:
