@@ -246,7 +246,7 @@ class GIoUConfig:
 class QFLConfig:
     """Quality Focal Loss (Li et al., NeurIPS 2020, GFL, eq. 5): ``|y - sigma|^beta * BCE`` with a soft IoU target.
 
-    RetinaNet only. A positive's target is the IoU of its decoded, detached predicted box with its matched
+    Dense heads (RetinaNet, FCOS). A positive's target is the IoU of its decoded, detached predicted box with its matched
     ground truth (mmdetection's ``GFLHead``); defaults: ``configs/gfl/gfl_r50_fpn_1x_coco.py`` (beta 2).
     """
 
@@ -263,7 +263,7 @@ class QFLConfig:
 class VFLConfig:
     """Varifocal Loss (Zhang et al., CVPR 2021, eq. 2): ``q * BCE`` on positives, ``alpha p^gamma * BCE`` on negatives.
 
-    RetinaNet only. ``q`` is the IoU of the decoded, detached predicted box with its matched ground truth,
+    Dense heads (RetinaNet, FCOS). ``q`` is the IoU of the decoded, detached predicted box with its matched ground truth,
     clamped below at ``iou_floor`` (mmdetection's ``VFNetHead``: 1e-6); defaults:
     ``configs/vfnet/vfnet_r50_fpn_1x_coco.py`` (alpha 0.75, gamma 2, iou_weighted).
     """
@@ -935,11 +935,12 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
             f"GHM-C is a sigmoid (one-vs-all) loss and needs a retinanet or fcos model (model.name one of "
             f"{_models_of(('retinanet', 'fcos'))}), got {name!r}, a {arch} model",
         )
-    if isinstance(r.cls_loss, QFLConfig | VFLConfig) and arch != "retinanet":
+    if isinstance(r.cls_loss, QFLConfig | VFLConfig) and arch not in ("retinanet", "fcos"):
         raise ConfigError(
             "remedy.cls_loss",
-            f"{r.cls_loss.name.upper()} is a sigmoid loss on IoU-quality targets of a dense head and needs "
-            f"model.arch = 'retinanet', got {arch!r}",
+            f"{r.cls_loss.name.upper()} is a sigmoid loss on IoU-quality targets of a dense head and needs a "
+            f"retinanet or fcos model (model.name one of {_models_of(('retinanet', 'fcos'))}), got {name!r}, "
+            f"a {arch} model",
         )
     if isinstance(r.cls_loss, SeesawConfig | EQLv2Config | FederatedConfig) and arch != "faster_rcnn":
         raise ConfigError(

@@ -95,7 +95,7 @@ def test_config_and_builder():
         load_toml("[remedy.cls_loss]\nname = 'qfl'\nbeta = -1.0\n")
     with pytest.raises(ConfigError, match="remedy.cls_loss.iou_floor"):
         load_toml("[remedy.cls_loss]\nname = 'vfl'\niou_floor = 2.0\n")
-    with pytest.raises(ConfigError, match="remedy.cls_loss: VFL .* needs model.arch = 'retinanet'"):
+    with pytest.raises(ConfigError, match="remedy.cls_loss: VFL .* needs a retinanet or fcos model"):
         load_toml("[model]\narch = 'faster_rcnn'\n[remedy.cls_loss]\nname = 'vfl'\n")
     assert RemedyConfig(cls_loss=VFLConfig()).cls_loss.alpha == 0.75
 
