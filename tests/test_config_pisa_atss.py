@@ -51,3 +51,10 @@ def test_builders_pass_the_objects() -> None:
     model = build_model(cfg, num_classes=3, image_size=64)
     assert isinstance(model.head.assigner, ATSSAssigner) and model.head.assigner.topk == 9
     assert isinstance(model.head.pisa, PrimeSampleAttention)
+
+
+def test_fcos_takes_the_assigner() -> None:
+    cfg = load_config(overrides=["model.name=fcos_resnet50_fpn", "model.min_size=64", "model.max_size=64",
+                                 'remedy.assigner={name="atss", topk=9}'])
+    model = build_model(cfg, num_classes=3, image_size=64)
+    assert isinstance(model.head.assigner, ATSSAssigner) and model.head.atss_anchor_scale == 8.0

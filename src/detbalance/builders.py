@@ -460,7 +460,7 @@ def build_model(
             norm = r.normalizer or NormalizerConfig()
             return balance_fcos(
                 model, cls_loss=cls_loss, normalizer=PositiveNormalizer(mode=norm.mode, momentum=norm.momentum),
-                recorder=recorder,
+                recorder=recorder, assigner=build_assigner(r),
             )
         case "faster_rcnn":
             roi_sampler = build_roi_sampler(r)

@@ -905,7 +905,7 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         "normalizer": ("retinanet", "fcos"),
         "ssd_mining": ("ssd",),
         "box_loss": ("retinanet", "ssd", "faster_rcnn"),
-        "assigner": ("retinanet",),
+        "assigner": ("retinanet", "fcos"),
         "pisa": ("retinanet", "faster_rcnn"),
     }
     why = {
@@ -915,7 +915,7 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
         "normalizer": "the positive-count normaliser is RetinaNet's and FCOS's (SSD divides by its positives itself)",
         "ssd_mining": "hard negative mining at 3:1 is SSD's sampler",
         "box_loss": "FCOS keeps its GIoU and centerness",
-        "assigner": "the anchor assigner (ATSS) is an option of the dense RetinaNet head",
+        "assigner": "the anchor assigner (ATSS) is an option of the dense sigmoid heads (RetinaNet, FCOS)",
         "pisa": "ISR-P and CARL are wired for RetinaNet's and Faster R-CNN's heads",
     }
     for key, archs in only.items():

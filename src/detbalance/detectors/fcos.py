@@ -15,6 +15,12 @@ torchvision's FCOS); a self-normalising loss (GHM-C) returns its own normalised 
 
 With ``SigmoidFocalLoss(alpha=0.25, gamma=2)``, ``normalizer="per_batch"`` and ``background_column=True`` the
 adapted model's loss dict equals torchvision's (a test).
+
+``assigner`` replaces torchvision's matching (centre sampling and scale ranges) for every term, as ATSS does
+for FCOS (Zhang et al., CVPR 2020, "FCOS + ATSS"): :class:`~detbalance.sampling.ATSSAssigner` sees one square
+anchor of ``atss_anchor_scale`` (8) times the stride per location, the paper's 8S anchor and mmdetection's ATSS
+anchors (``octave_base_scale=8``); torchvision's FCOS anchors are one stride wide, so they are scaled about
+their centres for the assignment only.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from detbalance.detectors._dense import (
 )
 from detbalance.detectors._targets import install_target_check
 from detbalance.detectors.recorder import BalanceRecorder
-from detbalance.detectors.retinanet import DenseSigmoidLoss
+from detbalance.detectors.retinanet import Assigner, DenseSigmoidLoss
 from detbalance.losses import DetectionLoss
 
 __all__ = ["BalancedFCOSHead", "balance_fcos"]
@@ -57,8 +63,15 @@ class BalancedFCOSHead(DenseSigmoidLoss, FCOSHead):
         recorder: BalanceRecorder | None = None,
         cls_loss_weight: float = 1.0,
         background_column: bool = False,
+        assigner: Assigner | None = None,
+        atss_anchor_scale: float = 8.0,
     ) -> None:
         nn.Module.__init__(self)
+        if assigner is not None and not callable(assigner):
+            raise ValueError(f"assigner must be a callable (anchors, gt_boxes, anchors_per_level) or None, got {assigner!r}")
+        if isinstance(atss_anchor_scale, bool) or not isinstance(atss_anchor_scale, int | float) \
+                or not 0 < atss_anchor_scale < float("inf"):
+            raise ValueError(f"atss_anchor_scale must be a finite number > 0, got {atss_anchor_scale!r}")
         if not isinstance(head, FCOSHead):
             raise ValueError(f"head must be a torchvision FCOSHead, got {type(head).__name__}")
         self.cls_loss = loss_for_slot(cls_loss, slot="cls_loss", kind="sigmoid")
@@ -73,6 +86,8 @@ class BalancedFCOSHead(DenseSigmoidLoss, FCOSHead):
         self.recorder = recorder
         self.background_column = bool(background_column)
         self.anchors_per_level = []
+        self.assigner = assigner
+        self.atss_anchor_scale = float(atss_anchor_scale)
 
     @classmethod
     def from_head(
@@ -84,10 +99,13 @@ class BalancedFCOSHead(DenseSigmoidLoss, FCOSHead):
         recorder: BalanceRecorder | None = None,
         cls_loss_weight: float = 1.0,
         background_column: bool = False,
+        assigner: Assigner | None = None,
+        atss_anchor_scale: float = 8.0,
     ) -> BalancedFCOSHead:
         """Wrap the branches of an existing head (shared, not copied); see :func:`balance_fcos`."""
         return cls(head, cls_loss=cls_loss, normalizer=normalizer, recorder=recorder,
-                   cls_loss_weight=cls_loss_weight, background_column=background_column)
+                   cls_loss_weight=cls_loss_weight, background_column=background_column, assigner=assigner,
+                   atss_anchor_scale=atss_anchor_scale)
 
     @property
     def num_classes(self) -> int:
@@ -100,6 +118,12 @@ class BalancedFCOSHead(DenseSigmoidLoss, FCOSHead):
         self.anchors_per_level = [int(f.shape[-2] * f.shape[-1] * a) for f in x]
         return super().forward(x)
 
+    def assignment_anchors(self, anchors: Tensor) -> Tensor:
+        """``anchors`` ``[A, 4]`` scaled by ``atss_anchor_scale`` about their centres (what the assigner sees)."""
+        ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
+        half = (anchors[:, 2:] - anchors[:, :2]) * (self.atss_anchor_scale / 2)
+        return torch.cat([ctr - half, ctr + half], dim=1)
+
     def compute_loss(
         self,
         targets: list[dict[str, Tensor]],
@@ -108,6 +132,11 @@ class BalancedFCOSHead(DenseSigmoidLoss, FCOSHead):
         matched_idxs: list[Tensor],
     ) -> dict[str, Tensor]:
         """The injected classification loss, torchvision's GIoU box and centerness losses."""
+        if self.assigner is not None:  # e.g. ATSS, on 8S anchors per location; every term uses its matches
+            matched_idxs = [
+                self.assigner(self.assignment_anchors(anchors_i), t["boxes"].to(anchors_i), self.anchors_per_level)
+                for anchors_i, t in zip(anchors, targets)
+            ]
         stock = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
         cls_logits = head_outputs["cls_logits"]
         b, a, _ = cls_logits.shape
@@ -136,6 +165,8 @@ def balance_fcos(
     recorder: BalanceRecorder | None = None,
     cls_loss_weight: float = 1.0,
     background_column: bool = False,
+    assigner: Assigner | None = None,
+    atss_anchor_scale: float = 8.0,
 ) -> FCOS:
     """Put an imbalance-aware classification loss into a torchvision ``FCOS`` (in place; returns ``model``).
 
@@ -151,6 +182,9 @@ def balance_fcos(
         recorder: Optional sink for per-level positive/negative counts, per-class losses and GHM densities.
         cls_loss_weight: Factor on the classification loss.
         background_column: Include torchvision's column 0 (never a class) in the loss, as torchvision does.
+        assigner: ``None`` keeps torchvision's matching (centre sampling, scale ranges); ``ATSSAssigner()`` is
+            ATSS for FCOS (Zhang et al. 2020), for the classification, box and centerness terms alike.
+        atss_anchor_scale: Side of the anchor the assigner sees, in strides (the ATSS paper: 8).
 
     Raises:
         ValueError: for a model that is not an FCOS, a loss that is not a sigmoid loss, a bad normaliser.
@@ -159,7 +193,7 @@ def balance_fcos(
         raise ValueError(f"model must be a torchvision FCOS, got {type(model).__name__}")
     model.head = BalancedFCOSHead.from_head(
         model.head, cls_loss=cls_loss, normalizer=normalizer, recorder=recorder, cls_loss_weight=cls_loss_weight,
-        background_column=background_column,
+        background_column=background_column, assigner=assigner, atss_anchor_scale=atss_anchor_scale,
     )
     install_target_check(model, model.head.num_classes)
     return model
