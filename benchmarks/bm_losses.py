@@ -5,7 +5,8 @@ Every method runs once per repetition, in rotating order, in one process (``comm
 classification losses, with flush-denormal off (``bce``) and on (``bce_ftz``); smooth L1 (beta 1/9) is the floor
 for GHM-R. QFL and VFL run on soft IoU targets (the positives of the same input, each scaled by an IoU drawn in
 [0.05, 1]), beside the literal transcriptions of mmdetection 3.3 (``tests/reference/mmdet_quality.py``: QFL in
-its one-hot tensor form and its ``(label, score)`` form, as ``GFLHead`` calls it) and BCE on the same input. Peak allocation is measured apart (profiler). The machine load before and after is recorded.
+its one-hot tensor form and its ``(label, score)`` form, as ``GFLHead`` calls it) and BCE on the same input. Balanced L1
+(Libra R-CNN) runs beside smooth L1, its floor, and the transcription of mmdetection's ``balanced_l1_loss``. Peak allocation is measured apart (profiler). The machine load before and after is recorded.
 Method: benchmarks/README.md.
 
     python benchmarks/bm_losses.py                 # full run, writes benchmarks/results/<version>/losses--cpu.json
@@ -38,12 +39,13 @@ from common import (  # noqa: E402
 ensure_repo_on_path()
 
 from tests.losses.inputs import dense_detection_inputs  # noqa: E402
-from tests.reference import mmdet_quality  # noqa: E402
+from tests.reference import mmdet_libra, mmdet_quality  # noqa: E402
 
 import detbalance  # noqa: E402
 from detbalance.losses import (  # noqa: E402
     GHMCLoss,
     GHMRLoss,
+    balanced_l1_loss,
     ghm_c_loss,
     quality_focal_loss,
     sigmoid_focal_loss,
@@ -60,6 +62,7 @@ FOCAL_TIME_X_BCE = 1.2
 GHM_TIME_X_BCE = 1.5
 GHMR_TIME_X_SMOOTH_L1 = 1.5
 QUALITY_TIME_X_BCE = 1.5  # issue 22: QFL and VFL
+BALANCED_L1_TIME_X_SMOOTH_L1 = 1.5  # issue 21: Libra R-CNN's balanced L1
 PEAK_X_LOGITS = 3.0
 
 
@@ -126,10 +129,12 @@ def methods(
         "ghm_r_module": box(lambda: ghm_r(d, t)),
         "smooth_l1_positives": box(lambda: F.smooth_l1_loss(d[pos], t[pos], beta=1.0 / 9.0, reduction="sum")),
         "ghm_r_positives": box(lambda: ghm_r(d, t, valid=pos)),
+        "balanced_l1": box(lambda: balanced_l1_loss(d, t, reduction="sum")),
+        "balanced_l1_mmdet": box(lambda: mmdet_libra.balanced_l1_loss(d, t).sum()),
     }
 
 
-def run(sizes, device: str, threads: int, reps: int, smoke: bool) -> list[dict]:
+def run(sizes, device: str, threads: int, reps: int, smoke: bool, only: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
     for n in sizes:
@@ -141,12 +146,15 @@ def run(sizes, device: str, threads: int, reps: int, smoke: bool) -> list[dict]:
         t = (torch.randn(n, 4, generator=g) * 0.1).to(device)
         pos = (torch.rand(n, generator=g) < POS_FRACTION).to(device)
         fns = methods(x, y, d, t, pos)
+        if only:
+            fns = {k: v for k, v in fns.items() if k in only}
         timings = interleaved_times(fns, reps=reps, device=device, smoke=smoke)
         logits_bytes = x.numel() * x.element_size()
         for name, fn in fns.items():
             x.grad = d.grad = None
             peak = peak_memory_bytes(fn, device=device)
-            ref_bytes = logits_bytes if not name.startswith(("smooth_l1", "ghm_r")) else d.numel() * d.element_size()
+            ref_bytes = (logits_bytes if not name.startswith(("smooth_l1", "ghm_r", "balanced_l1"))
+                         else d.numel() * d.element_size())
             timing = timings[name]
             rows.append(
                 {
@@ -162,12 +170,13 @@ def run(sizes, device: str, threads: int, reps: int, smoke: bool) -> list[dict]:
             tm = "n/a" if med is None else f"{med / 1000:.1f} ms (IQR {timing['iqr_us'] / 1000:.1f})"
             print(f"  n={n:>7} {name:<24} {tm:>24}  peak {peak / ref_bytes:5.2f}x input", file=sys.stderr)
     for row in rows:
-        floor = {"smooth_l1": "smooth_l1", "ghm_r_module": "smooth_l1"}.get(row["method"], "bce")
+        floor = {"smooth_l1": "smooth_l1", "ghm_r_module": "smooth_l1", "balanced_l1": "smooth_l1",
+                 "balanced_l1_mmdet": "smooth_l1"}.get(row["method"], "bce")
         if row["method"].endswith("_positives"):
             floor = "smooth_l1_positives"
-        ref = next(r for r in rows if r["n"] == row["n"] and r["method"] == floor)
+        ref = next((r for r in rows if r["n"] == row["n"] and r["method"] == floor), None)
         row["floor"] = floor
-        row["time_x_floor"] = None if ref["median_us"] is None else row["median_us"] / ref["median_us"]
+        row["time_x_floor"] = None if ref is None or ref["median_us"] is None else row["median_us"] / ref["median_us"]
     return rows
 
 
@@ -199,8 +208,13 @@ def target_checks(rows: list[dict]) -> list[str]:
     def get(n, name):
         return next(r for r in rows if r["n"] == n and r["method"] == name)
 
+    names = {r["method"] for r in rows}
     for n in sorted({r["n"] for r in rows}):
-        if get(n, "bce")["median_us"] is None:
+        if {"balanced_l1", "smooth_l1"} <= names and get(n, "balanced_l1")["time_x_floor"] is not None:
+            value = get(n, "balanced_l1")["time_x_floor"]
+            out.append(f"N={n:,}: balanced L1 <= {BALANCED_L1_TIME_X_SMOOTH_L1}x smooth L1: measured {value:.3f} -> "
+                       f"{'MET' if value <= BALANCED_L1_TIME_X_SMOOTH_L1 else 'MISSED'}")
+        if "bce" not in names or get(n, "bce")["median_us"] is None:
             continue
         checks = [
             (f"focal <= {FOCAL_TIME_X_BCE}x BCE", get(n, "focal_ours")["time_x_floor"], FOCAL_TIME_X_BCE),
@@ -228,11 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions (>= 15 for a claim)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/<version>/...)")
+    parser.add_argument("--only", nargs="+", default=None, help="time only these methods (give their floor too)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     sizes = args.sizes or (SMOKE_SIZES if args.smoke else SIZES)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows = run(sizes, args.device, args.threads, args.reps, args.smoke)
+    rows = run(sizes, args.device, args.threads, args.reps, args.smoke, args.only)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(markdown(rows))
     for line in target_checks(rows):
