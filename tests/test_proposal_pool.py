@@ -48,6 +48,9 @@ def test_pool_config_keys_build_the_model_and_bad_values_name_the_key():
         load_toml("[model]\narch = 'faster_rcnn'\nrpn_post_nms_top_n_train = 0\n")
     with pytest.raises(ConfigError, match=r"model.rpn_pre_nms_top_n_train: sets the RPN's proposal pool"):
         load_toml("[model]\narch = 'ssd'\nrpn_pre_nms_top_n_train = 1000\n")
+    # torchvision's zoo models keep their own pool (fasterrcnn_*: 2000 / 2000 in training)
+    with pytest.raises(ConfigError, match=r"model.rpn_post_nms_top_n_train: applies to the small presets only"):
+        load_toml("[model]\nname = 'fasterrcnn_resnet50_fpn_v2'\nrpn_post_nms_top_n_train = 1000\n")
 
 
 def test_the_samplers_suite_selects_from_a_large_pool():

@@ -671,7 +671,8 @@ class ModelConfig:
     image_std: tuple[float, float, float] | None = None
     # The Faster R-CNN RPN's training proposal pool (issue 21), the candidates a RoI sampler draws from:
     # proposals kept per level before NMS and per image after it. ``None``: ``detectors.faster_rcnn_sizes``
-    # (600 / 128 below 512 px). The samplers suite sets 2000 / 1000 (OHEM's regime, B / R of a few %).
+    # (600 / 128 below 512 px). The samplers suite sets 2000 / 1000 (OHEM's regime, B / R of a few %). Small
+    # presets only: torchvision's zoo models keep their own pool (fasterrcnn_*: 2000 / 2000 in training).
     rpn_pre_nms_top_n_train: int | None = None
     rpn_post_nms_top_n_train: int | None = None
 
