@@ -132,7 +132,9 @@ def bench_pisa_step(args: argparse.Namespace, device: torch.device) -> dict[str,
     steps = {}
     for key, (sampler, pisa) in samplers.items():
         torch.manual_seed(0)
-        model = balance_faster_rcnn(build_detector("faster_rcnn", num_classes=NUM_CLASSES), roi_sampler=sampler,
+        pool = {} if args.proposals is None else {"rpn_pre_nms_top_n_train": 2000,
+                                                  "rpn_post_nms_top_n_train": args.proposals}
+        model = balance_faster_rcnn(build_detector("faster_rcnn", num_classes=NUM_CLASSES, **pool), roi_sampler=sampler,
                                     pisa=pisa).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -144,7 +146,8 @@ def bench_pisa_step(args: argparse.Namespace, device: torch.device) -> dict[str,
         steps[key] = step
     r = _timed(steps, args, device)
     t = r["times"]
-    r.update(shape=f"{len(images)} images x 128 px, 64 RoIs per image",
+    pool = "the detector's default pool" if args.proposals is None else f"{args.proposals} proposals per image"
+    r.update(shape=f"{len(images)} images x 128 px, 64 RoIs per image from {pool}",
              pisa_vs_ohem=ratio(t["pisa"]["median_us"], t["ohem"]["median_us"]),
              ohem_vs_fixed=ratio(t["ohem"]["median_us"], t["fixed"]["median_us"]))
     return r
@@ -268,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="image side for the assignment (px)")
     parser.add_argument("--batch", type=int, default=4, help="images per training step")
     parser.add_argument("--rois", type=int, default=512, help="RoIs of the Score-HLR comparison")
+    parser.add_argument("--proposals", type=int, default=None,
+                        help="pisa_step: RPN proposals per image in training (2000 per level before NMS); "
+                             "default: the detector's own (the samplers suite uses 1000)")
     parser.add_argument("--cases", default="atss,pisa_step,pisa_parts",
                         help="comma-separated subset of atss, pisa_step, pisa_parts")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
