@@ -188,7 +188,7 @@ def test_compare_profile_plot_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyP
         "batch_size": 16, "device": "auto", "progress": True,
         "command": f"detbalance compare --suite samplers --iters 5 --seeds 2 --output {tmp_path}",
         "optim": None, "decay": "cosine", "data": None, "val": None, "data_seed": 0, "study": False,
-        "finished_only": False,
+        "finished_only": False, "amp": False, "workers": 0, "settings": None, "overrides": [], "epochs": None,
     }
     calls.clear()
     for split in ("train", "test"):

@@ -129,6 +129,9 @@ def test_the_catalogue_matches_the_packages() -> None:
     assert BENCHMARK_PRESETS == tuple(PRESETS)
     assert SUITE_NAMES == tuple(SUITES)
     assert BUILTIN_ONLY_SUITES == {n for n, s in SUITES.items() if s.builtin_only}
+    from detbalance._preflight import SUITE_FAMILIES
+
+    assert SUITE_FAMILIES == {n: s.families for n, s in SUITES.items()}
     assert EARLIER_REGIME_SUITES == {n for n, s in SUITES.items() if s.regime_of}
     assert run.RUN_FILES is RUN_FILES
 

@@ -16,6 +16,7 @@ __all__ = [
     "BUILTIN_ONLY_SUITES",
     "EARLIER_REGIME_SUITES",
     "RUN_FILES",
+    "SUITE_FAMILIES",
     "SUITE_NAMES",
     "check_data_spec",
     "check_device",
@@ -32,6 +33,16 @@ SUITE_NAMES: tuple[str, ...] = ("losses", "samplers", "samplers_pool128", "ssd",
 BUILTIN_ONLY_SUITES: frozenset[str] = frozenset({"noise"})
 """The suites that need the built-in benchmark (``Suite.builtin_only``)."""
 
+SUITE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "losses": ("retinanet", "fcos"),
+    "samplers": ("faster_rcnn",),
+    "samplers_pool128": ("faster_rcnn",),
+    "ssd": ("ssd",),
+    "classes": ("retinanet", "fcos", "faster_rcnn"),
+    "noise": ("retinanet", "fcos"),
+}
+"""The model families each suite runs on (``Suite.families``; ``compare --model NAME`` picks by them)."""
+
 EARLIER_REGIME_SUITES: frozenset[str] = frozenset({"samplers_pool128"})
 """Suites kept in an earlier regime for the study (``Suite.regime_of``): run when named or with ``all``, never
 by default."""
@@ -41,11 +52,24 @@ RUN_FILES: tuple[str, ...] = ("config.toml", "metrics.jsonl", "balance.jsonl", "
 """The files :func:`detbalance.engine.fit` writes into its run folder (others there are left alone)."""
 
 
-def select_suites(suite: str | None, *, user_data: bool) -> list[str]:
+def select_suites(suite: str | None, *, user_data: bool, family: str | None = None) -> list[str]:
     """The suites to run: ``suite`` (one name, a comma-separated list run in the order given, or ``all`` for
     every one); with ``--data`` and no ``--suite`` every suite that fits a user's dataset (the noise suite needs
     the built-in benchmark's controlled noise), without the earlier regimes kept for the study
-    (:data:`EARLIER_REGIME_SUITES`)."""
+    (:data:`EARLIER_REGIME_SUITES`). With ``family`` (``--model NAME``'s), only the suites for that family
+    (:data:`SUITE_FAMILIES`): by default all of them that fit the data; a named suite of another family is an
+    error."""
+    if family is not None:
+        fits = [n for n in SUITE_NAMES if family in SUITE_FAMILIES[n]]
+        if suite is None or suite == "all":
+            skip = BUILTIN_ONLY_SUITES if user_data else frozenset()
+            if suite is None:
+                skip = skip | EARLIER_REGIME_SUITES
+            return [n for n in fits if n not in skip]
+        for name in (n.strip() for n in suite.split(",")):
+            if name in SUITE_FAMILIES and family not in SUITE_FAMILIES[name]:
+                raise ValueError(f"--suite {name} compares remedies of {' / '.join(SUITE_FAMILIES[name])} detectors; "
+                                 f"--model is a {family} model (its suites: {', '.join(fits)})")
     if suite is None:
         default = BUILTIN_ONLY_SUITES | EARLIER_REGIME_SUITES
         return [n for n in SUITE_NAMES if n not in default] if user_data else ["losses"]

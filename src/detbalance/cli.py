@@ -66,6 +66,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"detbalance: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """``--model`` and the flags that go with it: each sets one config key (see :func:`_model_overrides`)."""
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="a small preset (retinanet, faster_rcnn, ssd) or a torchvision detection builder "
+                   "(retinanet_resnet50_fpn_v2, fasterrcnn_resnet50_fpn_v2, ssdlite320_mobilenet_v3_large, ...)")
+    p.add_argument("--weights", default=None, help="torchvision weights name (DEFAULT, ...) or a .pth state dict")
+    p.add_argument("--weights-backbone", default=None, help="backbone weights name (ResNet50_Weights.IMAGENET1K_V1)")
+    p.add_argument("--min-size", type=int, default=None, help="model.min_size (torchvision's transform)")
+    p.add_argument("--max-size", type=int, default=None, help="model.max_size (torchvision's transform)")
+    p.add_argument("--images", default=None, metavar="DIR", help="image folder of --data (data.train_images)")
+    p.add_argument("--val-images", default=None, metavar="DIR", help="image folder of the validation data")
+
+
+_MODEL_FLAGS = (
+    ("model", "model.name"), ("weights", "model.weights"), ("weights_backbone", "model.weights_backbone"),
+    ("min_size", "model.min_size"), ("max_size", "model.max_size"), ("images", "data.train_images"),
+    ("val_images", "data.val_images"),
+)
+
+
+def _model_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides that ``--model``, ``--weights``, ... stand for, before the user's own ``--set``."""
+    out = []
+    for attr, key in _MODEL_FLAGS:
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append(f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = _Parser(
@@ -96,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="write the run files into an --output that already holds files or a run (replacing it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _model_flags(p)
+    p.add_argument("--optim", choices=("sgd", "adamw", "finetune"), default=None,
+                   help="set optim and schedule to a named recipe at this batch and budget (default: finetune for a "
+                   "model loaded with pretrained weights unless the config or --set sets optim / schedule)")
+    p.add_argument("--epochs", type=int, default=None, help="train this many passes over data.train (sets "
+                   "engine.iterations)")
+    p.add_argument("--amp", action="store_true", help="engine.amp: mixed precision")
+    p.add_argument("--workers", type=int, default=None, help="data.num_workers")
     common(p, auto_threads=True)
     p.set_defaults(check=_check_train, func=_cmd_train, output_is_folder=True)
 
@@ -138,8 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations per run: short (default: 700, SSD 1500; minutes) or full (6000 for every "
                    "suite: the longest budget measured, not a plateau)")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (>= 1), overriding --budget")
-    p.add_argument("--optim", choices=("sgd", "adamw"), default=None,
-                   help="training recipe (default: each suite's own; see the report)")
+    p.add_argument("--optim", choices=("sgd", "adamw", "finetune"), default=None,
+                   help="training recipe (default: finetune for a model with pretrained weights, else each suite's "
+                   "own; see the report)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training data per run, instead of --iters")
+    _model_flags(p)
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16, or fp16 + grad scaler on older GPUs)")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes per run (>= 0)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML whose keys are set in every arm (not remedy.*, nor what the flags set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a config key in every arm, e.g. --set model.trainable_backbone_layers=5 (repeatable)")
     p.add_argument("--decay", choices=("cosine", "step"), default="cosine", help="learning-rate decay")
     p.add_argument("--seeds", type=int, default=1,
                    help="number of seeds, >= 1 (runs seeds 0 .. N-1); verdicts need 3")
@@ -206,7 +253,27 @@ def _check_train(args: argparse.Namespace) -> None:
     cfg = load_config(config)
     if args.data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(args.data)))
-    cfg = apply_overrides(cfg, args.overrides)
+    flags = _model_overrides(args) + (["engine.amp=true"] if args.amp else [])
+    flags += [f"data.num_workers={args.workers}"] if args.workers is not None else []
+    cfg = apply_overrides(cfg, flags + list(args.overrides))
+    _at_least("--epochs", args.epochs, 1)
+    args.recipe = None
+    if not args.resume:
+        import tomllib
+
+        raw = tomllib.loads(Path(config).read_text(encoding="utf-8")) if config is not None else {}
+        sets_recipe = "optim" in raw or "schedule" in raw or any(
+            o.split("=", 1)[0].strip().startswith(("optim.", "schedule.")) for o in args.overrides
+        )
+        m = cfg.model
+        if args.optim is not None:
+            args.recipe = (args.optim, f"--optim {args.optim}")
+        elif (m.weights is not None or m.weights_backbone is not None) and not sets_recipe:
+            loaded = m.weights if m.weights is not None else f"backbone {m.weights_backbone}"
+            args.recipe = ("finetune", f"the default for a model loaded with pretrained weights ({loaded}); "
+                                       "--optim or optim / schedule keys choose another")
+    elif args.optim is not None or args.epochs is not None:
+        raise ValueError("--resume continues the run as it was configured; --optim / --epochs cannot change it")
     check_data_spec(cfg.data.train, flag="--data" if args.data is not None else "data.train", split="train")
     if cfg.data.val is not None:
         check_data_spec(cfg.data.val, flag="data.val", split="test")
@@ -243,6 +310,39 @@ def _check_make_data(args: argparse.Namespace) -> None:
 
 
 def _check_compare(args: argparse.Namespace) -> None:
+    import os
+    import tomllib
+
+    from detbalance.config import ConfigError, apply_overrides, config_from_dict
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "compare does not run under torchrun (each run is one process); to use several GPUs, start one compare "
+            "per GPU on the same --output (CUDA_VISIBLE_DEVICES=i detbalance compare ...): each run is claimed by one "
+            "process, the others wait for it"
+        )
+    if args.epochs is not None and args.iters is not None:
+        raise ValueError("--epochs and --iters both set the budget; give one")
+    _at_least("--epochs", args.epochs, 1)
+    _at_least("--workers", args.workers, 0)
+    _check_file("--config", args.config)
+    args.settings = None
+    if args.config is not None:
+        try:
+            args.settings = tomllib.loads(args.config.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"--config {str(args.config)!r}: invalid TOML: {err}") from None
+    args.overrides = _model_overrides(args) + list(args.overrides)
+    # every key of --config and --set is checked now, before torch is imported (an error names the key)
+    try:
+        probe = config_from_dict({k: v for k, v in (args.settings or {}).items() if k != "remedy"})
+        probe = apply_overrides(probe, [o for o in args.overrides if not o.startswith("remedy.")])
+    except ConfigError as err:
+        raise ValueError(f"--config / --set / --model: {err}") from None
+    named = any(o.split("=", 1)[0] in ("model.name", "model.arch") for o in args.overrides) or "model" in (
+        args.settings or {}
+    )
+    select_suites(args.suite, user_data=args.data is not None, family=probe.model.arch if named else None)
     if args.val is not None and args.data is None:
         raise ValueError("--val needs --data (the training data it validates)")
     if args.data is not None and args.val is None:
@@ -254,7 +354,6 @@ def _check_compare(args: argparse.Namespace) -> None:
     _at_least("--batch-size", args.batch_size, 1)
     _at_least("--data-seed", args.data_seed, 0)
     check_device(args.device)
-    select_suites(args.suite, user_data=args.data is not None)
     if args.data is not None:
         check_data_spec(args.data, flag="--data", split="train")
         check_data_spec(args.val, flag="--val", split="test")
@@ -294,10 +393,42 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         print("per class AP: " + ", ".join(f"{k} {_fmt_metric(v)}" for k, v in per_class.items()))
 
 
+def _apply_budget_and_recipe(cfg: Any, args: argparse.Namespace) -> Any:
+    """``--epochs`` as engine.iterations, then the recipe (``--optim``, or finetune for pretrained weights) at the
+    effective batch (batch x accumulate x processes) and that budget; says which recipe and why."""
+    import dataclasses
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    e = cfg.engine
+    if getattr(args, "epochs", None) is not None:
+        from detbalance.data import open_dataset
+        from detbalance.engine import iterations_for_epochs
+
+        train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed, images=cfg.data.train_images)
+        iters = iterations_for_epochs(args.epochs, num_images=len(train), batch_size=e.batch_size,
+                                      accumulate=e.accumulate, world_size=world)
+        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(e, iterations=iters))
+        print(f"--epochs {args.epochs}: {iters} iterations ({len(train)} images, {world} x batch {e.batch_size} x "
+              f"accumulate {e.accumulate} per step)")
+    if getattr(args, "recipe", None) is not None:
+        from detbalance.compare.suites import _on_cuda, recipe
+
+        name, why = args.recipe
+        batch = e.batch_size * e.accumulate * world
+        opt, sched = recipe(name, batch_size=batch, iters=cfg.engine.iterations)
+        amp = cfg.engine.amp or (name == "finetune" and _on_cuda(cfg.engine.device))
+        cfg = dataclasses.replace(cfg, optim=opt, schedule=sched, engine=dataclasses.replace(cfg.engine, amp=amp))
+        print(f"recipe: {name} ({why}): {opt.name} lr {opt.lr:g} for an effective batch of {batch}, "
+              f"{sched.name} schedule, warm-up {sched.warmup_iters} steps" + (", AMP" if amp else ""))
+    return cfg
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from detbalance.engine import fit
 
     cfg, output = args.cfg, args.output
+    cfg = _apply_budget_and_recipe(cfg, args)
     import torch
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -446,6 +577,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         data_seed=args.data_seed,
         study=args.study,
         finished_only=args.finished_only,
+        amp=args.amp,
+        workers=args.workers,
+        settings=args.settings,
+        overrides=args.overrides,
+        epochs=args.epochs,
     )
     print(f"report: {path}")
     return 0

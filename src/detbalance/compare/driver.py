@@ -29,7 +29,7 @@ from detbalance.compare.runs import (
     write_json_atomic,
 )
 from detbalance.compare.stats import RARE_FRACTION, findings, rare_classes
-from detbalance.compare.suites import SUITES, Budget, Decay, Optimizer, suite_configs
+from detbalance.compare.suites import SUITES, Budget, Decay, Optimizer, model_of, suite_configs
 
 __all__ = ["run_compare", "select_suites"]
 
@@ -73,6 +73,10 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
     counts = class_counts(train) if cfg.remedy.class_weights is not None else None
     image_counts = class_image_counts(train) if needs_image_counts(cfg) else None
     model = build_model(cfg, num_classes=train.num_classes, image_size=size, counts=counts, image_counts=image_counts)
+    from detbalance.detectors.zoo import describe_model
+
+    m = cfg.model
+    described = describe_model(model, name=m.name, weights=m.weights, weights_backbone=m.weights_backbone)
     assign = dataset_assignment_stats(model, train, num_images=sample, targets=targets)
     per_level = []
     for name, pos, neg in zip(assign.level_names, assign.positives_per_level, assign.negatives_per_level, strict=True):
@@ -82,7 +86,8 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
     summary = {
         "train": cfg.data.train + (f" (data seed {cfg.data.seed})" if cfg.data.train.startswith("builtin") else ""),
         "validation": f"{cfg.data.val or cfg.data.train} (test split)",
-        "images": f"{len(train)} train / {len(val)} validation, model input {size} px",
+        "model": _model_text(described, size=size),
+        "images": f"{len(train)} train / {len(val)} validation",
         "validation held out": f"yes: none of the {held.of} validation images is a training image (checked by content)",
         "empty train images": f"{ds.num_empty_images} of {ds.num_images}",
         "objects per train image": f"{ds.objects_per_image_mean:.2f}",
@@ -103,7 +108,7 @@ def _data_summary(cfg: Any, *, sample: int = 500) -> dict[str, Any]:
             f"long tail {d.get('long_tail_ratio')}, noisy labels {d.get('noisy_labels')}"
         )
     facts = {"image_size": size, "train_classes": _class_spread(ds), "val_classes": _class_spread(val_ds)}
-    return {"summary": summary, "class_frequency": class_freq, "rare": rare, "facts": facts}
+    return {"summary": summary, "class_frequency": class_freq, "rare": rare, "facts": facts, "model": described}
 
 
 def _class_spread(ds: Any) -> str:
@@ -140,6 +145,20 @@ def _epoch_iters(
     return iterations_for_epochs(epochs, num_images=len(train), batch_size=batch_size)
 
 
+def _model_text(d: dict[str, Any], *, size: int) -> str:
+    """The report's line on the model: name, family, parameters, weights, input size."""
+    if d.get("fixed_size"):
+        where = f"input {d['fixed_size'][0]}x{d['fixed_size'][1]} px"
+    elif d.get("min_size") is not None:
+        where = f"input resized to min side {d['min_size']} / max side {d['max_size']} px"
+    else:
+        where = f"input {size} px"
+    return (
+        f"{d['name']} ({d['family']}), {d['parameters'] / 1e6:.2f} M parameters ({d['trainable_parameters'] / 1e6:.2f} M "
+        f"trained), weights {d['weights']}, backbone weights {d['weights_backbone']}, {where}"
+    )
+
+
 def _wait_for_others(seconds: float = 30.0) -> None:
     """Pause before looking again at the runs other processes hold (their locks go when they finish)."""
     time.sleep(seconds)
@@ -161,16 +180,18 @@ def _drop_unfinished(results: dict[str, Any], pending: list[str]) -> None:
             entry["clean"] = {arm: twin for arm, twin in entry["clean"].items() if arm in present and twin in present}
 
 
-def _recipe_text(cfg: Any, *, suite: Any, optim: str | None, batch_size: int) -> str:
+def _recipe_text(cfg: Any, *, suite: Any, optim: str | None, batch_size: int, why: str | None = None) -> str:
     """What the report says about a suite's recipe: which ran, with its numbers, and why that one."""
     opt, sched, e = cfg.optim, cfg.schedule, cfg.engine
     name = optim or suite.optim
     decay = (
         f"x {sched.gamma:g} at steps {', '.join(map(str, sched.milestones))}" if sched.name == "step" else f"{sched.name} decay"
     )
-    why = (
-        f"`--optim {optim}` was given" if optim is not None else f"the suite's default is `{suite.optim}`: {suite.optim_evidence}"
-    )
+    if why is None:
+        why = (
+            f"`--optim {optim}` was given" if optim is not None
+            else f"the suite's default is `{suite.optim}`: {suite.optim_evidence}"
+        )
     if name == "finetune":
         what = "torchvision's detection fine-tuning recipe (references/detection, 26-epoch schedule scaled to the budget)"
     else:
@@ -276,7 +297,14 @@ def run_compare(
         raise ValueError("--data needs --val (a validation set: never evaluate on the training images)")
     if data is not None and preset is not None:
         raise ValueError("--preset picks a built-in benchmark; it cannot go with --data")
-    names = select_suites(suite, user_data=data is not None)
+    model = model_of(settings=settings, overrides=tuple(overrides))
+    names = select_suites(suite, user_data=data is not None, family=None if model is None else model.arch)
+    recipe_why = None
+    if optim is None and model is not None and (model.weights is not None or model.weights_backbone is not None):
+        optim = "finetune"
+        loaded = model.weights if model.weights is not None else f"backbone {model.weights_backbone}"
+        recipe_why = (f"the model loads pretrained weights ({loaded}): torchvision's fine-tuning recipe is the "
+                      "default for a pretrained model (`--optim` picks another)")
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {str(output)!r} is a file, not a folder")
@@ -304,23 +332,29 @@ def run_compare(
         if epochs is not None:
             n_iters = _epoch_iters(epochs, data=data, preset=preset or s.preset, data_seed=data_seed,
                                    batch_size=batch_size, settings=settings)
+        unfit: list[tuple[str, str]] = []
         per_seed = [
             suite_configs(name, preset=preset, iters=n_iters, seed=seed, batch_size=batch_size, device=device,
                           optim=optim, decay=decay, data=data, val=val, data_seed=data_seed, amp=amp,
-                          workers=workers, settings=settings, overrides=overrides)
+                          workers=workers, settings=settings, overrides=overrides, unfit=unfit if seed == 0 else None)
             for seed in seed_list
         ]
+        if unfit:
+            results["setup"].setdefault("arms the model does not take (left out)", []).extend(
+                f"{name}/{arm}: {why}" for arm, why in unfit
+            )
         base_cfg = next(cfg for m, cfg in per_seed[0] if m.key == s.baseline)
         info = _data_summary(base_cfg)
         if s.primary == "rare_AP" and not info["rare"]:
             if suite in (None, "all"):
                 results["setup"].setdefault("skipped suites", []).append(f"{name} (the data has no rare class)")
                 continue
-        recipe_text = _recipe_text(base_cfg, suite=s, optim=optim, batch_size=batch_size)
+        recipe_text = _recipe_text(base_cfg, suite=s, optim=optim, batch_size=batch_size, why=recipe_why)
         results["suites"][name] = {
             "title": s.title,
             "description": s.describe(**info["facts"]),
             "recipe": recipe_text,
+            "model": info["model"],
             "arch": s.arch,
             "iterations": n_iters,
             "optim": optim or s.optim,

@@ -24,6 +24,7 @@ from detbalance.config import (
     BootstrapConfig,
     CEConfig,
     ClassWeightsConfig,
+    ConfigError,
     DataConfig,
     EngineConfig,
     EQLv2Config,
@@ -55,13 +56,16 @@ from detbalance.config import (
 __all__ = [
     "COMPARE_OWNS",
     "DEFAULT_ITERS",
+    "FAMILIES_OF_ARCH",
     "FULL_ITERS",
     "MIN_CURVE_POINTS",
     "SUITES",
     "Method",
     "Suite",
+    "model_of",
     "recipe",
     "suite_configs",
+    "suites_for_family",
 ]
 
 Optimizer = Literal["sgd", "adamw", "finetune"]
@@ -189,6 +193,7 @@ class Suite:
             pool, ``rpn_pre_nms_top_n_train`` / ``rpn_post_nms_top_n_train``).
         regime_of: this suite is suite ``regime_of`` in an earlier regime, kept so that the study shows both
             (``samplers_pool128``); it runs when named or with ``--suite all``, never by default.
+        also_families: model families the suite runs on besides its own (``classes``: Faster R-CNN too).
 
     ``description`` may name facts of the data actually used, filled in by :meth:`describe`:
     ``{image_size}`` (the model's input side in px), ``{train_classes}`` and ``{val_classes}`` (how the
@@ -212,10 +217,17 @@ class Suite:
     builtin_only: bool = False
     model_settings: dict[str, int] = field(default_factory=dict)
     regime_of: str | None = None
+    also_families: tuple[str, ...] = ()
 
     def describe(self, *, image_size: int, train_classes: str, val_classes: str) -> str:
         """The description with the facts of the data actually used filled in."""
         return self.description.format(image_size=image_size, train_classes=train_classes, val_classes=val_classes)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The model families the suite runs on (``compare --model``): its own, FCOS beside RetinaNet, and
+        ``also_families``."""
+        return FAMILIES_OF_ARCH[self.arch] + self.also_families
 
     @property
     def clean(self) -> dict[str, str]:
@@ -400,6 +412,7 @@ SUITES: dict[str, Suite] = {
     "classes": Suite(
         title="Long-tailed classes",
         arch="retinanet",
+        also_families=("faster_rcnn",),
         preset="default",
         baseline="none",
         optim_evidence="the losses suite's evidence (same detector, focal loss as the baseline): " + _RETINANET_OPTIM_EVIDENCE,
@@ -530,6 +543,7 @@ def suite_configs(
     workers: int = 0,
     settings: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
+    unfit: list[tuple[str, str]] | None = None,
 ) -> list[tuple[Method, ExperimentConfig]]:
     """The experiment of every arm of suite ``name`` for one seed (identical apart from the remedy).
 
@@ -550,7 +564,13 @@ def suite_configs(
         settings: a config table (``--config FILE``, read with ``tomllib``) whose keys are set in every arm, after
             the suite's and before ``overrides``; it may not set what the suite or a flag decides
             (:data:`COMPARE_OWNS`).
-        overrides: ``--set key=value`` applied to every arm last (never ``remedy.*``: the arms differ there).
+        overrides: ``--set key=value`` applied to every arm last (never ``remedy.*``: the arms differ there);
+            ``--model NAME`` is ``model.name=NAME`` here, and must be of a family the suite runs on
+            (:attr:`Suite.families`). A zoo model keeps torchvision's sizes and proposal pools (the suite's
+            ``model_settings`` are for its small preset); on Faster R-CNN a RetinaNet suite's focal baseline
+            becomes the detector's own cross-entropy.
+        unfit: when given, arms whose remedy the model does not take (GHM-R on FCOS, ...) are left out and
+            listed here as ``(arm, reason)``; otherwise they raise the ``ConfigError``.
 
     Returns:
         ``[(method, config), ...]`` in the suite's order.
@@ -565,6 +585,12 @@ def suite_configs(
     for key in _flat_keys(settings or {}):
         if _owned(key) is not None:
             raise ValueError(f"--config: {key} is set by compare ({_owned(key)}), not by the config file")
+    model = model_of(settings=settings, overrides=overrides)
+    if model is not None and model.arch not in suite.families:
+        raise ValueError(
+            f"suite {name} compares remedies of {' / '.join(suite.families)} detectors; model {model.name!r} is a "
+            f"{model.arch} model (suites for it: {', '.join(suites_for_family(model.arch))})"
+        )
     optim = optim or suite.optim
     opt, sched = recipe(optim, batch_size=batch_size, iters=iters, decay=decay)
     amp = amp or (optim == "finetune" and _on_cuda(device))
@@ -576,7 +602,8 @@ def suite_configs(
     interval = max(1, iters // MIN_CURVE_POINTS)
     base = ExperimentConfig(
         data=data_cfg,
-        model=ModelConfig(name=suite.arch, **suite.model_settings),  # type: ignore[arg-type]
+        # a zoo model keeps torchvision's sizes and proposal pools; the suite's settings are for its small preset
+        model=ModelConfig(name=suite.arch, **({} if model is not None and model.is_zoo else suite.model_settings)),  # type: ignore[arg-type]
         optim=opt,
         schedule=sched,
         engine=EngineConfig(
@@ -593,21 +620,62 @@ def suite_configs(
     )
     if workers:
         base = replace(base, data=replace(base.data, num_workers=workers))
+    if settings:
+        merged = config_to_dict(base)
+        _merge(merged, settings)
+        base = config_from_dict(merged)
+    if overrides:
+        base = apply_overrides(base, overrides)
+    family = base.model.arch
     out = []
     for m in suite.methods:
-        cfg = replace(base, remedy=m.remedy)
+        remedy = m.remedy
+        if family == "faster_rcnn" and suite.arch != "faster_rcnn" and isinstance(remedy.cls_loss, FocalConfig):
+            # a RetinaNet suite's focal baseline is, on the two-stage detector, its own cross-entropy
+            remedy = replace(remedy, cls_loss=None)
+        try:
+            cfg = replace(base, remedy=remedy)
+        except ConfigError as err:
+            if unfit is None:
+                raise
+            unfit.append((m.key, str(err)))
+            continue
         if m.train_preset is not None:
             if data is not None or preset is not None:
                 continue  # a clean arm exists only for the suite's own built-in preset
             cfg = replace(cfg, data=replace(cfg.data, train=f"builtin:{m.train_preset}"))
-        if settings:
-            merged = config_to_dict(cfg)
-            _merge(merged, settings)
-            cfg = config_from_dict(merged)
-        if overrides:
-            cfg = apply_overrides(cfg, overrides)
         out.append((m, cfg))
     return out
+
+
+FAMILIES_OF_ARCH: dict[str, tuple[str, ...]] = {
+    "retinanet": ("retinanet", "fcos"),
+    "faster_rcnn": ("faster_rcnn",),
+    "ssd": ("ssd",),
+}
+"""The model families a suite written for ``arch`` runs on (FCOS takes RetinaNet's dense sigmoid losses)."""
+
+
+def suites_for_family(family: str) -> list[str]:
+    """The suites whose remedies fit a model of ``family`` (``compare --model NAME``)."""
+    return [n for n, s in SUITES.items() if family in s.families]
+
+
+def model_of(*, settings: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> ModelConfig | None:
+    """The ``ModelConfig`` that a ``--config`` table and ``--set`` overrides (``--model`` and friends) give, or
+    ``None`` when they name no model (each suite then uses its own small preset)."""
+    named = any(t.split("=", 1)[0].strip() in ("model.name", "model.arch") for t in overrides) or (
+        "name" in ((settings or {}).get("model") or {}) or "arch" in ((settings or {}).get("model") or {})
+    )
+    if not named:
+        return None
+    cfg = ExperimentConfig()
+    if settings:
+        merged = config_to_dict(cfg)
+        _merge(merged, {k: v for k, v in settings.items() if k == "model"})
+        cfg = config_from_dict(merged)
+    model_overrides = [t for t in overrides if t.split("=", 1)[0].strip().startswith("model.")]
+    return apply_overrides(cfg, model_overrides).model
 
 
 COMPARE_OWNS: dict[str, str] = {
