@@ -40,6 +40,7 @@ SUITE_FAMILIES: dict[str, tuple[str, ...]] = {
     "ssd": ("ssd",),
     "classes": ("retinanet", "fcos", "faster_rcnn"),
     "noise": ("retinanet", "fcos"),
+    "longtail": ("faster_rcnn",),
 }
 """The model families each suite runs on (``Suite.families``; ``compare --model NAME`` picks by them)."""
 
