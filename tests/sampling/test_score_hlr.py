@@ -122,6 +122,27 @@ def test_sampler_contract_two_images() -> None:
         torch.testing.assert_close(out.negative_weight[sel], w)
 
 
+def test_ungrouped_batch_idx_gives_the_grouped_result() -> None:
+    """RoIs of the two images interleaved: the sampler groups them (as FixedRatioSampler does), so each image keeps its
+    own budget and NMS-match, and the result is the grouped batch's, mapped back to the caller's indices."""
+    parts = [_image(s) for s in (5, 6)]
+    batch_idx = torch.arange(2).repeat_interleave(60)
+    cat = lambda j: torch.cat([p[j] for p in parts])  # noqa: E731
+    grouped = RoIBatch(cat(3), cat(0), batch_idx, torch.zeros(120), torch.zeros(120, dtype=torch.bool), 0.0, 2)
+    losses = RoILosses(cat(6), torch.zeros(120), cat(4), cat(5))
+    flip = torch.stack([torch.arange(60), torch.arange(60, 120)], 1).flatten()  # position j holds RoI flip[j]
+    flipped = grouped._replace(labels=grouped.labels[flip], boxes=grouped.boxes[flip],
+                               batch_idx=batch_idx[flip], max_iou=grouped.max_iou[flip], mined=grouped.mined[flip])
+    flipped_losses = RoILosses(*(v[flip] for v in losses))
+    sampler = ScoreHLRSampler(num_samples=24)
+    ref = sampler(grouped, losses=losses, generator=torch.Generator().manual_seed(0))
+    out = sampler(flipped, losses=flipped_losses, generator=torch.Generator().manual_seed(0))
+    assert flip[out.indices.positive].sort().values.tolist() == ref.indices.positive.tolist()
+    back, perm = flip[out.indices.negative].sort()
+    assert back.tolist() == ref.indices.negative.tolist()
+    torch.testing.assert_close(out.negative_weight[perm], ref.negative_weight)
+
+
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     labels=st.lists(st.integers(-1, 3), min_size=0, max_size=48),

@@ -387,15 +387,25 @@ class ScoreHLRSampler(ScoreHLRParams):
     def __call__(
         self, rois: RoIBatch, *, losses: RoILosses | None = None, generator: torch.Generator | None = None
     ) -> WeightedSample:
-        """Score-HLR selection; ``losses`` must carry ``scores`` and ``pred_boxes`` of the read-only pass."""
+        """Score-HLR selection; ``losses`` must carry ``scores`` and ``pred_boxes`` of the read-only pass.
+
+        RoIs not grouped by image are grouped first (a stable sort, the losses following it), as
+        :class:`FixedRatioSampler` does: each image gets its own budget and its own NMS-match whatever the order.
+        """
         losses = _require_losses(losses, rois, "ScoreHLRSampler")
         if losses.scores is None or losses.pred_boxes is None:
             raise ValueError("ScoreHLRSampler needs losses.scores and pred_boxes (the RoI head's read-only pass)")
+        rois, order, _ = _grouped(rois)
+        if order is not None:
+            losses = RoILosses(*(None if v is None else v[order] for v in losses))
         indices, weight = sample_score_hlr(
             rois.labels, rois.batch_idx, losses.pred_boxes, losses.scores, losses.cls, num_images=rois.num_images,
             num_samples=self.num_samples, positive_fraction=self.positive_fraction, k=self.k, bias=self.bias,
             score_thr=self.score_thr, iou_thr=self.iou_thr, generator=generator,
         )
+        if order is not None:  # back to the caller's order, the weights following their negatives
+            negative, perm = order[indices.negative].sort()
+            indices, weight = SampledIndices(order[indices.positive].sort().values, negative), weight[perm]
         return WeightedSample(indices, weight)
 
 
